@@ -1,0 +1,41 @@
+# wsgate developer entry points. Everything installs into ./.venv; nothing global.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+CONFIG ?= config.example.toml
+STAMP  := $(VENV)/.installed
+
+.PHONY: install run test lint typecheck unit bench clean
+
+$(BIN)/python:
+	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "wsgate needs Python 3.11 or newer" or 0)'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python setup.cfg pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@# The worked third-party plugin example of docs/plugins.md, loaded by the tests by entry-point name.
+	if [ -d examples/wsgate-example-plugin ]; then $(BIN)/python -m pip install --quiet -e examples/wsgate-example-plugin; fi
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/wsgate serve --config $(CONFIG)
+
+lint: $(STAMP)
+	$(BIN)/ruff check wsgate plugins tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy wsgate plugins
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test: lint typecheck unit
+
+bench: $(STAMP)
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache .ruff_cache

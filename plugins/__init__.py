@@ -1,0 +1,1 @@
+"""The shipped plugins (installed as the package wsgate_plugins)."""

@@ -1,0 +1,3 @@
+"""wsgate: a real-time event gateway."""
+
+__version__ = "0.1.0"

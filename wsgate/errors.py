@@ -1,0 +1,65 @@
+"""Every code the outside world can see, defined once.
+
+Reply codes go in ``rejected`` entries and ``error`` frames, close codes end
+WebSocket connections, and :class:`HTTPFailure` carries an HTTP status with the
+JSON error body ``{"error": {"code": ..., "message": ...}}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Reject codes in subscribed/unsubscribed replies (SPEC §2).
+INVALID_TOPIC = "invalid_topic"
+FORBIDDEN = "forbidden"
+LIMIT_EXCEEDED = "limit_exceeded"
+NOT_SUBSCRIBED = "not_subscribed"
+AUDIT_UNAVAILABLE = "audit_unavailable"
+
+# Codes of `error` frames.
+BAD_REQUEST = "bad_request"
+UNAUTHENTICATED = "unauthenticated"
+
+# WebSocket close codes (SPEC §2).
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_EXPIRED = 4001
+CLOSE_REVOKED = 4003
+CLOSE_SLOW_CONSUMER = 4008
+
+# Why an accepted subscription ended: the code of an accepted unsubscribe row (SPEC §5).
+END_CLIENT = "client"
+END_DISCONNECT = "disconnect"
+END_EXPIRED = "expired"
+END_REVOKED = "revoked"
+END_SLOW_CONSUMER = "slow_consumer"
+END_SHUTDOWN = "shutdown"
+END_UNCLEAN_SHUTDOWN = "unclean_shutdown"
+
+#: The audit end reason for each close code the server itself sends.
+END_REASON_FOR_CLOSE = {
+    CLOSE_GOING_AWAY: END_SHUTDOWN,
+    CLOSE_EXPIRED: END_EXPIRED,
+    CLOSE_REVOKED: END_REVOKED,
+    CLOSE_SLOW_CONSUMER: END_SLOW_CONSUMER,
+}
+
+
+class HTTPFailure(Exception):
+    """An HTTP error answer: status, a machine code and a message a person can act on."""
+
+    def __init__(self, status: int, code: str, message: str,
+                 details: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body of the answer."""
+        err: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details is not None:
+            err["details"] = self.details
+        return {"error": err}
