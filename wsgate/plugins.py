@@ -95,11 +95,11 @@ class Decision:
     message: str = ""
 
     @classmethod
-    def allow(cls) -> "Decision":
+    def allow(cls) -> Decision:
         return _ALLOW
 
     @classmethod
-    def deny(cls, message: str, code: str = "forbidden") -> "Decision":
+    def deny(cls, message: str, code: str = "forbidden") -> Decision:
         return cls(False, code, message)
 
 
@@ -151,7 +151,7 @@ class Authenticator(abc.ABC):
         raise NotImplementedError(f"the {self.name or type(self).__name__} authenticator "
                                   "cannot mint tokens")
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Release what the plugin holds (sessions, files). Called at shutdown."""
 
 
@@ -178,7 +178,7 @@ class Authorizer(abc.ABC):
         """
 
 
-P = TypeVar("P", Authenticator, Authorizer)
+P = TypeVar("P", bound=Authenticator | Authorizer)
 
 
 def load_plugin_class(group: str, spec: str, base: type[P]) -> type[P]:

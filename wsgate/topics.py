@@ -52,7 +52,7 @@ class Topic(NamedTuple):
     def has_wildcard(self) -> bool:
         return WILDCARD in self.segments
 
-    def matches(self, event: "Topic") -> bool:
+    def matches(self, event: Topic) -> bool:
         """True when this subscription matches the event topic (segment-prefix rule)."""
         return matches(self.segments, event.segments)
 
@@ -123,7 +123,7 @@ def matches(subscription: tuple[str, ...], event: tuple[str, ...]) -> bool:
     """The SPEC §1 rule: prefix match by whole segments, ``*`` matching any one."""
     if len(subscription) > len(event):
         return False
-    return all(s == WILDCARD or s == e for s, e in zip(subscription, event))
+    return all(s == WILDCARD or s == e for s, e in zip(subscription, event, strict=False))
 
 
 def _show(value: str, limit: int = 60) -> str:

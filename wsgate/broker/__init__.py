@@ -1,0 +1,54 @@
+"""How events cross nodes. Local and clustered delivery share one path: the
+gateway always publishes through the broker, and the broker hands events back
+to the gateway's local delivery."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from wsgate.events import Event
+
+#: Called by the broker with the events to deliver locally, in publish order.
+Deliver = Callable[[Sequence[Event]], None]
+
+
+class BrokerUnavailable(Exception):
+    """Events cannot be published now (ingest answers 503 so the backend retries)."""
+
+
+class Broker(Protocol):
+    """The seam between the gateway and the event bus."""
+
+    async def start(self, deliver: Deliver) -> None:
+        """Connect, and from now on hand received events to deliver."""
+
+    async def publish(self, events: Sequence[Event]) -> None:
+        """Publish events to every node (this one included), in order.
+
+        Raises:
+            BrokerUnavailable: nothing was published.
+        """
+
+    def watch(self, scope_key: str) -> None:
+        """This node has a subscriber in scope_key (``customer_id:<id>``): receive its events."""
+
+    def unwatch(self, scope_key: str) -> None:
+        """The last local subscriber of scope_key left."""
+
+    def healthy(self) -> bool:
+        """True when events can be published and received."""
+
+    async def close(self) -> None:
+        """Stop receiving and release connections."""
+
+
+def make_broker(url: str) -> Broker:
+    """The broker for a ``[broker] url``."""
+    if url == "memory://":
+        from wsgate.broker.memory import MemoryBroker
+
+        return MemoryBroker()
+    from wsgate.broker.redis import RedisBroker
+
+    return RedisBroker(url)

@@ -1,0 +1,576 @@
+"""The core: connect, subscribe, unsubscribe, publish, deliver, disconnect.
+
+No Tornado here. The WebSocket handler owns a :class:`Transport` for each
+connection and calls the gateway; the gateway asks the authorizer, writes the
+audit log, keeps the subscription index and hands events to the broker, which
+hands them back through :meth:`Gateway.deliver`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Sequence
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from wsgate import errors, protocol
+from wsgate.audit.records import (
+    ACCEPTED,
+    REJECTED,
+    RENEW,
+    SUBSCRIBE,
+    UNSUBSCRIBE,
+    AuditRecord,
+    AuditSink,
+    AuditUnavailable,
+    ConnectionInfo,
+    EventRecord,
+)
+from wsgate.broker import Broker
+from wsgate.config import Config
+from wsgate.events import Event
+from wsgate.index import SubscriptionIndex
+from wsgate.plugins import Authenticator, Authorizer, Decision, Principal, Refused, Unavailable
+from wsgate.topics import Topic, TopicError, parse_topic
+
+log = logging.getLogger("wsgate.gateway")
+
+#: Longest wait for an authenticator before the client gets 503.
+AUTHENTICATE_TIMEOUT = 10.0
+_REJECT_CODES = frozenset({errors.FORBIDDEN, errors.INVALID_TOPIC, errors.LIMIT_EXCEEDED})
+
+
+class Transport(Protocol):
+    """What the gateway needs from a WebSocket connection."""
+
+    def send_text(self, text: str) -> None:
+        """Send one text message (control replies)."""
+
+    def send_wire(self, frame: bytes) -> None:
+        """Write an already framed WebSocket message (see protocol.ws_frame)."""
+
+    def pending_bytes(self) -> int:
+        """Bytes written but not yet sent to the peer."""
+
+    def close(self, code: int, reason: str) -> None:
+        """Close the connection with a close frame."""
+
+
+class ConnectionRefused(Exception):
+    """A connection that may not be opened; ``failure`` is the HTTP answer."""
+
+    def __init__(self, failure: errors.HTTPFailure) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def rfc3339(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+class Connection:
+    """One open WebSocket: who it is, what it holds, how to reach it."""
+
+    __slots__ = ("id", "info", "transport", "subscriptions", "closed", "end_reason",
+                 "mark", "bad_times", "rate_tokens", "rate_at", "expiry", "ended")
+
+    def __init__(self, info: ConnectionInfo, transport: Transport) -> None:
+        self.id = info.connection_id
+        self.info = info
+        self.transport = transport
+        #: topic text -> parsed topic, for every accepted subscription.
+        self.subscriptions: dict[str, Topic] = {}
+        self.closed = False
+        #: The audit end reason of the subscriptions when the connection closes.
+        self.end_reason = errors.END_DISCONNECT
+        #: Last delivery this connection was given, for at-most-once per event.
+        self.mark: object = None
+        self.bad_times: deque[float] = deque()
+        self.rate_tokens = 0.0
+        self.rate_at = 0.0
+        self.expiry: asyncio.TimerHandle | None = None
+        #: Set once the end rows of the connection are written.
+        self.ended: asyncio.Future[None] | None = None
+
+    @property
+    def principal(self) -> Principal:
+        return self.info.principal
+
+
+class Gateway:
+    """Everything a node does, independent of the web framework.
+
+    Built by ``wsgate.app.build_gateway``; call :meth:`start` before serving
+    and :meth:`shutdown` to drain.
+    """
+
+    def __init__(self, config: Config, authenticator: Authenticator, authorizer: Authorizer,
+                 audit: AuditSink, broker: Broker) -> None:
+        self.config = config
+        self.authenticator = authenticator
+        self.authorizer = authorizer
+        self.audit = audit
+        self.broker = broker
+        self.node_id = audit.node_id
+        self.index: SubscriptionIndex[Connection] = SubscriptionIndex()
+        self.connections: dict[str, Connection] = {}
+        self.draining = False
+        self._scopes: dict[str, int] = {}
+        self._per_subject: dict[str, int] = {}
+        self._per_ip: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._refresher: asyncio.Task[None] | None = None
+        s = config.server
+        self._max_subs = s.max_subscriptions
+        self._max_buffer = s.max_output_buffer
+        self._max_bad = s.max_bad_messages_per_minute
+        self._rate = s.max_messages_per_second
+        self._burst = max(1.0, s.max_messages_per_second * 10)
+        #: Counters for metrics and tests.
+        self.stats: dict[str, int] = {
+            "events_received": 0, "messages_delivered": 0, "slow_consumer_closes": 0,
+        }
+
+    # -- life cycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the audit store and the broker, then start periodic re-checks."""
+        await self.audit.start()
+        await self.broker.start(self.deliver)
+        if self.config.server.refresh_interval > 0:
+            self._refresher = asyncio.create_task(self._refresh_loop())
+
+    async def shutdown(self) -> None:
+        """Drain: refuse new connections, close open ones with 1001, write their
+        end rows, flush the audit log and close the plugins and the broker."""
+        self.draining = True
+        if self._refresher is not None:
+            self._refresher.cancel()
+        for conn in list(self.connections.values()):
+            # Ends the subscriptions now: a peer that never answers the close frame
+            # is not waited for.
+            self.close_connection(conn, errors.CLOSE_GOING_AWAY, "server shutting down")
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self.broker.close()
+        await self.audit.close()
+        await self.authenticator.close()
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- admission -----------------------------------------------------------
+
+    async def authenticate(self, credential: str) -> Principal:
+        """Ask the authenticator, checking what it answers.
+
+        Raises:
+            Refused: 401.
+            Unavailable: 503 (also for a plugin that fails, hangs or answers nonsense).
+        """
+        try:
+            principal = await asyncio.wait_for(
+                self.authenticator.authenticate(credential), AUTHENTICATE_TIMEOUT)
+        except (Refused, Unavailable):
+            raise
+        except TimeoutError:
+            raise Unavailable("the authenticator did not answer in time") from None
+        except Exception:
+            log.exception("authenticator %s failed", self.authenticator.name)
+            raise Unavailable("the authenticator failed; try again later") from None
+        if not isinstance(principal, Principal):
+            log.error("authenticator %s returned %s, not a Principal",
+                      self.authenticator.name, type(principal).__name__)
+            raise Unavailable("the authenticator gave an invalid answer")
+        if principal.expires_at is not None and principal.expires_at <= utcnow():
+            raise Refused("the credential has expired")
+        return principal
+
+    def admit(self, principal: Principal, remote_addr: str) -> None:
+        """Check the per-principal and per-address connection limits.
+
+        Raises:
+            ConnectionRefused: 503 while draining, 429 over a limit.
+        """
+        if self.draining:
+            raise ConnectionRefused(errors.HTTPFailure(
+                503, "shutting_down", "the server is shutting down; reconnect to another node"))
+        s = self.config.server
+        if s.max_connections_per_principal and \
+                self._per_subject.get(principal.subject, 0) >= s.max_connections_per_principal:
+            raise ConnectionRefused(errors.HTTPFailure(
+                429, "too_many_connections",
+                f"at most {s.max_connections_per_principal} connections per principal"))
+        if s.max_connections_per_ip and \
+                self._per_ip.get(remote_addr, 0) >= s.max_connections_per_ip:
+            raise ConnectionRefused(errors.HTTPFailure(
+                429, "too_many_connections",
+                f"at most {s.max_connections_per_ip} connections per address"))
+
+    def open(self, transport: Transport, principal: Principal, remote_addr: str,
+             origin: str | None, user_agent: str | None) -> Connection:
+        """Register an upgraded connection and send it ``connected``."""
+        info = ConnectionInfo(str(uuid.uuid4()), principal, self.authenticator.name,
+                              remote_addr, origin, user_agent)
+        conn = Connection(info, transport)
+        conn.rate_tokens = self._burst
+        conn.rate_at = time.monotonic()
+        self.connections[conn.id] = conn
+        self._per_subject[principal.subject] = self._per_subject.get(principal.subject, 0) + 1
+        self._per_ip[remote_addr] = self._per_ip.get(remote_addr, 0) + 1
+        self._schedule_expiry(conn)
+        transport.send_text(protocol.connected(conn.id, rfc3339(principal.expires_at)))
+        return conn
+
+    def _schedule_expiry(self, conn: Connection) -> None:
+        if conn.expiry is not None:
+            conn.expiry.cancel()
+            conn.expiry = None
+        expires_at = conn.principal.expires_at
+        if expires_at is not None:
+            delay = max(0.0, (expires_at - utcnow()).total_seconds())
+            conn.expiry = asyncio.get_running_loop().call_later(
+                delay, self.close_connection, conn, errors.CLOSE_EXPIRED, "credential expired")
+
+    # -- client messages ----------------------------------------------------
+
+    async def handle_message(self, conn: Connection, raw: str | bytes) -> None:
+        """Handle one client frame; every outcome is a reply or an error frame."""
+        if conn.closed:
+            return
+        if self._rate and not self._take_token(conn):
+            self.close_connection(conn, errors.CLOSE_POLICY, "too many messages")
+            return
+        try:
+            msg = protocol.parse_client_message(raw)
+        except protocol.BadRequest as exc:
+            self.bad_message(conn, str(exc))
+            return
+        if msg.type == "subscribe":
+            await self.subscribe(conn, msg)
+        elif msg.type == "unsubscribe":
+            await self.unsubscribe(conn, msg)
+        elif msg.type == "ping":
+            conn.transport.send_text(protocol.pong(msg))
+        else:
+            await self.renew(conn, msg)
+
+    def _take_token(self, conn: Connection) -> bool:
+        now = time.monotonic()
+        conn.rate_tokens = min(self._burst, conn.rate_tokens + (now - conn.rate_at) * self._rate)
+        conn.rate_at = now
+        if conn.rate_tokens < 1.0:
+            return False
+        conn.rate_tokens -= 1.0
+        return True
+
+    def bad_message(self, conn: Connection, message: str) -> None:
+        """Answer a bad message; past the per-minute limit, close with 1008."""
+        now = time.monotonic()
+        times = conn.bad_times
+        times.append(now)
+        while times and times[0] < now - 60.0:
+            times.popleft()
+        if len(times) > self._max_bad:
+            self.close_connection(conn, errors.CLOSE_POLICY, "too many bad messages")
+            return
+        conn.transport.send_text(protocol.bad_request(message))
+
+    def _record(self, conn: Connection, action: str, topic: str, outcome: str,
+                code: str = "") -> AuditRecord:
+        return AuditRecord(utcnow(), conn.info, action, topic, outcome, code)
+
+    def _decide(self, principal: Principal, topic: Topic, action: str) -> Decision:
+        try:
+            decision = self.authorizer.authorize(principal, topic, action)
+        except Exception:
+            log.exception("authorizer %s failed", self.authorizer.name)
+            return Decision.deny("the permission check failed; the topic was refused")
+        if inspect.isawaitable(decision) or not isinstance(decision, Decision):
+            log.error("authorizer %s answered %r, not a Decision", self.authorizer.name, decision)
+            return Decision.deny("the permission check gave an invalid answer")
+        if not decision.allowed and decision.code not in _REJECT_CODES:
+            return Decision.deny(decision.message or "refused by the permission plugin")
+        return decision
+
+    async def subscribe(self, conn: Connection, msg: protocol.ClientMessage) -> None:
+        """Check, audit (committed before anything else), index, then reply."""
+        accepted: list[Topic] = []
+        rejected: list[dict[str, str]] = []
+        records: list[AuditRecord] = []
+        fresh: set[str] = set()
+        room = self._max_subs - len(conn.subscriptions)
+        for text in msg.topics:
+            try:
+                topic = parse_topic(text)
+            except TopicError as exc:
+                rejected.append(protocol.rejection(text, errors.INVALID_TOPIC, str(exc)))
+                records.append(self._record(conn, SUBSCRIBE, text, REJECTED,
+                                            errors.INVALID_TOPIC))
+                continue
+            if text in conn.subscriptions or text in fresh:
+                accepted.append(topic)
+                records.append(self._record(conn, SUBSCRIBE, text, ACCEPTED))
+                continue
+            decision = self._decide(conn.principal, topic, SUBSCRIBE)
+            if not decision.allowed:
+                rejected.append(protocol.rejection(text, decision.code, decision.message))
+                records.append(self._record(conn, SUBSCRIBE, text, REJECTED, decision.code))
+            elif room <= 0:
+                message = f"this connection already holds its limit of {self._max_subs} topics"
+                rejected.append(protocol.rejection(text, errors.LIMIT_EXCEEDED, message))
+                records.append(self._record(conn, SUBSCRIBE, text, REJECTED,
+                                            errors.LIMIT_EXCEEDED))
+            else:
+                room -= 1
+                fresh.add(text)
+                accepted.append(topic)
+                records.append(self._record(conn, SUBSCRIBE, text, ACCEPTED))
+        try:
+            await self.audit.write_subscribes(records)
+        except AuditUnavailable:
+            message = "the audit log cannot record this subscription now; nothing was subscribed"
+            rejected.extend(protocol.rejection(t.text, errors.AUDIT_UNAVAILABLE, message)
+                            for t in accepted)
+            accepted = []
+            fresh.clear()
+        if conn.closed:
+            # It went away while the rows were committed: end what it just gained.
+            ends = [self._record(conn, UNSUBSCRIBE, t, ACCEPTED, conn.end_reason) for t in fresh]
+            if ends:
+                await self.audit.write_ends(ends)
+            return
+        for topic in accepted:
+            if topic.text in fresh:
+                self._add(conn, topic)
+        # No await between indexing and the reply: no event can overtake the reply.
+        recovered = None if msg.since is None else False
+        conn.transport.send_text(protocol.reply(msg, [t.text for t in accepted], rejected,
+                                                recovered))
+
+    async def unsubscribe(self, conn: Connection, msg: protocol.ClientMessage) -> None:
+        """Remove exact topic strings, audit with reason ``client``, reply."""
+        removed: list[str] = []
+        rejected: list[dict[str, str]] = []
+        records: list[AuditRecord] = []
+        for text in msg.topics:
+            topic = conn.subscriptions.get(text)
+            if topic is None:
+                code, message = errors.NOT_SUBSCRIBED, "this connection does not hold that topic"
+                try:
+                    parse_topic(text)
+                except TopicError as exc:
+                    code, message = errors.INVALID_TOPIC, str(exc)
+                rejected.append(protocol.rejection(text, code, message))
+                records.append(self._record(conn, UNSUBSCRIBE, text, REJECTED, code))
+                continue
+            decision = self._decide(conn.principal, topic, UNSUBSCRIBE)
+            if not decision.allowed:
+                rejected.append(protocol.rejection(text, decision.code, decision.message))
+                records.append(self._record(conn, UNSUBSCRIBE, text, REJECTED, decision.code))
+                continue
+            self._remove(conn, topic)
+            removed.append(text)
+            records.append(self._record(conn, UNSUBSCRIBE, text, ACCEPTED, errors.END_CLIENT))
+        await self.audit.write_ends(records)
+        if not conn.closed:
+            conn.transport.send_text(protocol.reply(msg, removed, rejected))
+
+    async def renew(self, conn: Connection, msg: protocol.ClientMessage) -> None:
+        """``authenticate``: a new token for the same principal extends the connection."""
+        try:
+            principal = await self.authenticate(msg.token)
+        except (Refused, Unavailable) as exc:
+            await self.audit.write_ends([self._record(conn, RENEW, "", REJECTED,
+                                                      errors.UNAUTHENTICATED)])
+            conn.transport.send_text(protocol.error(errors.UNAUTHENTICATED, str(exc), msg))
+            return
+        old = conn.principal
+        if (principal.subject, principal.kind, principal.customer_id) != \
+                (old.subject, old.kind, old.customer_id):
+            await self.audit.write_ends([self._record(conn, RENEW, "", REJECTED,
+                                                      errors.UNAUTHENTICATED)])
+            conn.transport.send_text(protocol.error(
+                errors.UNAUTHENTICATED, "the new token is for another principal; "
+                "open a new connection for it", msg))
+            return
+        if conn.closed:
+            return
+        conn.info = ConnectionInfo(conn.info.connection_id, principal, conn.info.authenticator,
+                                   conn.info.remote_addr, conn.info.origin, conn.info.user_agent)
+        self._schedule_expiry(conn)
+        await self.audit.write_ends([self._record(conn, RENEW, "", ACCEPTED)])
+        conn.transport.send_text(protocol.authenticated(msg, rfc3339(principal.expires_at)))
+
+    # -- index bookkeeping -------------------------------------------------
+
+    def _add(self, conn: Connection, topic: Topic) -> None:
+        conn.subscriptions[topic.text] = topic
+        self.index.add(topic.segments, conn)
+        key = topic.scope_key
+        count = self._scopes.get(key, 0)
+        self._scopes[key] = count + 1
+        if count == 0:
+            self.broker.watch(key)
+
+    def _remove(self, conn: Connection, topic: Topic) -> None:
+        del conn.subscriptions[topic.text]
+        self.index.remove(topic.segments, conn)
+        key = topic.scope_key
+        count = self._scopes[key] - 1
+        if count:
+            self._scopes[key] = count
+        else:
+            del self._scopes[key]
+            self.broker.unwatch(key)
+
+    # -- closing -----------------------------------------------------------
+
+    def close_connection(self, conn: Connection, code: int, reason: str) -> None:
+        """Close from the server side; its subscriptions end with the reason for code."""
+        if conn.closed:
+            return
+        conn.end_reason = errors.END_REASON_FOR_CLOSE.get(code, errors.END_DISCONNECT)
+        if code == errors.CLOSE_SLOW_CONSUMER:
+            self.stats["slow_consumer_closes"] += 1
+        try:
+            conn.transport.close(code, reason)
+        finally:
+            self.disconnected(conn)
+
+    def disconnected(self, conn: Connection) -> None:
+        """The connection is gone: drop its subscriptions and write their end rows.
+
+        Idempotent; the rows are written in the background and awaited at shutdown.
+        """
+        if conn.closed:
+            return
+        conn.closed = True
+        if conn.expiry is not None:
+            conn.expiry.cancel()
+        self.connections.pop(conn.id, None)
+        for counter, key in ((self._per_subject, conn.principal.subject),
+                             (self._per_ip, conn.info.remote_addr)):
+            left = counter.get(key, 1) - 1
+            if left > 0:
+                counter[key] = left
+            else:
+                counter.pop(key, None)
+        records = []
+        for topic in list(conn.subscriptions.values()):
+            self._remove(conn, topic)
+            records.append(self._record(conn, UNSUBSCRIBE, topic.text, ACCEPTED,
+                                        conn.end_reason))
+        conn.ended = asyncio.ensure_future(self.audit.write_ends(records)) if records else None
+        if conn.ended is not None:
+            self._tasks.add(conn.ended)
+            conn.ended.add_done_callback(self._tasks.discard)
+
+    # -- events --------------------------------------------------------------
+
+    async def publish(self, events: Sequence[Event], ingest_key_id: str,
+                      payload_hashes: Sequence[str]) -> None:
+        """Publish validated events through the broker, then record them in the audit log.
+
+        Raises:
+            wsgate.broker.BrokerUnavailable: nothing was published.
+        """
+        await self.broker.publish(events)
+        if self.config.audit.record_events:
+            moment = utcnow()
+            self._spawn(self.audit.write_events([
+                EventRecord(e.event_id, e.type, tuple(t.text for t in e.topics), ingest_key_id,
+                            h, moment)
+                for e, h in zip(events, payload_hashes, strict=True)]))
+
+    def deliver(self, events: Sequence[Event]) -> None:
+        """Send events to the local connections whose subscriptions match (broker callback).
+
+        Each connection gets an event at most once, with the first of the
+        event's topics that matched; events go out in the order given.
+        """
+        index_match = self.index.match
+        max_buffer = self._max_buffer
+        delivered = 0
+        for event in events:
+            self.stats["events_received"] += 1
+            mark = object()
+            prefix: str | None = None
+            tail = ""
+            for topic in event.topics:
+                matched = index_match(topic.segments)
+                if not matched:
+                    continue
+                wire: bytes | None = None
+                for conn in matched:
+                    if conn.mark is mark:
+                        continue
+                    conn.mark = mark
+                    if wire is None:
+                        if prefix is None:
+                            prefix = protocol.event_frame_prefix(event.type)
+                            tail = protocol.event_frame_tail(event.event_id, event.published_at)
+                        text = protocol.event_frame(prefix, topic.text, event.data_json, tail)
+                        wire = protocol.ws_frame(text.encode())
+                    conn.transport.send_wire(wire)
+                    delivered += 1
+                    if conn.transport.pending_bytes() > max_buffer:
+                        self._spawn_close_slow(conn)
+        self.stats["messages_delivered"] += delivered
+
+    def _spawn_close_slow(self, conn: Connection) -> None:
+        # Closing mutates the index being iterated: do it after this delivery.
+        asyncio.get_running_loop().call_soon(
+            self.close_connection, conn, errors.CLOSE_SLOW_CONSUMER,
+            "slow consumer: unsent output passed its limit")
+
+    # -- continuous authorization -----------------------------------------
+
+    async def _refresh_loop(self) -> None:
+        interval = self.config.server.refresh_interval
+        while True:
+            await asyncio.sleep(interval)
+            await self.refresh_all()
+
+    async def refresh_all(self) -> None:
+        """Ask the authenticator to re-check every connected principal (4003 when refused)."""
+        for conn in list(self.connections.values()):
+            if conn.closed:
+                continue
+            try:
+                principal = await self.authenticator.refresh(conn.principal)
+            except Unavailable:
+                continue
+            except Exception:
+                log.exception("authenticator %s failed to refresh", self.authenticator.name)
+                continue
+            if conn.closed:
+                continue
+            if principal is None or not isinstance(principal, Principal) or \
+                    principal.subject != conn.principal.subject:
+                self.close_connection(conn, errors.CLOSE_REVOKED, "rights revoked")
+                continue
+            if any(not self._decide(principal, t, SUBSCRIBE).allowed
+                   for t in conn.subscriptions.values()):
+                self.close_connection(conn, errors.CLOSE_REVOKED, "rights revoked")
+                continue
+            if principal != conn.principal:
+                conn.info = ConnectionInfo(
+                    conn.info.connection_id, principal, conn.info.authenticator,
+                    conn.info.remote_addr, conn.info.origin, conn.info.user_agent)
+                self._schedule_expiry(conn)

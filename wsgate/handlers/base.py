@@ -1,0 +1,45 @@
+"""What every wsgate HTTP handler shares: JSON error bodies."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import tornado.web
+
+from wsgate.errors import HTTPFailure
+
+_GENERIC = {
+    400: ("bad_request", "the request is malformed"),
+    404: ("not_found", "no such endpoint"),
+    405: ("method_not_allowed", "this endpoint does not take that method"),
+    500: ("internal_error", "the server failed; the error is logged"),
+}
+
+
+class JSONHandler(tornado.web.RequestHandler):
+    """A handler whose every error answer is ``{"error": {"code", "message"}}``."""
+
+    def fail(self, failure: HTTPFailure) -> None:
+        """Answer with failure's status and body, and end the request."""
+        self.clear()
+        self.set_status(failure.status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(failure.body()))
+
+    def write_json(self, status: int, body: Any) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(body))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        code, message = _GENERIC.get(status_code, ("error", self._reason))
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"error": {"code": code, "message": message}}))
+
+
+class NotFoundHandler(JSONHandler):
+    """Every unknown path: a JSON 404."""
+
+    def prepare(self) -> None:
+        raise tornado.web.HTTPError(404)

@@ -1,0 +1,209 @@
+"""``POST /v1.0/events``: backends publish events (SPEC §3).
+
+Authentication is either ``Authorization: Bearer <ingest key>`` or an HMAC
+signature::
+
+    X-Wsgate-Timestamp: <unix seconds>
+    X-Wsgate-Signature: v1=<hex HMAC-SHA256(secret, "<timestamp>." + raw body)>
+
+A signed request must be within ``[ingest] signature_window`` seconds of the
+server clock and is accepted once (a replay gets 409). An ``Idempotency-Key``
+header makes a retried POST publish once: the retry gets the first answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from collections import OrderedDict
+from typing import Any
+
+import tornado.web
+
+from wsgate.broker import BrokerUnavailable
+from wsgate.config import IngestConfig
+from wsgate.errors import HTTPFailure
+from wsgate.events import InvalidEvents, decode_json, parse_body, validate_events
+from wsgate.gateway import Gateway
+from wsgate.handlers.base import JSONHandler
+
+MAX_IDEMPOTENCY_KEY = 200
+
+
+def key_id(secret: str, kind: str) -> str:
+    """A stable, non-secret name for an ingest key: its kind and a hash prefix."""
+    return f"{kind}:{hashlib.sha256(secret.encode()).hexdigest()[:12]}"
+
+
+class ExpiringSet:
+    """Bounded memory of recent keys with an age limit (replays, idempotency)."""
+
+    def __init__(self, ttl: float, max_items: int = 100_000) -> None:
+        self.ttl = ttl
+        self.max_items = max_items
+        self._items: OrderedDict[str, tuple[float, Any]] = OrderedDict()
+
+    def _expire(self, now: float) -> None:
+        items = self._items
+        while items:
+            key, (born, _) = next(iter(items.items()))
+            if now - born < self.ttl and len(items) <= self.max_items:
+                break
+            items.popitem(last=False)
+
+    def get(self, key: str) -> Any:
+        self._expire(time.monotonic())
+        entry = self._items.get(key)
+        return None if entry is None else entry[1]
+
+    def put(self, key: str, value: Any) -> None:
+        self._items[key] = (time.monotonic(), value)
+        self._expire(time.monotonic())
+
+
+class IngestState:
+    """What the ingest endpoint remembers between requests (one per gateway)."""
+
+    def __init__(self, config: IngestConfig) -> None:
+        self.config = config
+        self.bearer = [(k.encode(), key_id(k, "key")) for k in config.keys]
+        self.hmac = [(k.encode(), key_id(k, "hmac")) for k in config.hmac_secrets]
+        self.seen_signatures = ExpiringSet(2 * config.signature_window)
+        self.idempotent = ExpiringSet(24 * 3600.0, max_items=50_000)
+
+
+@tornado.web.stream_request_body
+class IngestHandler(JSONHandler):
+    """Validates, authenticates and publishes a POSTed event or batch."""
+
+    def initialize(self, gateway: Gateway, state: IngestState) -> None:
+        self.gateway = gateway
+        self.state = state
+        self.limit = state.config.max_body_bytes
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.key_id: str | None = None
+        self.too_big = False
+
+    def prepare(self) -> None:
+        ctype = self.request.headers.get("Content-Type", "")
+        if ctype.split(";")[0].strip().lower() != "application/json":
+            self.fail(HTTPFailure(415, "unsupported_media_type",
+                                  "send the events as Content-Type: application/json"))
+            return
+        length = self.request.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            self.fail(HTTPFailure(413, "payload_too_large",
+                                  f"the body is {length} bytes; at most {self.limit} are accepted"))
+            return
+        connection: Any = self.request.connection
+        if connection is not None:
+            # Leave room so our own 413 answers, not Tornado's generic 400.
+            connection.set_max_body_size(self.limit + 1)
+        auth = self.request.headers.get("Authorization")
+        if auth is not None:
+            scheme, _, value = auth.partition(" ")
+            if scheme.lower() != "bearer" or not value.strip():
+                self.fail(HTTPFailure(401, "unauthenticated",
+                                      "the Authorization header must be 'Bearer <ingest key>'"))
+                return
+            given = value.strip().encode()
+            for secret, kid in self.state.bearer:
+                if hmac.compare_digest(given, secret):
+                    self.key_id = kid
+            if self.key_id is None:
+                self.fail(HTTPFailure(401, "unauthenticated", "the ingest key is not valid"))
+            return
+        if "X-Wsgate-Signature" not in self.request.headers:
+            self.fail(HTTPFailure(
+                401, "unauthenticated",
+                "no credentials: send 'Authorization: Bearer <ingest key>' or an "
+                "X-Wsgate-Timestamp and X-Wsgate-Signature header"))
+
+    def data_received(self, chunk: bytes) -> None:
+        if self._finished or self.too_big:
+            return
+        self.size += len(chunk)
+        if self.size > self.limit:
+            self.too_big = True
+            self.chunks.clear()
+            return
+        self.chunks.append(chunk)
+
+    def _check_signature(self, body: bytes) -> None:
+        headers = self.request.headers
+        stamp = headers.get("X-Wsgate-Timestamp", "")
+        signature = headers.get("X-Wsgate-Signature", "")
+        if not stamp.isdigit() or not signature.startswith("v1="):
+            raise HTTPFailure(401, "unauthenticated",
+                              "X-Wsgate-Timestamp must be unix seconds and X-Wsgate-Signature "
+                              "'v1=<hex HMAC-SHA256>'")
+        window = self.state.config.signature_window
+        if abs(time.time() - int(stamp)) > window:
+            raise HTTPFailure(401, "unauthenticated",
+                              f"the signature timestamp is more than {window} s from the "
+                              "server's clock")
+        given = signature[3:].strip().lower().encode()
+        message = stamp.encode() + b"." + body
+        for secret, kid in self.state.hmac:
+            expected = hmac.new(secret, message, hashlib.sha256).hexdigest().encode()
+            if hmac.compare_digest(given, expected):
+                self.key_id = kid
+        if self.key_id is None:
+            raise HTTPFailure(401, "unauthenticated", "the signature does not match")
+        if self.state.seen_signatures.get(signature) is not None:
+            raise HTTPFailure(409, "replayed", "this signed request was already received")
+        self.state.seen_signatures.put(signature, True)
+
+    async def post(self) -> None:
+        if self.too_big:
+            self.fail(HTTPFailure(413, "payload_too_large",
+                                  f"the body is over {self.limit} bytes"))
+            return
+        body = b"".join(self.chunks)
+        try:
+            if self.key_id is None:
+                self._check_signature(body)
+            answer = await self._publish(body)
+        except HTTPFailure as failure:
+            self.fail(failure)
+            return
+        self.write_json(202, answer)
+
+    async def _publish(self, body: bytes) -> dict[str, Any]:
+        idem = self.request.headers.get("Idempotency-Key")
+        scoped = None
+        if idem is not None:
+            if not idem or len(idem) > MAX_IDEMPOTENCY_KEY:
+                raise HTTPFailure(400, "bad_request",
+                                  f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+            scoped = f"{self.key_id}\x00{idem}"
+            earlier = self.state.idempotent.get(scoped)
+            if earlier is not None:
+                return dict(earlier)
+        if self.gateway.draining:
+            raise HTTPFailure(503, "shutting_down", "the server is shutting down; retry")
+        try:
+            parsed = decode_json(body)
+        except ValueError as exc:
+            raise HTTPFailure(400, "bad_json", f"the body is not valid JSON: {exc}") from None
+        try:
+            raw_events = parse_body(parsed, self.state.config.max_batch)
+            events = validate_events(raw_events)
+        except OverflowError as exc:
+            raise HTTPFailure(413, "batch_too_large", str(exc)) from None
+        except InvalidEvents as exc:
+            raise HTTPFailure(422, "invalid_event",
+                              f"{len(exc.details)} problem(s); nothing was published",
+                              details=exc.details) from None
+        hashes = [hashlib.sha256(e.data_json.encode()).hexdigest() for e in events]
+        try:
+            await self.gateway.publish(events, self.key_id or "", hashes)
+        except BrokerUnavailable as exc:
+            raise HTTPFailure(503, "broker_unavailable",
+                              f"events cannot be published now ({exc}); retry") from None
+        answer = {"accepted": len(events), "event_ids": [e.event_id for e in events]}
+        if scoped is not None:
+            self.state.idempotent.put(scoped, answer)
+        return answer

@@ -1,0 +1,155 @@
+"""``GET /v1.0/ws``: the Tornado adapter between a WebSocket and the gateway."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+from urllib.parse import urlsplit
+
+import tornado.iostream
+import tornado.websocket
+
+from wsgate.errors import HTTPFailure
+from wsgate.gateway import Connection, ConnectionRefused, Gateway
+from wsgate.plugins import Principal, Refused, Unavailable
+
+log = logging.getLogger("wsgate.ws")
+
+
+def origin_allowed(origin: str, allowed: tuple[str, ...]) -> bool:
+    """Exact match of scheme://host[:port] against the allowed list (``*`` allows all).
+
+    Nothing is normalised: case, default ports and look-alike hosts must match
+    the configured origin character for character.
+    """
+    if "*" in allowed:
+        return True
+    return origin in allowed
+
+
+def credential_from(handler: tornado.web.RequestHandler) -> str | None:
+    """The credential, first found wins: query ``token``, Bearer header, cookie ``token``."""
+    token = handler.get_query_argument("token", None)
+    if token:
+        return token
+    auth = handler.request.headers.get("Authorization", "")
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    cookie = handler.get_cookie("token")
+    return cookie or None
+
+
+class WebSocketHandler(tornado.websocket.WebSocketHandler):
+    """Checks origin and credential before the upgrade, then relays frames to the gateway."""
+
+    def initialize(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.conn: Connection | None = None
+        self._principal: Principal | None = None
+
+    def _refuse(self, failure: HTTPFailure) -> None:
+        self.set_status(failure.status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(failure.body()))
+
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        origin = self.request.headers.get("Origin")
+        if origin is not None and not origin_allowed(
+                origin, self.gateway.config.server.allowed_origins):
+            shown = origin if len(origin) <= 100 else origin[:100] + "..."
+            self._refuse(HTTPFailure(403, "origin_not_allowed",
+                                     f"origin {shown!r} is not in [server] allowed_origins"))
+            return
+        credential = credential_from(self)
+        if credential is None:
+            self._refuse(HTTPFailure(
+                401, "unauthenticated",
+                "no credential: pass ?token=..., an 'Authorization: Bearer ...' header "
+                "or a 'token' cookie"))
+            return
+        try:
+            principal = await self.gateway.authenticate(credential)
+        except Refused as exc:
+            self._refuse(HTTPFailure(401, "unauthenticated", f"credential refused: {exc}"))
+            return
+        except Unavailable as exc:
+            self._refuse(HTTPFailure(503, "auth_unavailable",
+                                     f"cannot check the credential now: {exc}; retry later"))
+            return
+        try:
+            self.gateway.admit(principal, self.request.remote_ip or "")
+        except ConnectionRefused as exc:
+            self._refuse(exc.failure)
+            return
+        self._principal = principal
+        await super().get(*args, **kwargs)
+
+    def check_origin(self, origin: str) -> bool:
+        # Checked in get(), before the authenticator is asked.
+        return True
+
+    def get_compression_options(self) -> None:
+        # No permessage-deflate: event frames are framed once and shared (protocol.ws_frame).
+        return None
+
+    def open(self, *args: Any, **kwargs: Any) -> None:
+        assert self._principal is not None
+        if self.ws_connection is not None:
+            self.set_nodelay(True)
+        headers = self.request.headers
+        self.conn = self.gateway.open(self, self._principal, self.request.remote_ip or "",
+                                      headers.get("Origin"), headers.get("User-Agent"))
+
+    async def on_message(self, message: str | bytes) -> None:
+        # Tornado awaits this before reading the next frame, so a connection's
+        # messages are handled one at a time, in order.
+        if self.conn is not None:
+            await self.gateway.handle_message(self.conn, message)
+
+    def on_close(self) -> None:
+        if self.conn is not None:
+            self.gateway.disconnected(self.conn)
+
+    # -- Transport ---------------------------------------------------------
+
+    def send_text(self, text: str) -> None:
+        try:
+            self.write_message(text)
+        except tornado.websocket.WebSocketClosedError:
+            pass
+
+    def send_wire(self, frame: bytes) -> None:
+        ws = self.ws_connection
+        if ws is None or ws.is_closing():
+            return
+        stream: Any = ws.stream
+        try:
+            stream.write(frame)
+        except tornado.iostream.StreamClosedError:
+            pass
+
+    def pending_bytes(self) -> int:
+        ws = self.ws_connection
+        if ws is None:
+            return 0
+        stream: Any = ws.stream
+        # Tornado keeps these counters for write futures; their difference is what
+        # the kernel has not accepted yet.
+        return int(stream._total_write_index - stream._total_write_done_index)
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        super().close(code, reason)
+
+
+def scrub_uri(uri: str) -> str:
+    """The request URI with the token query value replaced by ``***`` (for logs)."""
+    parts = urlsplit(uri)
+    if not parts.query:
+        return uri
+    pairs = []
+    for pair in parts.query.split("&"):
+        name, sep, _ = pair.partition("=")
+        pairs.append(f"{name}=***" if name == "token" and sep else pair)
+    return parts.path + "?" + "&".join(pairs)
