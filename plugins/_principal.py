@@ -56,8 +56,8 @@ class PrincipalError(ValueError):
 
     @property
     def key(self) -> str:
-        """``where.field``, or just the field when ``where`` is empty."""
-        return f"{self.where}.{self.field}" if self.where else self.field
+        """``where.field``, or whichever of the two is not empty."""
+        return ".".join(part for part in (self.where, self.field) if part)
 
 
 def principal_from_mapping(data: object, *, where: str = "") -> Principal:
