@@ -19,7 +19,8 @@ import tornado.httpserver
 import tornado.testing
 import tornado.websocket
 
-from wsgate.app import build_gateway, make_app, make_server
+from wsgate.app import build_gateway, make_app
+from wsgate.app import make_server as make_http_server
 from wsgate.config import Config, config_from_dict
 
 CUSTOMER = "5013bc52-da9a-11ee-844f-2fa34248de28"
@@ -127,7 +128,7 @@ class Server:
     async def start(self) -> Server:
         await self.gateway.start()
         sock, self.port = tornado.testing.bind_unused_port()
-        self.server: tornado.httpserver.HTTPServer = make_server(
+        self.server: tornado.httpserver.HTTPServer = make_http_server(
             make_app(self.gateway), self.config)
         self.server.add_sockets([sock])
         self.base = f"http://127.0.0.1:{self.port}"
