@@ -1,0 +1,201 @@
+"""The hash chain and the checkpoint signatures (SPEC §5, "Tamper evident").
+
+Everything here is pure: no database, no I/O. docs/audit.md describes the
+same scheme for a reviewer who wants to verify a log without wsgate; keep the
+two in step.
+
+Row hash::
+
+    row_hash = hex(SHA-256(canonical({field: value for field in FIELDS} + prev_hash)))
+
+where ``canonical`` is JSON with sorted keys, no whitespace, UTF-8, non-ASCII
+characters written as themselves, ``null`` for a missing value, integers as
+JSON numbers. The first row of a node's chain has ``prev_hash = GENESIS``.
+
+Checkpoint signature: Ed25519 over ``canonical(checkpoint fields)``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+#: prev_hash of the first row of every chain.
+GENESIS = "0" * 64
+
+#: The two chains each node keeps: subscription rows and ingested events.
+CHAIN_ROWS = "rows"
+CHAIN_EVENTS = "events"
+
+#: Fields of an audit_rows row covered by its hash, in the order docs/audit.md lists them.
+ROW_FIELDS: tuple[str, ...] = (
+    "seq", "occurred_at", "node_id", "connection_id", "action", "topic", "outcome",
+    "code", "kind", "subject", "customer_id", "agent_id", "authenticator",
+    "remote_addr", "origin", "user_agent", "prev_hash",
+)
+
+#: Fields of an audit_events row covered by its hash. ``topics`` is hashed as a JSON list.
+EVENT_FIELDS: tuple[str, ...] = (
+    "seq", "published_at", "node_id", "event_id", "type", "topics",
+    "ingest_key_id", "payload_sha256", "prev_hash",
+)
+
+#: Fields of a checkpoint covered by its signature.
+CHECKPOINT_FIELDS: tuple[str, ...] = (
+    "chain", "node_id", "seq", "head_hash", "signed_at", "kind", "key_id",
+)
+
+CHAIN_FIELDS = {CHAIN_ROWS: ROW_FIELDS, CHAIN_EVENTS: EVENT_FIELDS}
+
+#: Longest stored text: valid topics are at most 512 bytes; rejected ones may be anything,
+#: and an indexed column must stay under PostgreSQL's btree limit (2704 bytes) in UTF-8.
+MAX_TEXT = 600
+
+
+def format_time(when: datetime) -> str:
+    """The one text form of a timestamp in the log: ``YYYY-MM-DDTHH:MM:SS.ffffffZ`` (UTC).
+
+    Stored as text so SQLite and PostgreSQL hold, sort and hash the same bytes.
+
+    Raises:
+        ValueError: ``when`` is naive (a time without a zone is ambiguous in a log).
+    """
+    if when.tzinfo is None:
+        raise ValueError("audit times must be timezone-aware")
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_stored_time(text: str) -> datetime:
+    """Inverse of :func:`format_time`."""
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+
+
+def clean_text(value: str | None, limit: int = MAX_TEXT) -> str | None:
+    """Make client-supplied text storable everywhere, the same way on every backend.
+
+    PostgreSQL refuses NUL characters and no UTF-8 codec accepts lone
+    surrogates (a client can send both inside JSON); one such row must not
+    fail the whole group commit. NUL becomes U+FFFD, a surrogate ``?``, and
+    text longer than ``limit`` characters is cut and ends with ``...``.
+    """
+    if value is None:
+        return None
+    if "\x00" in value:
+        value = value.replace("\x00", "\ufffd")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        value = value.encode("utf-8", "replace").decode("utf-8")
+    if len(value) > limit:
+        value = value[: limit - 3] + "..."
+    return value
+
+
+def canonical(obj: Mapping[str, Any]) -> bytes:
+    """The canonical JSON bytes of a mapping: sorted keys, no spaces, UTF-8."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode("utf-8")
+
+
+def row_hash(chain: str, row: Mapping[str, Any]) -> str:
+    """The hex SHA-256 of a row of ``chain`` (its fields include prev_hash).
+
+    For the events chain, ``row["topics"]`` may be the stored JSON text or a list.
+    """
+    fields = CHAIN_FIELDS[chain]
+    doc = {f: row.get(f) for f in fields}
+    if chain == CHAIN_EVENTS and isinstance(doc["topics"], str):
+        doc["topics"] = json.loads(doc["topics"])
+    return hashlib.sha256(canonical(doc)).hexdigest()
+
+
+def encode_topics(topics: Sequence[str]) -> str:
+    """The stored JSON text of an event's topic list (canonical, so it hashes the same)."""
+    return json.dumps(list(topics), separators=(",", ":"), ensure_ascii=False)
+
+
+# --- signing -------------------------------------------------------------------------
+
+class SigningKeyError(ValueError):
+    """A signing or verify key that cannot be used; the message says why."""
+
+
+def load_private_key(pem: str | bytes) -> Ed25519PrivateKey:
+    """Read an Ed25519 private key in PEM (PKCS#8), unencrypted.
+
+    Raises:
+        SigningKeyError: not PEM, encrypted, or not an Ed25519 key.
+    """
+    data = pem.encode() if isinstance(pem, str) else pem
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise SigningKeyError(f"not an unencrypted PEM private key: {exc}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise SigningKeyError(f"the signing key must be Ed25519, not {type(key).__name__}")
+    return key
+
+
+def load_public_key(pem: str | bytes) -> Ed25519PublicKey:
+    """Read an Ed25519 public key in PEM (SubjectPublicKeyInfo).
+
+    Raises:
+        SigningKeyError: not PEM or not an Ed25519 key.
+    """
+    data = pem.encode() if isinstance(pem, str) else pem
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError) as exc:
+        raise SigningKeyError(f"not a PEM public key: {exc}") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise SigningKeyError(f"the verify key must be Ed25519, not {type(key).__name__}")
+    return key
+
+
+def key_id(public: Ed25519PublicKey) -> str:
+    """First 16 hex digits of SHA-256 over the raw 32-byte public key."""
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def public_pem(public: Ed25519PublicKey) -> str:
+    """The PEM text of a public key (what verify_key_file holds)."""
+    return public.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+
+
+def private_pem(private: Ed25519PrivateKey) -> str:
+    """The PEM text of a private key (what signing_key / signing_key_file hold)."""
+    return private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+
+
+def sign_checkpoint(private: Ed25519PrivateKey, checkpoint: Mapping[str, Any]) -> str:
+    """Base64 Ed25519 signature over the canonical checkpoint fields."""
+    doc = {f: checkpoint.get(f) for f in CHECKPOINT_FIELDS}
+    return base64.b64encode(private.sign(canonical(doc))).decode()
+
+
+def checkpoint_signature_ok(public: Ed25519PublicKey, checkpoint: Mapping[str, Any]) -> bool:
+    """True when ``checkpoint["signature"]`` signs its fields under ``public``."""
+    doc = {f: checkpoint.get(f) for f in CHECKPOINT_FIELDS}
+    try:
+        sig = base64.b64decode(str(checkpoint.get("signature") or ""), validate=True)
+        public.verify(sig, canonical(doc))
+    except (InvalidSignature, ValueError):
+        return False
+    return True

@@ -1,0 +1,515 @@
+"""AuditWriter: the audit sink the gateway writes through (SPEC §5).
+
+All database work runs on one dedicated thread with a synchronous engine, so
+the event loop never blocks on the store. The thread group-commits: it takes
+the first queued write, waits up to ``group_commit_ms`` for more (at most
+``group_commit_max_rows`` rows), chains them in order, inserts them in one
+transaction, commits, then settles every caller's future through
+``loop.call_soon_threadsafe``.
+
+Failure rules:
+
+- subscribe rows are fail closed: if the transaction fails the callers get
+  :class:`AuditUnavailable` and the chain head does not move;
+- end rows and events are never dropped: they are chained and appended to
+  the journal (fsynced), and replayed into the store, in order and exactly
+  once, before anything else is written when the store is back.
+
+After a failure the store is not tried again for ``retry_interval`` seconds:
+subscribes are refused at once instead of each waiting on a dead server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine, and_, exists, insert, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import aliased
+
+from wsgate.audit import chain, store
+from wsgate.audit.journal import Journal
+from wsgate.audit.orm import CHAIN_TABLES, CHECKPOINTS, ROWS, AuditRow
+from wsgate.audit.records import (
+    ACCEPTED,
+    SUBSCRIBE,
+    UNSUBSCRIBE,
+    AuditRecord,
+    AuditUnavailable,
+    EventRecord,
+)
+from wsgate.config import AuditConfig
+from wsgate.errors import END_UNCLEAN_SHUTDOWN
+
+log = logging.getLogger("wsgate.audit")
+
+# Column widths of orm.AuditRow: PostgreSQL refuses a longer value, and one
+# over-long client string must not fail a whole group commit.
+_ROW_LIMITS = {
+    "connection_id": 200, "action": 32, "topic": chain.MAX_TEXT, "outcome": 16, "code": 64,
+    "kind": 32, "subject": 512, "customer_id": 64, "agent_id": 64, "authenticator": 200,
+    "remote_addr": 128, "origin": 1024, "user_agent": 1024,
+}
+_EVENT_LIMITS = {"event_id": 64, "type": 200, "ingest_key_id": 200, "payload_sha256": 64}
+
+Entry = tuple[str, dict[str, Any]]  # (chain name, row without node_id/seq/hashes)
+_Settlement = list[tuple["asyncio.Future[None]", "Exception | None"]]
+
+
+def record_row(rec: AuditRecord) -> dict[str, Any]:
+    """The stored fields of an AuditRecord (before chaining).
+
+    Raises:
+        ValueError: ``occurred_at`` is naive.
+    """
+    c = rec.connection
+    p = c.principal
+    row: dict[str, Any] = {
+        "occurred_at": chain.format_time(rec.occurred_at), "connection_id": c.connection_id,
+        "action": rec.action, "topic": rec.topic, "outcome": rec.outcome, "code": rec.code,
+        "kind": p.kind, "subject": p.subject, "customer_id": p.customer_id,
+        "agent_id": p.agent_id, "authenticator": c.authenticator, "remote_addr": c.remote_addr,
+        "origin": c.origin, "user_agent": c.user_agent,
+    }
+    for name, limit in _ROW_LIMITS.items():
+        row[name] = chain.clean_text(row[name], limit)
+    return row
+
+
+def event_row(ev: EventRecord) -> dict[str, Any]:
+    """The stored fields of an EventRecord (before chaining).
+
+    Raises:
+        ValueError: ``published_at`` is naive.
+    """
+    row: dict[str, Any] = {
+        "event_id": ev.event_id, "type": ev.type, "ingest_key_id": ev.ingest_key_id,
+        "payload_sha256": ev.payload_sha256,
+        "topics": chain.encode_topics([chain.clean_text(t) or "" for t in ev.topics]),
+        "published_at": chain.format_time(ev.published_at),
+    }
+    for name, limit in _EVENT_LIMITS.items():
+        row[name] = chain.clean_text(row[name], limit)
+    return row
+
+
+@dataclass(eq=False)
+class _Job:
+    entries: list[Entry]
+    #: Fail closed (subscribes) rather than journal (ends, events).
+    strict: bool
+    loop: asyncio.AbstractEventLoop | None
+    future: asyncio.Future[None] | None
+
+
+class AuditWriter:
+    """The durable, chained, group-committing audit sink (implements AuditSink).
+
+    Args:
+        config: the ``[audit]`` table.
+        node_id: this process's id; each node keeps its own chains. Two live
+            processes must never share one (each would close the other's
+            subscriptions as ``unclean_shutdown`` at start).
+        retry_interval: seconds between attempts to reach a failed store.
+        busy_timeout_ms: how long SQLite waits for another writer's lock.
+
+    Raises:
+        AuditStoreError: the configured signing key cannot be used.
+
+    Call :meth:`start` before writing and :meth:`close` last, after the
+    gateway has written its disconnect rows.
+    """
+
+    def __init__(self, config: AuditConfig, node_id: str, *, retry_interval: float = 1.0,
+                 busy_timeout_ms: int = 5000) -> None:
+        if not node_id:
+            raise ValueError("the audit writer needs a node id")
+        self.config = config
+        self.node_id = node_id
+        self.retry_interval = retry_interval
+        self._busy_timeout_ms = busy_timeout_ms
+        self._private = store.signing_key(config)
+        self._journal = Journal(config.journal_path)
+        self._cond = threading.Condition()
+        self._queue: deque[_Job] = deque()
+        self._queued_rows = 0
+        self._stopping = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._engine: Engine | None = None
+        # Owned by the writer thread once started.
+        self._heads: dict[str, tuple[int, str]] = {}
+        self._signed_seq: dict[str, int] = {}
+        self._journal_pending = False
+        self._retry_at = 0.0
+        self._healthy = False
+
+    @property
+    def engine(self) -> Engine:
+        """The writer's engine (for tests and tools; do not write through it)."""
+        if self._engine is None:
+            raise RuntimeError("the audit writer is not started")
+        return self._engine
+
+    # --- AuditSink ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the store, migrate, load the chain heads, replay the journal and
+        close the subscriptions a crash of this node left open (``unclean_shutdown``).
+
+        Raises:
+            AuditUnavailable: the store cannot be opened; the message says why.
+        """
+        if self._thread is not None:
+            raise RuntimeError("the audit writer is already started")
+        loop = asyncio.get_running_loop()
+        started: asyncio.Future[None] = loop.create_future()
+        self._thread = threading.Thread(target=self._run, args=(loop, started),
+                                        name=f"wsgate-audit-{self.node_id}", daemon=True)
+        self._thread.start()
+        await started
+
+    async def write_subscribes(self, records: Sequence[AuditRecord]) -> None:
+        """Commit subscribe rows; see AuditSink.write_subscribes.
+
+        Raises:
+            AuditUnavailable: not committed (store down, or the writer closed).
+        """
+        if not records:
+            return
+        if self._closed:
+            raise AuditUnavailable("the audit writer is closed")
+        await self._submit([(chain.CHAIN_ROWS, record_row(r)) for r in records], strict=True)
+
+    async def write_ends(self, records: Sequence[AuditRecord]) -> None:
+        """Record unsubscribe/disconnect rows: in the store, else in the journal.
+
+        Raises:
+            RuntimeError: the writer is closed (close it last).
+        """
+        if records:
+            await self._submit([(chain.CHAIN_ROWS, record_row(r)) for r in records], strict=False)
+
+    async def write_events(self, events: Sequence[EventRecord]) -> None:
+        """Record ingested events (when ``record_events`` is on); same rule as write_ends."""
+        if events and self.config.record_events:
+            await self._submit([(chain.CHAIN_EVENTS, event_row(e)) for e in events], strict=False)
+
+    def healthy(self) -> bool:
+        """True when the last attempt to write reached the store."""
+        return self._healthy
+
+    async def close(self) -> None:
+        """Write everything queued (store or journal), sign a final checkpoint when a
+        key is configured, and release the store. Idempotent."""
+        self._closed = True
+        thread = self._thread
+        if thread is None:
+            return
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        await asyncio.get_running_loop().run_in_executor(None, thread.join)
+
+    # --- caller side ------------------------------------------------------------------
+
+    async def _submit(self, entries: list[Entry], strict: bool) -> None:
+        if self._closed:
+            raise RuntimeError("the audit writer is closed; close it after the last write")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        job = _Job(entries, strict, loop, future)
+        with self._cond:
+            was_idle = not self._queue
+            self._queue.append(job)
+            self._queued_rows += len(entries)
+            # Wake the writer only when it may be idle or a full group is ready;
+            # otherwise it wakes at its group deadline anyway (fewer context switches).
+            if was_idle or self._queued_rows >= self.config.group_commit_max_rows:
+                self._cond.notify()
+        await future
+
+    # --- writer thread ----------------------------------------------------------------
+
+    def _run(self, loop: asyncio.AbstractEventLoop, started: asyncio.Future[None]) -> None:
+        try:
+            self._open()
+        except Exception as exc:  # anything: start() must report it, not hang
+            log.error("audit store %s cannot be opened: %s", self._url_for_log(), exc)
+            if self._engine is not None:
+                self._engine.dispose()
+            err = AuditUnavailable(f"the audit store cannot be opened: {exc}")
+            failed: _Settlement = [(started, err)]
+            loop.call_soon_threadsafe(_settle, failed)
+            return
+        ok: _Settlement = [(started, None)]
+        loop.call_soon_threadsafe(_settle, ok)
+        try:
+            self._loop()
+        finally:
+            self._shutdown()
+
+    def _url_for_log(self) -> str:
+        from sqlalchemy.engine import make_url
+
+        try:
+            return make_url(self.config.url).render_as_string(hide_password=True)
+        except Exception:
+            return "<bad url>"
+
+    def _open(self) -> None:
+        self._engine = engine = store.make_engine(self.config.url, writer=True,
+                                                  busy_timeout_ms=self._busy_timeout_ms)
+        store.migrate(engine)
+        with engine.connect() as conn:
+            for name in CHAIN_TABLES:
+                self._heads[name] = store.load_head(conn, name, self.node_id)
+                cp = CHECKPOINTS
+                last = conn.execute(
+                    select(cp.c.seq).where(cp.c.chain == name, cp.c.node_id == self.node_id)
+                    .order_by(cp.c.seq.desc()).limit(1)).scalar()
+                self._signed_seq[name] = int(last or 0)
+        entries = self._journal.read()
+        for name, row in entries:
+            # A journal may run ahead of the store (rows journaled, never committed).
+            if row.get("node_id") == self.node_id and row["seq"] > self._heads[name][0]:
+                self._heads[name] = (int(row["seq"]), str(row["row_hash"]))
+        if entries:
+            self._journal_pending = True
+            if not self._replay_journal(force=True):
+                raise AuditUnavailable("the journal could not be replayed")
+        self._close_unclean()
+        self._healthy = True
+
+    def _close_unclean(self) -> None:
+        """Write an unclean_shutdown end for each subscription this node left open."""
+        s = ROWS
+        e = aliased(AuditRow)
+        ended = exists().where(and_(
+            e.node_id == s.c.node_id, e.connection_id == s.c.connection_id,
+            e.topic == s.c.topic, e.action == UNSUBSCRIBE, e.outcome == ACCEPTED,
+            e.seq > s.c.seq))
+        stmt = (select(s).where(s.c.node_id == self.node_id, s.c.action == SUBSCRIBE,
+                                s.c.outcome == ACCEPTED, ~ended).order_by(s.c.seq))
+        now = chain.format_time(datetime.now(UTC))
+        seen: set[tuple[str, str]] = set()
+        entries: list[Entry] = []
+        assert self._engine is not None
+        with self._engine.connect() as conn:
+            for r in conn.execute(stmt):
+                key = (r.connection_id, r.topic)
+                if key in seen:
+                    continue  # a repeated subscribe of a held topic: one end closes both
+                seen.add(key)
+                row = {f: getattr(r, f) for f in _ROW_LIMITS}
+                row.update(occurred_at=now, action=UNSUBSCRIBE, outcome=ACCEPTED,
+                           code=END_UNCLEAN_SHUTDOWN)
+                entries.append((chain.CHAIN_ROWS, row))
+        if entries:
+            log.warning("audit: closing %d subscriptions left open by an unclean shutdown "
+                        "of node %s", len(entries), self.node_id)
+            self._commit(entries)
+
+    def _loop(self) -> None:
+        max_rows = self.config.group_commit_max_rows
+        window = self.config.group_commit_ms / 1000.0
+        while True:
+            jobs: list[_Job] = []
+            with self._cond:
+                if not self._queue and not self._stopping:
+                    self._cond.wait(self.retry_interval if self._journal_pending else None)
+                if self._queue:
+                    if window > 0 and not self._stopping:
+                        deadline = time.monotonic() + window
+                        while self._queued_rows < max_rows and not self._stopping:
+                            remaining = deadline - time.monotonic()
+                            if remaining <= 0:
+                                break
+                            self._cond.wait(remaining)
+                    taken = 0
+                    while self._queue and (not jobs or taken + len(self._queue[0].entries)
+                                           <= max_rows):
+                        job = self._queue.popleft()
+                        jobs.append(job)
+                        taken += len(job.entries)
+                    self._queued_rows -= taken
+                elif self._stopping:
+                    return
+            if jobs:
+                self._process(jobs)
+            elif self._journal_pending:
+                self._replay_journal()
+
+    def _process(self, jobs: list[_Job]) -> None:
+        entries = [e for job in jobs for e in job.entries]
+        error: Exception | None = None
+        if time.monotonic() < self._retry_at:
+            error = AuditUnavailable("the audit store is unavailable (retrying)")
+        elif self._journal_pending and not self._replay_journal():
+            error = AuditUnavailable("the audit store is unavailable (journal not replayed)")
+        else:
+            try:
+                self._commit(entries)
+            except Exception as exc:  # a driver error or a bug: the callers must hear of it
+                if not isinstance(exc, SQLAlchemyError):
+                    log.exception("audit: unexpected error writing %d rows", len(entries))
+                error = AuditUnavailable(f"the audit store cannot write: {exc.__class__.__name__}")
+        if error is None:
+            self._settle_jobs(jobs, None)
+            return
+        keep = [e for job in jobs if not job.strict for e in job.entries]
+        if keep:
+            self._to_journal(keep)
+        self._settle_jobs([j for j in jobs if j.strict], error)
+        self._settle_jobs([j for j in jobs if not j.strict], None)
+
+    def _failed(self, exc: Exception) -> None:
+        if self._healthy:
+            log.error("audit store write failed (subscribes refused, ends journaled): %s", exc)
+        self._healthy = False
+        self._retry_at = time.monotonic() + self.retry_interval
+
+    def _chain(self, entries: list[Entry]) -> tuple[dict[str, list[dict[str, Any]]],
+                                                    dict[str, tuple[int, str]]]:
+        heads = dict(self._heads)
+        out: dict[str, list[dict[str, Any]]] = {name: [] for name in CHAIN_TABLES}
+        for name, fields in entries:
+            seq, prev = heads[name]
+            row = dict(fields, node_id=self.node_id, seq=seq + 1, prev_hash=prev)
+            row["row_hash"] = chain.row_hash(name, row)
+            heads[name] = (seq + 1, row["row_hash"])
+            out[name].append(row)
+        return out, heads
+
+    def _commit(self, entries: list[Entry]) -> None:
+        """Chain and insert entries in one transaction; advance the heads only on commit."""
+        rows, heads = self._chain(entries)
+        checkpoints = self._due_checkpoints(heads)
+        assert self._engine is not None
+        try:
+            with self._engine.begin() as conn:
+                for name, table in CHAIN_TABLES.items():
+                    if rows[name]:
+                        conn.execute(insert(table), rows[name])
+                if checkpoints:
+                    conn.execute(insert(CHECKPOINTS), checkpoints)
+        except Exception as exc:
+            self._failed(exc)
+            raise
+        self._heads = heads
+        for cp in checkpoints:
+            self._signed_seq[cp["chain"]] = cp["seq"]
+        if not self._healthy:
+            log.info("audit store is writable again")
+        self._healthy = True
+
+    def _due_checkpoints(self, heads: dict[str, tuple[int, str]],
+                         final: bool = False) -> list[dict[str, Any]]:
+        if self._private is None:
+            return []
+        every = self.config.checkpoint_every
+        out = []
+        for name, (seq, head) in heads.items():
+            done = self._signed_seq.get(name, 0)
+            if seq > done and (final or seq // every > done // every):
+                kind = store.CHECKPOINT_CLOSE if final else store.CHECKPOINT_PERIODIC
+                out.append(store.make_checkpoint(self._private, name, self.node_id, seq, head,
+                                                 kind))
+        return out
+
+    def _to_journal(self, entries: list[Entry]) -> None:
+        rows, heads = self._chain(entries)
+        # Keep the order of entries: the journal is replayed line by line.
+        flat: list[Entry] = []
+        index = {name: 0 for name in rows}
+        for name, _ in entries:
+            flat.append((name, rows[name][index[name]]))
+            index[name] += 1
+        try:
+            self._journal.append(flat)
+        except OSError as exc:
+            log.critical("audit: %d rows LOST: the store is down and the journal %s cannot "
+                         "be written: %s", len(flat), self._journal.path, exc)
+            return
+        self._heads = heads
+        self._journal_pending = True
+
+    def _replay_journal(self, force: bool = False) -> bool:
+        """Write the journal into the store, skipping entries already there. True on success."""
+        if not force and time.monotonic() < self._retry_at:
+            return False
+        entries = self._journal.read()
+        assert self._engine is not None
+        try:
+            with self._engine.begin() as conn:
+                for name, table in CHAIN_TABLES.items():
+                    rows = [r for c, r in entries if c == name]
+                    if not rows:
+                        continue
+                    stored: set[tuple[str, int]] = set()
+                    for node_id in {r["node_id"] for r in rows}:
+                        low = min(r["seq"] for r in rows if r["node_id"] == node_id)
+                        stored |= {(node_id, int(s)) for (s,) in conn.execute(
+                            select(table.c.seq).where(table.c.node_id == node_id,
+                                                      table.c.seq >= low))}
+                    fresh = [r for r in rows if (r["node_id"], r["seq"]) not in stored]
+                    if fresh:
+                        conn.execute(insert(table), fresh)
+                checkpoints = self._due_checkpoints(self._heads)
+                if checkpoints:
+                    conn.execute(insert(CHECKPOINTS), checkpoints)
+        except Exception as exc:
+            self._failed(exc)
+            return False
+        for cp in checkpoints:
+            self._signed_seq[cp["chain"]] = cp["seq"]
+        self._journal.clear()
+        self._journal_pending = False
+        self._healthy = True
+        log.info("audit: %d journaled rows written to the store", len(entries))
+        return True
+
+    def _settle_jobs(self, jobs: list[_Job], error: Exception | None) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, _Settlement] = {}
+        for job in jobs:
+            if job.loop is not None and job.future is not None:
+                by_loop.setdefault(job.loop, []).append((job.future, error))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle, items)
+            except RuntimeError:
+                pass  # that loop is closed: nobody is waiting any more
+
+    def _shutdown(self) -> None:
+        try:
+            if self._journal_pending:
+                self._replay_journal(force=True)
+            if not self._journal_pending:
+                final = self._due_checkpoints(self._heads, final=True)
+                if final:
+                    assert self._engine is not None
+                    with self._engine.begin() as conn:
+                        conn.execute(insert(CHECKPOINTS), final)
+        except SQLAlchemyError as exc:
+            log.error("audit: the closing checkpoint could not be written: %s", exc)
+        finally:
+            if self._engine is not None:
+                self._engine.dispose()
+
+
+def _settle(items: _Settlement) -> None:
+    for future, error in items:
+        if future.done():
+            continue  # the caller was cancelled; its rows are written all the same
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
