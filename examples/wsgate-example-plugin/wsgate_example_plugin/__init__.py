@@ -1,0 +1,5 @@
+"""An example wsgate authenticator plugin (see docs/plugins.md)."""
+
+from wsgate_example_plugin.signed import SignedTokenAuthenticator, sign
+
+__all__ = ["SignedTokenAuthenticator", "sign"]
