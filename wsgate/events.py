@@ -133,7 +133,7 @@ def _validate_one(raw: Any, published_at: str,
     resource = raw.get("resource")
     if resource is None and isinstance(etype, str) and "_" in etype:
         resource = etype.rsplit("_", 1)[0]
-    if not isinstance(resource, str):
+    if resource is not None and not isinstance(resource, str):
         problems.append(("resource", "must be a string"))
         resource = None
     resource_id = raw.get("resource_id")
