@@ -1,0 +1,375 @@
+"""Reading the audit log: filters, streaming queries, pages, exports, recipients.
+
+Used by ``wsgate audit`` (directly) and by the HTTP API (through the async
+wrappers of :class:`AuditReader`, which run in a thread so the event loop
+never waits on the database).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import csv
+import json
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import IO, Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from sqlalchemy import Engine, and_, exists, or_, select
+from sqlalchemy.orm import aliased
+from sqlalchemy.sql.elements import ColumnElement
+
+from wsgate.audit import chain, store
+from wsgate.audit.orm import EVENTS, ROWS, AuditRow
+from wsgate.audit.records import ACCEPTED, REJECTED, SUBSCRIBE, UNSUBSCRIBE
+from wsgate.config import AuditConfig
+from wsgate.topics import matches
+
+#: The fields of a row as the CLI and the HTTP API show them, in this order (SPEC §7).
+FIELDS: tuple[str, ...] = (
+    "seq", "occurred_at", "node_id", "connection_id", "action", "topic", "outcome", "code",
+    "kind", "subject", "customer_id", "agent_id", "authenticator", "remote_addr", "origin",
+    "user_agent",
+)
+FORMATS = ("table", "csv", "jsonl")
+OUTCOMES = (ACCEPTED, REJECTED)
+MAX_PAGE = 1000
+DEFAULT_PAGE = 100
+
+
+class FilterError(ValueError):
+    """A filter value that cannot be used; the message names the filter and the fix."""
+
+
+def parse_time(value: str, name: str = "time") -> datetime:
+    """Parse an ISO 8601 time or date into an aware UTC datetime.
+
+    ``2024-05-01``, ``2024-05-01T12:00``, ``2024-05-01T12:00:00.5Z`` and
+    ``...+02:00`` are accepted; a time without a zone is taken as UTC.
+
+    Raises:
+        FilterError: not ISO 8601.
+    """
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise FilterError(
+            f"{name}: {value!r} is not an ISO 8601 time (for example 2024-05-01 or "
+            "2024-05-01T12:00:00Z)") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.astimezone(UTC)
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    """Which rows to return. Every given filter must hold (AND); None means any.
+
+    ``topic_prefix`` matches by whole segments: ``customer_id:C:call``
+    matches ``customer_id:C:call`` and ``customer_id:C:call:X``, not
+    ``customer_id:C:callback``. ``since`` is inclusive, ``until`` exclusive.
+    """
+
+    customer: str | None = None
+    agent: str | None = None
+    subject: str | None = None
+    topic_prefix: str | None = None
+    connection: str | None = None
+    outcome: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+    @classmethod
+    def parse(cls, customer: str | None = None, agent: str | None = None,
+              subject: str | None = None, topic_prefix: str | None = None,
+              connection: str | None = None, outcome: str | None = None,
+              since: str | None = None, until: str | None = None) -> AuditFilter:
+        """Build a filter from text (command-line flags, query parameters).
+
+        Raises:
+            FilterError: a bad outcome or time; the message names the filter.
+        """
+        if outcome is not None and outcome not in OUTCOMES:
+            raise FilterError(f"outcome: must be accepted or rejected, not {outcome!r}")
+        start = parse_time(since, "since") if since else None
+        end = parse_time(until, "until") if until else None
+        if start and end and end <= start:
+            raise FilterError("until must be later than since")
+        return cls(customer or None, agent or None, subject or None, topic_prefix or None,
+                   connection or None, outcome, start, end)
+
+    def where(self) -> list[ColumnElement[bool]]:
+        """The SQL conditions of this filter on audit_rows."""
+        t = ROWS.c
+        out: list[ColumnElement[bool]] = []
+        if self.customer:
+            out.append(t.customer_id == self.customer)
+        if self.agent:
+            out.append(t.agent_id == self.agent)
+        if self.subject:
+            out.append(t.subject == self.subject)
+        if self.connection:
+            out.append(t.connection_id == self.connection)
+        if self.outcome:
+            out.append(t.outcome == self.outcome)
+        if self.topic_prefix:
+            prefix = self.topic_prefix.rstrip(":")
+            out.append(or_(t.topic == prefix, t.topic.startswith(prefix + ":", autoescape=True)))
+        if self.since:
+            out.append(t.occurred_at >= chain.format_time(self.since))
+        if self.until:
+            out.append(t.occurred_at < chain.format_time(self.until))
+        return out
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """A connection whose accepted subscription matched an event when it was published."""
+
+    node_id: str
+    connection_id: str
+    subscription: str
+    event_topic: str
+    subscribed_seq: int
+    subscribed_at: str
+    kind: str
+    subject: str
+    customer_id: str | None
+    agent_id: str | None
+    authenticator: str
+    remote_addr: str
+
+
+RECIPIENT_FIELDS = tuple(Recipient.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
+class EventInfo:
+    """A recorded event, as ``recipients`` found it."""
+
+    event_id: str
+    type: str
+    topics: tuple[str, ...]
+    published_at: str
+    node_id: str
+
+
+def _cursor_encode(occurred_at: str, row_id: int) -> str:
+    raw = json.dumps([occurred_at, row_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _cursor_decode(cursor: str) -> tuple[str, int]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        occurred_at, row_id = json.loads(raw)
+        if not isinstance(occurred_at, str) or not isinstance(row_id, int):
+            raise ValueError
+        chain.parse_stored_time(occurred_at)
+    except (ValueError, TypeError, json.JSONDecodeError):
+        raise FilterError("cursor: not a cursor this API returned") from None
+    return occurred_at, row_id
+
+
+class AuditReader:
+    """Read side of the audit store.
+
+    Args:
+        engine: a SQLAlchemy engine on the audit store (``store.make_engine``).
+        public_key: the key checkpoints are verified with, or None.
+
+    The sync methods block; the ``a``-prefixed ones run them in a thread.
+    """
+
+    def __init__(self, engine: Engine, public_key: Ed25519PublicKey | None = None) -> None:
+        self.engine = engine
+        self.public_key = public_key
+
+    @classmethod
+    def from_config(cls, config: AuditConfig) -> AuditReader:
+        """A reader on the configured store, with the configured verify key.
+
+        Raises:
+            AuditStoreError: a configured key cannot be read.
+        """
+        key = store.verify_key(config)
+        return cls(store.make_engine(config.url), key)
+
+    def close(self) -> None:
+        """Release the engine's connections."""
+        self.engine.dispose()
+
+    # --- rows -------------------------------------------------------------------------
+
+    def rows(self, flt: AuditFilter, *, after: str | None = None,
+             limit: int | None = None) -> Iterator[dict[str, Any]]:
+        """Matching rows, oldest first (by occurred_at, then insertion order), streamed.
+
+        Rows are fetched in batches with a server-side cursor where the driver
+        has one, so a million rows use little memory. ``after`` is a cursor
+        from :meth:`page`.
+        """
+        t = ROWS.c
+        conds = flt.where()
+        if after is not None:
+            at, row_id = _cursor_decode(after)
+            conds.append(or_(t.occurred_at > at, and_(t.occurred_at == at, t.id > row_id)))
+        stmt = select(ROWS.c.id, *(t[f] for f in FIELDS)).where(*conds).order_by(
+            t.occurred_at, t.id)
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        with self.engine.connect() as conn:
+            result = conn.execution_options(yield_per=1000).execute(stmt)
+            for r in result:
+                yield dict(r._mapping)
+
+    def page(self, flt: AuditFilter, cursor: str | None = None,
+             limit: int = DEFAULT_PAGE) -> dict[str, Any]:
+        """One page for the HTTP API: ``{"rows": [...], "next_cursor": str | None}``.
+
+        ``next_cursor`` is None on the last page.
+        """
+        limit = max(1, min(limit, MAX_PAGE))
+        got = list(self.rows(flt, after=cursor, limit=limit + 1))
+        more = len(got) > limit
+        got = got[:limit]
+        next_cursor = _cursor_encode(got[-1]["occurred_at"], got[-1]["id"]) if more else None
+        return {"rows": [public_row(r) for r in got], "next_cursor": next_cursor}
+
+    async def apage(self, flt: AuditFilter, cursor: str | None = None,
+                    limit: int = DEFAULT_PAGE) -> dict[str, Any]:
+        """:meth:`page` in a worker thread."""
+        return await asyncio.to_thread(self.page, flt, cursor, limit)
+
+    # --- verify ----------------------------------------------------------------------
+
+    def verify(self) -> store.VerifyResult:
+        """``store.verify`` with this reader's key."""
+        return store.verify(self.engine, self.public_key)
+
+    async def averify(self) -> store.VerifyResult:
+        """:meth:`verify` in a worker thread."""
+        return await asyncio.to_thread(self.verify)
+
+    # --- recipients ------------------------------------------------------------------
+
+    def event(self, event_id: str) -> EventInfo | None:
+        """The recorded event with this id (the earliest, if recorded twice), or None."""
+        e = EVENTS.c
+        with self.engine.connect() as conn:
+            r = conn.execute(select(EVENTS).where(e.event_id == event_id)
+                             .order_by(e.published_at, e.id).limit(1)).first()
+        if r is None:
+            return None
+        return EventInfo(r.event_id, r.type, tuple(json.loads(r.topics)), r.published_at,
+                         r.node_id)
+
+    def recipients(self, ev: EventInfo) -> list[Recipient]:
+        """Who could see this event: every connection, on any node, whose accepted
+        subscription matched one of its topics (SPEC §1 rule) when it was
+        published, i.e. subscribed at or before ``published_at`` with no
+        accepted end of that subscription (same connection and topic) by then.
+
+        Clocks of different nodes are compared as they are: keep them in sync.
+        """
+        s = ROWS
+        end = aliased(AuditRow)
+        ended = exists().where(and_(
+            end.node_id == s.c.node_id, end.connection_id == s.c.connection_id,
+            end.topic == s.c.topic, end.action == UNSUBSCRIBE, end.outcome == ACCEPTED,
+            end.seq > s.c.seq, end.occurred_at <= ev.published_at))
+        parsed = [tuple(t.split(":")) for t in ev.topics]
+        scopes = sorted({":".join(t[:2]) for t in parsed})
+        found: dict[tuple[str, str, str], Recipient] = {}
+        with self.engine.connect() as conn:
+            for scope in scopes:
+                stmt = select(s).where(
+                    s.c.action == SUBSCRIBE, s.c.outcome == ACCEPTED,
+                    s.c.occurred_at <= ev.published_at,
+                    or_(s.c.topic == scope, s.c.topic.startswith(scope + ":", autoescape=True)),
+                    ~ended).order_by(s.c.occurred_at, s.c.id)
+                for r in conn.execution_options(yield_per=1000).execute(stmt):
+                    sub = tuple(r.topic.split(":"))
+                    hit = next((":".join(t) for t in parsed if matches(sub, t)), None)
+                    key = (r.node_id, r.connection_id, r.topic)
+                    if hit is None or key in found:
+                        continue
+                    found[key] = Recipient(
+                        r.node_id, r.connection_id, r.topic, hit, r.seq, r.occurred_at, r.kind,
+                        r.subject, r.customer_id, r.agent_id, r.authenticator, r.remote_addr)
+        return list(found.values())
+
+
+def public_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A row with exactly the SPEC §7 fields, in order."""
+    return {f: row.get(f) for f in FIELDS}
+
+
+# --- output formats -------------------------------------------------------------------
+
+_TABLE_SAMPLE = 200
+_NUMERIC = {"seq", "subscribed_seq"}
+
+
+def write_rows(rows: Iterable[dict[str, Any]], fmt: str, out: IO[str],
+               fields: tuple[str, ...] = FIELDS) -> int:
+    """Write rows to ``out`` as ``table``, ``csv`` or ``jsonl``; return how many.
+
+    Streams: only a table buffers (its first 200 rows, to size the columns).
+    In CSV a missing value is an empty cell; in JSON lines it is ``null``.
+    """
+    count = 0
+    if fmt == "jsonl":
+        for row in rows:
+            out.write(json.dumps({f: row.get(f) for f in fields}, ensure_ascii=False) + "\n")
+            count += 1
+    elif fmt == "csv":
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(fields)
+        for row in rows:
+            writer.writerow(["" if row.get(f) is None else row.get(f) for f in fields])
+            count += 1
+    elif fmt == "table":
+        it = iter(rows)
+        head: list[dict[str, Any]] = []
+        for row in it:
+            head.append(row)
+            if len(head) >= _TABLE_SAMPLE:
+                break
+        widths = {f: max([len(f)] + [len(_cell(r.get(f))) for r in head]) for f in fields}
+
+        def line(cells: dict[str, str]) -> str:
+            return "  ".join(cells[f].rjust(widths[f]) if f in _NUMERIC
+                             else cells[f].ljust(widths[f]) for f in fields).rstrip() + "\n"
+
+        out.write(line({f: f for f in fields}))
+        for row in _chain(head, it):
+            out.write(line({f: _cell(row.get(f)) for f in fields}))
+            count += 1
+    else:
+        raise FilterError(f"format: must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    return count
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    # A control character in a client-sent topic must not garble the terminal.
+    return re.sub(r"[\x00-\x1f\x7f]", "?", str(value))
+
+
+def _chain(first: list[dict[str, Any]], rest: Iterator[dict[str, Any]]
+           ) -> Iterator[dict[str, Any]]:
+    yield from first
+    yield from rest
+
+
+def recipient_dict(r: Recipient) -> dict[str, Any]:
+    """A recipient as a JSON-ready dict."""
+    return asdict(r)
