@@ -1,0 +1,118 @@
+"""``GET /v1.0/audit`` and ``GET /v1.0/audit/verify``: the admin-only audit API (SPEC §5).
+
+Authentication: ``Authorization: Bearer <key>`` with a key of ``[audit]
+api_keys`` (compared in constant time). With no key configured the API is
+off and answers 404, so an unconfigured server exposes nothing.
+
+``GET /v1.0/audit`` takes the filters of ``wsgate audit query`` as query
+parameters (``customer``, ``agent``, ``subject``, ``topic_prefix``,
+``connection``, ``outcome``, ``since``, ``until``) plus ``limit`` (default
+100, at most 1000) and ``cursor``, and answers
+``{"rows": [...], "next_cursor": "<opaque>" | null}``, oldest first. Pass
+``next_cursor`` back as ``cursor`` for the next page.
+
+``GET /v1.0/audit/verify`` answers the verify result as JSON (``ok``,
+``first``, ``problems``...), status 200 either way.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from wsgate.audit.query import DEFAULT_PAGE, MAX_PAGE, AuditFilter, AuditReader, FilterError
+from wsgate.errors import UNAUTHENTICATED, HTTPFailure
+from wsgate.handlers.base import JSONHandler
+
+_FILTERS = ("customer", "agent", "subject", "topic_prefix", "connection", "outcome",
+            "since", "until")
+
+
+class _AuditHandler(JSONHandler):
+    def initialize(self, reader: AuditReader, api_keys: Sequence[str]) -> None:
+        """Args:
+            reader: the audit reader (its queries run in worker threads).
+            api_keys: the accepted Bearer keys; empty turns the API off (404).
+        """
+        self.reader = reader
+        self.api_keys = tuple(k.encode() for k in api_keys)
+
+    def _authorized(self) -> bool:
+        if not self.api_keys:
+            self.fail(HTTPFailure(404, "not_found",
+                                  "the audit API is off: set [audit] api_keys to enable it"))
+            return False
+        header = self.request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        token = given.strip().encode() if scheme.lower() == "bearer" else b""
+        # Compare against every key, without stopping early, so timing tells nothing.
+        ok = False
+        for key in self.api_keys:
+            ok |= hmac.compare_digest(token, key)
+        if not ok or not token:
+            self.set_header("WWW-Authenticate", 'Bearer realm="wsgate-audit"')
+            self.fail(HTTPFailure(
+                401, UNAUTHENTICATED,
+                "send Authorization: Bearer <key> with a key from [audit] api_keys"
+                if not token else "this audit API key is not accepted"))
+            return False
+        return True
+
+    def _store_failed(self, exc: Exception) -> None:
+        self.fail(HTTPFailure(503, "audit_unavailable",
+                              f"the audit store cannot be read now ({exc.__class__.__name__})"))
+
+
+class AuditAPIHandler(_AuditHandler):
+    """``GET /v1.0/audit``: one page of audit rows."""
+
+    async def get(self) -> None:
+        if not self._authorized():
+            return
+        try:
+            args: dict[str, Any] = {name: self.get_query_argument(name, None) or None
+                                    for name in _FILTERS}
+            flt = AuditFilter.parse(**args)
+            raw_limit = self.get_query_argument("limit", None)
+            try:
+                limit = int(raw_limit) if raw_limit is not None else DEFAULT_PAGE
+            except ValueError:
+                raise FilterError(f"limit: must be a number from 1 to {MAX_PAGE}") from None
+            if not 1 <= limit <= MAX_PAGE:
+                raise FilterError(f"limit: must be from 1 to {MAX_PAGE}, not {limit}")
+            cursor = self.get_query_argument("cursor", None) or None
+            page = await self.reader.apage(flt, cursor, limit)
+        except FilterError as exc:
+            self.fail(HTTPFailure(400, "bad_request", str(exc)))
+            return
+        except SQLAlchemyError as exc:
+            self._store_failed(exc)
+            return
+        self.write_json(200, page)
+
+
+class AuditVerifyHandler(_AuditHandler):
+    """``GET /v1.0/audit/verify``: the whole-log check, as JSON."""
+
+    async def get(self) -> None:
+        if not self._authorized():
+            return
+        try:
+            result = await self.reader.averify()
+        except SQLAlchemyError as exc:
+            self._store_failed(exc)
+            return
+        self.write_json(200, result.to_dict())
+
+
+def audit_routes(reader: AuditReader, api_keys: Sequence[str]) -> list[tuple[str, type,
+                                                                            dict[str, Any]]]:
+    """The URL specs of the audit API, to add to the Tornado application."""
+    init = {"reader": reader, "api_keys": tuple(api_keys)}
+    return [
+        (r"/v1\.0/audit", AuditAPIHandler, init),
+        (r"/v1\.0/audit/verify", AuditVerifyHandler, init),
+    ]
