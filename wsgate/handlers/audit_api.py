@@ -24,6 +24,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from wsgate.audit.query import DEFAULT_PAGE, MAX_PAGE, AuditFilter, AuditReader, FilterError
+from wsgate.config import AuditConfig
 from wsgate.errors import UNAUTHENTICATED, HTTPFailure
 from wsgate.handlers.base import JSONHandler
 
@@ -32,9 +33,10 @@ _FILTERS = ("customer", "agent", "subject", "topic_prefix", "connection", "outco
 
 
 class _AuditHandler(JSONHandler):
-    def initialize(self, reader: AuditReader, api_keys: Sequence[str]) -> None:
+    def initialize(self, reader: AuditReader | None, api_keys: Sequence[str]) -> None:
         """Args:
-            reader: the audit reader (its queries run in worker threads).
+            reader: the audit reader (its queries run in worker threads); may be
+                None only when api_keys is empty.
             api_keys: the accepted Bearer keys; empty turns the API off (404).
         """
         self.reader = reader
@@ -84,6 +86,7 @@ class AuditAPIHandler(_AuditHandler):
             if not 1 <= limit <= MAX_PAGE:
                 raise FilterError(f"limit: must be from 1 to {MAX_PAGE}, not {limit}")
             cursor = self.get_query_argument("cursor", None) or None
+            assert self.reader is not None
             page = await self.reader.apage(flt, cursor, limit)
         except FilterError as exc:
             self.fail(HTTPFailure(400, "bad_request", str(exc)))
@@ -101,6 +104,7 @@ class AuditVerifyHandler(_AuditHandler):
         if not self._authorized():
             return
         try:
+            assert self.reader is not None
             result = await self.reader.averify()
         except SQLAlchemyError as exc:
             self._store_failed(exc)
@@ -108,9 +112,21 @@ class AuditVerifyHandler(_AuditHandler):
         self.write_json(200, result.to_dict())
 
 
-def audit_routes(reader: AuditReader, api_keys: Sequence[str]) -> list[tuple[str, type,
-                                                                            dict[str, Any]]]:
-    """The URL specs of the audit API, to add to the Tornado application."""
+Route = tuple[str, type, dict[str, Any]]
+
+
+def routes(config: AuditConfig) -> list[Route]:
+    """The audit API's URL specs for the ``[audit]`` config (a reader on its store).
+
+    Raises:
+        AuditStoreError: the configured verify or signing key cannot be read.
+    """
+    reader = AuditReader.from_config(config) if config.api_keys else None
+    return audit_routes(reader, config.api_keys)
+
+
+def audit_routes(reader: AuditReader | None, api_keys: Sequence[str]) -> list[Route]:
+    """The URL specs of the audit API for a given reader and keys."""
     init = {"reader": reader, "api_keys": tuple(api_keys)}
     return [
         (r"/v1\.0/audit", AuditAPIHandler, init),
