@@ -338,3 +338,40 @@ async def test_token_never_logged(make_server, caplog):
     text = caplog.text
     assert "token=***" in text
     assert "admin-token" not in text
+
+
+# -- the voipbin authorizer through the wire (every rule of SPEC §4) ---------------
+
+OTHER_C = "6a1f4c2e-da9a-11ee-8d7e-0b6f3c2d1e4f"
+
+
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.parametrize("token,topic,allowed", [
+    ("super-token", f"customer_id:{C}:call", True),
+    ("super-token", f"agent_id:{AGENT}", True),
+    ("admin-token", f"customer_id:{C}", True),
+    ("admin-token", f"customer_id:{OTHER_C}", False),
+    ("manager-token", f"customer_id:{C}:*:{X}", True),
+    ("agent-token", f"customer_id:{C}:call", False),
+    ("agent-token", f"agent_id:{AGENT}:call", True),
+    ("agent-token", f"agent_id:{OTHER_AGENT}", False),
+    ("accesskey-token", f"customer_id:{C}", True),
+    ("accesskey-token", f"customer_id:{OTHER_C}", False),
+    ("accesskey-token", f"agent_id:{AGENT}", False),
+    ("direct-token", CALL, True),
+    ("direct-token", f"customer_id:{C}:call", False),
+    ("direct-token", f"customer_id:{C}:call:{X}:more", False),
+    ("direct-token", f"customer_id:{C}:*:{X}", False),
+    ("direct-token", f"customer_id:{C}:queue:{X}", False),
+    ("direct-token", f"customer_id:{OTHER_C}:call:{X}", False),
+])
+async def test_voipbin_rules_over_the_wire(make_server, token, topic, allowed):
+    server = await make_server()
+    client = await server.connect(token)
+    reply = await client.subscribe(topic)
+    if allowed:
+        assert reply["topics"] == [topic] and reply["rejected"] == []
+    else:
+        assert reply["topics"] == []
+        (rejection,) = reply["rejected"]
+        assert rejection["code"] == "forbidden" and rejection["message"]

@@ -60,7 +60,8 @@ def build_gateway(config: Config, audit: AuditSink | None = None) -> Gateway:
     node_id = node_id_for(config)
     if audit is None:
         audit = build_audit(config, node_id)
-    return Gateway(config, authenticator, authorizer, audit, make_broker(config.broker.url))
+    return Gateway(config, authenticator, authorizer, audit,
+                   make_broker(config.broker.url, config.history))
 
 
 class HealthHandler(JSONHandler):

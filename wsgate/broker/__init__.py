@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from wsgate.config import HistoryConfig
 from wsgate.events import Event
 
 #: Called by the broker with the events to deliver locally, in publish order.
@@ -36,6 +37,17 @@ class Broker(Protocol):
     def unwatch(self, scope_key: str) -> None:
         """The last local subscriber of scope_key left."""
 
+    async def history_since(self, scope_key: str, event_id: str) -> list[Event] | None:
+        """The events of scope_key published after event_id, oldest first.
+
+        Publishing keeps a bounded history per scope (``[history] size`` and
+        ``ttl``). Returns None when the history cannot cover the gap: the id
+        is unknown to this scope's history, or older than what is kept.
+        """
+
+    def history_size(self) -> int:
+        """Events this node holds in history (for /metrics)."""
+
     def healthy(self) -> bool:
         """True when events can be published and received."""
 
@@ -43,12 +55,12 @@ class Broker(Protocol):
         """Stop receiving and release connections."""
 
 
-def make_broker(url: str) -> Broker:
+def make_broker(url: str, history: HistoryConfig) -> Broker:
     """The broker for a ``[broker] url``."""
     if url == "memory://":
         from wsgate.broker.memory import MemoryBroker
 
-        return MemoryBroker()
+        return MemoryBroker(history)
     from wsgate.broker.redis import RedisBroker
 
-    return RedisBroker(url)
+    return RedisBroker(url, history)

@@ -1,18 +1,26 @@
-"""The one-process broker: publishing hands the events straight back to local delivery."""
+"""The one-process broker: publishing hands the events straight back to local
+delivery, and keeps a bounded history per scope for resume."""
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from collections.abc import Sequence
 
 from wsgate.broker import Deliver
+from wsgate.config import HistoryConfig
 from wsgate.events import Event
 
 
 class MemoryBroker:
     """Broker for a single node (``memory://``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, history: HistoryConfig) -> None:
         self._deliver: Deliver | None = None
+        self._size = history.size
+        self._ttl = history.ttl
+        #: scope key -> (monotonic publish time, event), oldest first.
+        self._history: dict[str, deque[tuple[float, Event]]] = {}
 
     async def start(self, deliver: Deliver) -> None:
         self._deliver = deliver
@@ -20,7 +28,43 @@ class MemoryBroker:
     async def publish(self, events: Sequence[Event]) -> None:
         if self._deliver is None:
             raise RuntimeError("broker not started")
+        if self._size:
+            self._remember(events)
         self._deliver(events)
+
+    def _remember(self, events: Sequence[Event]) -> None:
+        now = time.monotonic()
+        for event in events:
+            for scope in {t.scope_key for t in event.topics}:
+                kept = self._history.get(scope)
+                if kept is None:
+                    kept = self._history[scope] = deque(maxlen=self._size)
+                kept.append((now, event))
+        # Forget scopes whose newest event is past the age limit, so memory
+        # follows the live scopes.
+        if len(self._history) > 1024:
+            self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        horizon = now - self._ttl
+        for scope in [s for s, kept in self._history.items() if kept[-1][0] < horizon]:
+            del self._history[scope]
+
+    async def history_since(self, scope_key: str, event_id: str) -> list[Event] | None:
+        kept = self._history.get(scope_key)
+        if not kept:
+            return None
+        horizon = time.monotonic() - self._ttl
+        while kept and kept[0][0] < horizon:
+            kept.popleft()
+        for position in range(len(kept) - 1, -1, -1):
+            if kept[position][1].event_id == event_id:
+                return [event for _, event in list(kept)[position + 1:]]
+        return None
+
+    def history_size(self) -> int:
+        """Events held in history (an event in two scopes counts twice)."""
+        return sum(len(kept) for kept in self._history.values())
 
     def watch(self, scope_key: str) -> None:
         """Nothing to do: every event is local."""
