@@ -6,8 +6,9 @@
   into a :class:`~wsgate.plugins.Principal`, raising :class:`PrincipalError`
   that names the bad field.
 * :func:`principal_to_mapping` is its inverse, for JSON bodies.
-* :func:`check_option_keys` refuses option keys a plugin does not know, so a
-  typo in the config stops start-up instead of being silently ignored.
+* :func:`check_option_keys`, :func:`seconds_option` and :func:`bool_option`
+  check plugin options; an unknown key is refused, so a typo in the config
+  stops start-up instead of being silently ignored.
 
 Nothing here ever puts a credential in a message: callers pass ``where`` (a
 description such as ``tokens[#3]``), never the token itself.
@@ -203,6 +204,29 @@ def check_option_keys(options: Mapping[str, Any], known: Iterable[str], plugin: 
         if key not in known:
             listed = ", ".join(known) if known else "none"
             raise OptionError(key, f"unknown option for the {plugin} plugin (known: {listed})")
+
+
+def seconds_option(options: Mapping[str, Any], key: str, default: float, *,
+                   minimum: float = 0.0, above: bool = False) -> float:
+    """A number of seconds: at least ``minimum``, or greater than it when ``above``.
+
+    Raises:
+        OptionError: naming key.
+    """
+    value = options.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise OptionError(key, "must be a number of seconds")
+    if value < minimum or (above and value == minimum):
+        raise OptionError(key, f"must be {'greater than' if above else 'at least'} {minimum:g}")
+    return float(value)
+
+
+def bool_option(options: Mapping[str, Any], key: str, default: bool) -> bool:
+    """A true/false option. Raises: OptionError naming key."""
+    value = options.get(key, default)
+    if not isinstance(value, bool):
+        raise OptionError(key, "must be true or false")
+    return value
 
 
 def _uuid_field(data: Mapping[str, Any], name: str, where: str) -> str | None:

@@ -46,9 +46,11 @@ from wsgate.plugins import Authenticator, OptionError, Principal, Refused, Unava
 
 from ._principal import (
     PrincipalError,
+    bool_option,
     check_option_keys,
     principal_from_mapping,
     principal_to_mapping,
+    seconds_option,
 )
 
 log = logging.getLogger(__name__)
@@ -86,14 +88,12 @@ class HTTPAuthenticator(Authenticator):
             raise OptionError("url", "is required: the backend URL that validates tokens")
         self.url = _url(options["url"], "url")
         self.refresh_url = _url(options.get("refresh_url", self.url), "refresh_url")
-        self.timeout = _number(options, "timeout", 2.0, positive=True)
-        self.cache_ttl = _number(options, "cache_ttl", 60.0)
-        self.negative_cache_ttl = _number(options, "negative_cache_ttl", 10.0)
+        self.timeout = seconds_option(options, "timeout", 2.0, above=True)
+        self.cache_ttl = seconds_option(options, "cache_ttl", 60.0)
+        self.negative_cache_ttl = seconds_option(options, "negative_cache_ttl", 10.0)
         self.cache_size = _integer(options, "cache_size", 10000)
         self.max_clients = _integer(options, "max_clients", 20)
-        self.refresh_enabled = options.get("refresh", True)
-        if not isinstance(self.refresh_enabled, bool):
-            raise OptionError("refresh", "must be true or false")
+        self.refresh_enabled = bool_option(options, "refresh", True)
         self.headers = _headers(options.get("headers", {}))
         self.headers["Content-Type"] = "application/json"
         self.headers.setdefault("Accept", "application/json")
@@ -254,16 +254,6 @@ def _host(url: str) -> str:
     parts = urlsplit(url)
     port = f":{parts.port}" if parts.port else ""
     return f"{parts.scheme}://{parts.hostname}{port}"
-
-
-def _number(options: Mapping[str, Any], key: str, default: float, *,
-            positive: bool = False) -> float:
-    value = options.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise OptionError(key, "must be a number of seconds")
-    if value < 0 or (positive and value == 0):
-        raise OptionError(key, "must be greater than 0" if positive else "must not be negative")
-    return float(value)
 
 
 def _integer(options: Mapping[str, Any], key: str, default: int) -> int:

@@ -30,7 +30,6 @@ Options (``[auth.options]``), all checked at start-up:
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -46,13 +45,13 @@ from wsgate.plugins import Authenticator, OptionError, Principal, Refused
 
 from ._principal import (
     PrincipalError,
+    bool_option,
     check_option_keys,
     parse_permissions,
     permission_mask,
     principal_from_mapping,
+    seconds_option,
 )
-
-log = logging.getLogger(__name__)
 
 #: HMAC algorithms and the shortest secret each accepts (RFC 7518 §3.2: the hash size).
 HMAC_ALGORITHMS = {"HS256": 32, "HS384": 48, "HS512": 64}
@@ -103,12 +102,9 @@ class JWTAuthenticator(Authenticator):
         self.hmac = self.algorithms[0] in HMAC_ALGORITHMS
         self.issuer = _optional_str(options, "issuer")
         self.audience = _audience(options.get("audience"))
-        self.leeway = _number(options, "leeway", 30.0, minimum=0.0)
-        self.default_ttl = _number(options, "default_ttl", 3600.0, minimum=1.0)
-        require_exp = options.get("require_exp", True)
-        if not isinstance(require_exp, bool):
-            raise OptionError("require_exp", "must be true or false")
-        self._required = ["exp"] if require_exp else []
+        self.leeway = seconds_option(options, "leeway", 30.0)
+        self.default_ttl = seconds_option(options, "default_ttl", 3600.0, minimum=1.0)
+        self._required = ["exp"] if bool_option(options, "require_exp", True) else []
         self.claims = _claim_names(options.get("claims", {}))
 
         sources = [k for k in ("key", "key_file", "jwks_file") if k in options]
@@ -425,15 +421,6 @@ def _audience(value: object) -> list[str] | None:
     if not isinstance(value, list) or not value or not all(isinstance(a, str) and a for a in value):
         raise OptionError("audience", "must be a string or a list of strings")
     return value
-
-
-def _number(options: Mapping[str, Any], key: str, default: float, *, minimum: float) -> float:
-    value = options.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise OptionError(key, "must be a number of seconds")
-    if value < minimum:
-        raise OptionError(key, f"must be at least {minimum:g}")
-    return float(value)
 
 
 def _claim_names(value: object) -> dict[str, str]:

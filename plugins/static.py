@@ -33,7 +33,7 @@ class StaticAuthenticator(Authenticator):
 
     Lookups go through a dict keyed by the SHA-256 of the token, so the time
     an answer takes does not depend on how much of a token an attacker has
-    guessed, and the tokens themselves are not kept after start-up.
+    guessed. The tokens themselves are kept only for mint.
     """
 
     def __init__(self, options: Mapping[str, Any]) -> None:

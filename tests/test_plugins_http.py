@@ -272,7 +272,7 @@ async def test_refresh_disabled_keeps_principal_without_asking():
     ({"url": "auth.example.com"}, "url", "http:// or https://"),
     ({"url": "https://a.example.com", "refresh_url": "x"}, "refresh_url", "http://"),
     ({"url": "https://a.example.com", "timeout": 0}, "timeout", "greater than 0"),
-    ({"url": "https://a.example.com", "cache_ttl": -1}, "cache_ttl", "not be negative"),
+    ({"url": "https://a.example.com", "cache_ttl": -1}, "cache_ttl", "must be at least 0"),
     ({"url": "https://a.example.com", "negative_cache_ttl": "10"}, "negative_cache_ttl",
      "number of seconds"),
     ({"url": "https://a.example.com", "cache_size": 0}, "cache_size", "at least 1"),
