@@ -185,8 +185,8 @@ class AuditWriter:
         """
         if not records:
             return
-        if self._closed:
-            raise AuditUnavailable("the audit writer is closed")
+        if not self._running():
+            raise AuditUnavailable("the audit writer is not running")
         await self._submit([(chain.CHAIN_ROWS, record_row(r)) for r in records], strict=True)
 
     async def write_ends(self, records: Sequence[AuditRecord]) -> None:
@@ -221,9 +221,12 @@ class AuditWriter:
 
     # --- caller side ------------------------------------------------------------------
 
+    def _running(self) -> bool:
+        return (not self._closed and self._thread is not None and self._thread.is_alive())
+
     async def _submit(self, entries: list[Entry], strict: bool) -> None:
-        if self._closed:
-            raise RuntimeError("the audit writer is closed; close it after the last write")
+        if not self._running():
+            raise RuntimeError("the audit writer is not running: start it first, close it last")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         job = _Job(entries, strict, loop, future)
@@ -247,6 +250,7 @@ class AuditWriter:
             if self._engine is not None:
                 self._engine.dispose()
             err = AuditUnavailable(f"the audit store cannot be opened: {exc}")
+            self._closed = True
             failed: _Settlement = [(started, err)]
             loop.call_soon_threadsafe(_settle, failed)
             return

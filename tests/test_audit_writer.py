@@ -1,0 +1,258 @@
+"""AuditWriter: rows committed, group commit, fail closed, journal, exactly once, restart."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import event
+
+from tests.audit_helpers import (
+    ALICE,
+    KEY1,
+    T0,
+    Backend,
+    backend,  # noqa: F401  (fixture)
+    conn_info,
+    end,
+    rec,
+    topic,
+)
+from wsgate.audit import store
+from wsgate.audit.records import REJECTED, AuditUnavailable, EventRecord
+from wsgate.audit.writer import AuditWriter
+
+
+async def wait_until(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+def rows(b: Backend, where: str = "1=1") -> list[dict[str, Any]]:
+    with b.engine().connect() as conn:
+        from sqlalchemy import text
+
+        return [dict(r._mapping) for r in conn.execute(
+            text(f"SELECT * FROM audit_rows WHERE {where} ORDER BY node_id, seq"))]
+
+
+def journal_lines(b: Backend) -> list[str]:
+    p = Path(b.tmp / "audit.journal")
+    return p.read_text().splitlines() if p.exists() else []
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_rows_are_written_and_read_back_with_every_field(backend: Backend) -> None:
+    w = AuditWriter(backend.config(), "node-a")
+    await w.start()
+    try:
+        await w.write_subscribes([rec(topic("call"), at=T0),
+                                  rec("bad topic\x00é", outcome=REJECTED, code="invalid_topic",
+                                      at=T0)])
+        await w.write_ends([end(topic("call"), at=T0)])
+        assert w.healthy()
+    finally:
+        await w.close()
+    got = rows(backend)
+    assert [(r["seq"], r["action"], r["outcome"], r["code"]) for r in got] == [
+        (1, "subscribe", "accepted", ""), (2, "subscribe", "rejected", "invalid_topic"),
+        (3, "unsubscribe", "accepted", "client")]
+    first = got[0]
+    assert first["occurred_at"] == "2024-05-01T12:00:00.123456Z"
+    assert (first["node_id"], first["connection_id"], first["topic"]) == (
+        "node-a", "c1", topic("call"))
+    assert (first["kind"], first["subject"], first["customer_id"], first["agent_id"]) == (
+        "agent", "alice", ALICE.customer_id, ALICE.agent_id)
+    assert (first["authenticator"], first["remote_addr"], first["origin"],
+            first["user_agent"]) == ("static", "10.0.0.1", "https://app.example.com",
+                                     "pytest/1.0")
+    # A NUL from a client is stored (as U+FFFD) the same way on every backend.
+    assert got[1]["topic"] == "bad topic\ufffdé"
+    assert store.verify(backend.engine(), backend.key.public_key()).ok
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_many_concurrent_subscribes_share_few_transactions(backend: Backend) -> None:
+    w = AuditWriter(backend.config(group_commit_ms=20.0), "node-a")
+    await w.start()
+    commits: list[int] = []
+    event.listen(w.engine, "commit", lambda conn: commits.append(1))
+    try:
+        await asyncio.gather(*(w.write_subscribes([rec(topic("call", str(i)))])
+                               for i in range(300)))
+    finally:
+        await w.close()
+    assert len(rows(backend)) == 300
+    # 300 callers, one window of 20 ms: a handful of transactions, not 300
+    # (+1 for the closing checkpoint).
+    assert 1 <= len(commits) <= 10, len(commits)
+    assert store.verify(backend.engine(), backend.key.public_key()).ok
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_group_never_exceeds_max_rows(backend: Backend) -> None:
+    w = AuditWriter(backend.config(group_commit_ms=50.0, group_commit_max_rows=10,
+                                   signing_key=None), "node-a")
+    await w.start()
+    sizes: list[int] = []
+    event.listen(w.engine, "before_cursor_execute",
+                 lambda conn, cur, stmt, params, ctx, many:
+                 sizes.append(len(params)) if many and "audit_rows" in stmt else None)
+    try:
+        await asyncio.gather(*(w.write_subscribes([rec(topic("call", str(i)))])
+                               for i in range(35)))
+    finally:
+        await w.close()
+    assert len(rows(backend)) == 35
+    assert sizes and max(sizes) <= 10
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_store_down_refuses_subscribes_journals_ends_then_recovers_once(
+        backend: Backend) -> None:
+    w = AuditWriter(backend.config(url=backend.outage_url()), "node-a",
+                    retry_interval=0.05, busy_timeout_ms=50)
+    await w.start()
+    try:
+        await w.write_subscribes([rec(topic("a")), rec(topic("b"))])
+        with backend.outage():
+            with pytest.raises(AuditUnavailable):
+                await w.write_subscribes([rec(topic("c"))])
+            assert not w.healthy()
+            await w.write_ends([end(topic("a"), "disconnect")])
+            await w.write_events([EventRecord("e-1", "call_created", (topic("call", "x"),),
+                                              "bearer:abc", "0" * 64, T0)])
+            with pytest.raises(AuditUnavailable):
+                await w.write_subscribes([rec(topic("d"))])
+            await w.write_ends([end(topic("b"), "disconnect")])
+            assert len(journal_lines(backend)) == 3
+        await wait_until(lambda: w.healthy() and not journal_lines(backend))
+        await w.write_subscribes([rec(topic("e"))])
+    finally:
+        await w.close()
+    got = rows(backend)
+    assert [(r["seq"], r["action"], r["topic"].rsplit(":", 1)[1]) for r in got] == [
+        (1, "subscribe", "a"), (2, "subscribe", "b"), (3, "unsubscribe", "a"),
+        (4, "unsubscribe", "b"), (5, "subscribe", "e")]
+    assert backend.scalar("SELECT count(*) FROM audit_events") == 1
+    result = store.verify(backend.engine(), backend.key.public_key())
+    assert result.ok, result.problems
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_journal_replayed_twice_after_a_crash_stores_each_row_once(
+        backend: Backend) -> None:
+    cfg = backend.config(url=backend.outage_url())
+    w = AuditWriter(cfg, "node-a", retry_interval=0.05, busy_timeout_ms=50)
+    await w.start()
+    try:
+        with backend.outage():
+            await w.write_ends([end(topic("a")), end(topic("b"))])
+        saved = Path(cfg.journal_path).read_text()
+        await wait_until(lambda: not journal_lines(backend))
+    finally:
+        await w.close()
+    # The process died after the commit but before the journal was emptied.
+    Path(cfg.journal_path).write_text(saved)
+    w2 = AuditWriter(cfg, "node-a")
+    await w2.start()
+    try:
+        await w2.write_ends([end(topic("c"))])
+    finally:
+        await w2.close()
+    got = rows(backend, "action = 'unsubscribe'")
+    assert [r["seq"] for r in got] == [1, 2, 3]
+    assert not journal_lines(backend)
+    assert store.verify(backend.engine(), backend.key.public_key()).ok
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_journal_left_by_a_crash_is_written_at_start(backend: Backend) -> None:
+    cfg = backend.config(url=backend.outage_url())
+    w = AuditWriter(cfg, "node-a", retry_interval=60, busy_timeout_ms=50)
+    await w.start()
+    await w.write_subscribes([rec(topic("a"))])
+    backend.cut()
+    await w.write_ends([end(topic("a"), "disconnect")])
+    entries = [json.loads(line) for line in journal_lines(backend)]
+    assert [e["row"]["seq"] for e in entries] == [2]
+    await w.close()  # the store is still down: the row stays in the journal
+    assert journal_lines(backend)
+    backend.restore()
+    w2 = AuditWriter(cfg, "node-a")
+    await w2.start()
+    await w2.close()
+    assert [(r["seq"], r["action"]) for r in rows(backend)] == [
+        (1, "subscribe"), (2, "unsubscribe")]
+    assert not journal_lines(backend)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_start_closes_subscriptions_left_open_by_a_crash(backend: Backend) -> None:
+    cfg = backend.config()
+    other = AuditWriter(cfg, "node-b")
+    await other.start()
+    await other.write_subscribes([rec(topic("x"), conn=conn_info("cb"))])
+    await other.close()
+    w = AuditWriter(cfg, "node-a")
+    await w.start()
+    c2 = conn_info("c2", KEY1, "10.0.0.2")
+    await w.write_subscribes([rec(topic("a")), rec(topic("b")), rec(topic("b")),
+                              rec(topic("z"), outcome=REJECTED, code="forbidden"),
+                              rec(topic("k", customer=KEY1.customer_id or ""), conn=c2)])
+    await w.write_ends([end(topic("a"))])
+    await w.close()  # no disconnect rows: as if the process had died
+    again = AuditWriter(cfg, "node-a")
+    await again.start()
+    await again.close()
+    closed = rows(backend, "code = 'unclean_shutdown'")
+    assert sorted((r["node_id"], r["connection_id"], r["topic"].rsplit(":", 1)[1])
+                  for r in closed) == [("node-a", "c1", "b"), ("node-a", "c2", "k")]
+    k = next(r for r in closed if r["connection_id"] == "c2")
+    assert (k["action"], k["outcome"], k["kind"], k["subject"], k["remote_addr"]) == (
+        "unsubscribe", "accepted", "accesskey", "key-1", "10.0.0.2")
+    # Nothing left open: a second restart adds nothing.
+    third = AuditWriter(cfg, "node-a")
+    await third.start()
+    await third.close()
+    assert len(rows(backend, "code = 'unclean_shutdown'")) == 2
+    assert store.verify(backend.engine(), backend.key.public_key()).ok
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_start_fails_when_the_store_cannot_be_opened(tmp_path: Path) -> None:
+    from wsgate.config import AuditConfig
+
+    cfg = AuditConfig(url=f"sqlite:///{tmp_path}/missing/dir/audit.db",
+                      journal_path=str(tmp_path / "j"))
+    w = AuditWriter(cfg, "node-a")
+    with pytest.raises(AuditUnavailable, match="cannot be opened"):
+        await w.start()
+    with pytest.raises(AuditUnavailable):
+        await w.write_subscribes([rec(topic("a"))])
+    await w.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_checkpoints_are_signed_every_n_rows_and_at_close(backend: Backend) -> None:
+    w = AuditWriter(backend.config(checkpoint_every=5, group_commit_ms=0), "node-a")
+    await w.start()
+    try:
+        for i in range(12):
+            await w.write_subscribes([rec(topic("call", str(i)))])
+    finally:
+        await w.close()
+    with backend.engine().connect() as conn:
+        from sqlalchemy import text
+
+        cps = [tuple(r) for r in conn.execute(text(
+            "SELECT chain, seq, kind FROM audit_checkpoints ORDER BY id"))]
+    assert cps == [("rows", 5, "periodic"), ("rows", 10, "periodic"), ("rows", 12, "close")]
+    assert store.verify(backend.engine(), backend.key.public_key()).checkpoints_checked == 3
