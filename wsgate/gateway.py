@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import logging
 import time
 import uuid
@@ -36,7 +37,7 @@ from wsgate.config import Config
 from wsgate.events import Event
 from wsgate.index import SubscriptionIndex
 from wsgate.plugins import Authenticator, Authorizer, Decision, Principal, Refused, Unavailable
-from wsgate.topics import Topic, TopicError, parse_topic
+from wsgate.topics import Topic, TopicError, matches, parse_topic
 
 log = logging.getLogger("wsgate.gateway")
 
@@ -107,6 +108,55 @@ class Connection:
     @property
     def principal(self) -> Principal:
         return self.info.principal
+
+
+def _matches_any(subscriptions: list[Topic], event: tuple[str, ...]) -> bool:
+    return any(matches(t.segments, event) for t in subscriptions)
+
+
+class ReplayBuffer:
+    """Stands in for a connection's transport while its history is replayed.
+
+    Control frames pass straight through; live event frames are held and sent
+    by :meth:`flush` after the replay, skipping events the replay already sent.
+    """
+
+    __slots__ = ("inner", "frames")
+
+    def __init__(self, inner: Transport) -> None:
+        self.inner = inner
+        self.frames: list[bytes] = []
+
+    def send_text(self, text: str) -> None:
+        self.inner.send_text(text)
+
+    def send_wire(self, frame: bytes) -> None:
+        self.frames.append(frame)
+
+    def pending_bytes(self) -> int:
+        return self.inner.pending_bytes() + sum(len(f) for f in self.frames)
+
+    def close(self, code: int, reason: str) -> None:
+        self.inner.close(code, reason)
+
+    def flush(self, skip: set[str]) -> None:
+        for frame in self.frames:
+            if skip and _event_id_of(frame) in skip:
+                continue
+            self.inner.send_wire(frame)
+        self.frames.clear()
+
+
+def _event_id_of(frame: bytes) -> str | None:
+    """The event_id of a framed event (rare path: frames held during a replay)."""
+    length = frame[1] & 0x7F
+    start = 2 if length < 126 else 4 if length == 126 else 10
+    try:
+        value = json.loads(frame[start:])
+    except ValueError:
+        return None
+    event_id = value.get("event_id") if isinstance(value, dict) else None
+    return event_id if isinstance(event_id, str) else None
 
 
 class Gateway:
@@ -355,13 +405,67 @@ class Gateway:
             if ends:
                 await self.audit.write_ends(ends)
             return
-        for topic in accepted:
-            if topic.text in fresh:
-                self._add(conn, topic)
+        held = list(conn.subscriptions.values())
+        new_topics = [t for t in accepted if t.text in fresh]
+        if msg.since is not None:
+            await self._resume(conn, msg, accepted, rejected, new_topics, held, msg.since)
+            return
+        for topic in new_topics:
+            self._add(conn, topic)
         # No await between indexing and the reply: no event can overtake the reply.
-        recovered = None if msg.since is None else False
-        conn.transport.send_text(protocol.reply(msg, [t.text for t in accepted], rejected,
-                                                recovered))
+        conn.transport.send_text(protocol.reply(msg, [t.text for t in accepted], rejected))
+
+    async def _resume(self, conn: Connection, msg: protocol.ClientMessage, accepted: list[Topic],
+                      rejected: list[dict[str, str]], new_topics: list[Topic],
+                      held: list[Topic], since: str) -> None:
+        """Subscribe with ``since``: reply, replay what history holds, then go live.
+
+        Live events that arrive while history is read are held back in a
+        :class:`ReplayBuffer` and sent after the replay, minus any the replay
+        already sent, so there is no gap and no duplicate at the seam.
+        """
+        buffer = ReplayBuffer(conn.transport)
+        conn.transport = buffer
+        try:
+            for topic in new_topics:
+                self._add(conn, topic)
+            replay = await self._history_after(new_topics, since) if new_topics else None
+            if conn.closed:
+                return
+            buffer.inner.send_text(protocol.reply(msg, [t.text for t in accepted], rejected,
+                                                  replay is not None))
+            sent: set[str] = set()
+            for event in replay or ():
+                # Events that matched a topic held before went out live already.
+                if any(_matches_any(held, t.segments) for t in event.topics):
+                    continue
+                for topic in event.topics:
+                    if _matches_any(new_topics, topic.segments):
+                        text = protocol.event_frame(protocol.event_frame_prefix(event.type),
+                                                    topic.text, event.data_json,
+                                                    protocol.event_frame_tail(
+                                                        event.event_id, event.published_at))
+                        buffer.inner.send_wire(protocol.ws_frame(text.encode()))
+                        sent.add(event.event_id)
+                        break
+        finally:
+            conn.transport = buffer.inner
+        buffer.flush(skip=sent)
+
+    async def _history_after(self, topics: list[Topic], since: str) -> list[Event] | None:
+        """Events after since in the scopes of topics, oldest first; None if a gap."""
+        merged: dict[str, Event] = {}
+        for scope in dict.fromkeys(t.scope_key for t in topics):
+            try:
+                found = await self.broker.history_since(scope, since)
+            except Exception:
+                log.exception("history of %s could not be read", scope)
+                return None
+            if found is None:
+                return None
+            for event in found:
+                merged.setdefault(event.event_id, event)
+        return sorted(merged.values(), key=lambda e: e.published_at)
 
     async def unsubscribe(self, conn: Connection, msg: protocol.ClientMessage) -> None:
         """Remove exact topic strings, audit with reason ``client``, reply."""

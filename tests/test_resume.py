@@ -1,0 +1,128 @@
+"""SPEC §2 "Resume after a reconnect" on one node (the memory broker's history)."""
+
+import asyncio
+
+import pytest
+
+from tests.conftest import AGENT, CUSTOMER, event
+from wsgate.broker.memory import MemoryBroker
+
+ALL = f"customer_id:{CUSTOMER}"
+
+
+async def seen_event(server, client, **fields):
+    status, body = await server.post(event(**fields))
+    assert status == 202
+    frame = await client.recv()
+    assert frame["event_id"] == body["event_ids"][0]
+    return frame["event_id"]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_reconnect_gets_exactly_the_missed_events_then_live(make_server):
+    server = await make_server()
+    client = await server.connect()
+    await client.subscribe(ALL)
+    last = await seen_event(server, client, data={"n": 0})
+    client.close()
+    missed = []
+    for n in range(1, 6):
+        status, body = await server.post(event(data={"n": n}))
+        missed += body["event_ids"]
+    again = await server.connect()
+    reply = await again.subscribe(ALL, since=last)
+    assert reply["type"] == "subscribed" and reply["recovered"] is True
+    got = [await again.recv() for _ in missed]
+    assert [f["event_id"] for f in got] == missed
+    assert [f["data"]["n"] for f in got] == [1, 2, 3, 4, 5]
+    live = await seen_event(server, again, data={"n": 6})
+    assert live not in missed
+    await again.no_frame()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_unknown_since_is_not_recovered_and_sends_nothing_old(make_server):
+    server = await make_server()
+    client = await server.connect()
+    await client.subscribe(ALL)
+    await seen_event(server, client)
+    client.close()
+    await server.post(event())
+    again = await server.connect()
+    reply = await again.subscribe(ALL, since="00000000-1111-2222-3333-444444444444")
+    assert reply["recovered"] is False
+    await again.no_frame()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_since_older_than_history_is_not_recovered(make_server):
+    server = await make_server(history={"size": 3})
+    client = await server.connect()
+    await client.subscribe(ALL)
+    first = await seen_event(server, client)
+    client.close()
+    for _ in range(3):
+        await server.post(event())
+    again = await server.connect()
+    reply = await again.subscribe(ALL, since=first)
+    assert reply["recovered"] is False
+    await again.no_frame()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_replay_obeys_permissions(make_server):
+    server = await make_server()
+    admin = await server.connect("admin-token")
+    await admin.subscribe(ALL)
+    # Resume is per scope: the last event seen must be in every resumed scope's history.
+    last = await seen_event(server, admin, agent_id=AGENT)
+    admin.close()
+    # One event the agent may see (its agent topic), one it may not (customer only).
+    _, hidden = await server.post(event(data={"n": "customer-only"}))
+    _, visible = await server.post(event(agent_id=AGENT, data={"n": "agent"}))
+    agent = await server.connect("agent-token")
+    reply = await agent.subscribe(ALL, f"agent_id:{AGENT}", since=last)
+    assert [r["code"] for r in reply["rejected"]] == ["forbidden"]
+    assert reply["recovered"] is True
+    frame = await agent.recv()
+    assert frame["event_id"] == visible["event_ids"][0]
+    assert frame["topic"].startswith(f"agent_id:{AGENT}")
+    await agent.no_frame()
+
+
+class SlowHistoryBroker(MemoryBroker):
+    """The memory broker, with a history read that yields to the loop first,
+    as a networked history (Redis) does."""
+
+    def __init__(self, history, gate):
+        super().__init__(history)
+        self.gate = gate
+
+    async def history_since(self, scope_key, event_id):
+        found = await super().history_since(scope_key, event_id)
+        self.gate.set()
+        await asyncio.sleep(0.1)
+        return found
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_event_published_during_replay_arrives_once_after_it(make_server):
+    server = await make_server()
+    gate = asyncio.Event()
+    broker = SlowHistoryBroker(server.config.history, gate)
+    await broker.start(server.gateway.deliver)
+    server.gateway.broker = broker
+    client = await server.connect()
+    await client.subscribe(ALL)
+    last = await seen_event(server, client)
+    client.close()
+    _, missed = await server.post(event(data={"n": "missed"}))
+    again = await server.connect()
+    await again.send({"type": "subscribe", "topics": [ALL], "since": last})
+    await gate.wait()
+    _, during = await server.post(event(data={"n": "during"}))
+    reply = await again.recv()
+    assert reply["type"] == "subscribed" and reply["recovered"] is True
+    assert (await again.recv())["event_id"] == missed["event_ids"][0]
+    assert (await again.recv())["event_id"] == during["event_ids"][0]
+    await again.no_frame()
