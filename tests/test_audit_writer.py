@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 from sqlalchemy import event
 
+from tests import audit_helpers
 from tests.audit_helpers import (
     ALICE,
     KEY1,
     T0,
     Backend,
-    backend,  # noqa: F401  (fixture)
     conn_info,
     end,
     rec,
@@ -25,6 +25,8 @@ from tests.audit_helpers import (
 from wsgate.audit import store
 from wsgate.audit.records import REJECTED, AuditUnavailable, EventRecord
 from wsgate.audit.writer import AuditWriter
+
+backend = audit_helpers.backend  # the fixture: SQLite, and PostgreSQL when configured
 
 
 async def wait_until(predicate: Any, timeout: float = 10.0) -> None:
