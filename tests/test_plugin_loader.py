@@ -4,10 +4,6 @@ import asyncio
 import time
 
 import pytest
-from wsgate_example_plugin import SignedTokenAuthenticator, sign
-from wsgate_plugins.jwt import JWTAuthenticator
-from wsgate_plugins.static import StaticAuthenticator
-from wsgate_plugins.voipbin import AllowAllAuthorizer, VoipbinAuthorizer
 
 from wsgate.plugins import (
     AUTHENTICATOR_GROUP,
@@ -20,6 +16,10 @@ from wsgate.plugins import (
     Unavailable,
     build_plugin,
 )
+from wsgate_example_plugin import SignedTokenAuthenticator, sign
+from wsgate_plugins.jwt import JWTAuthenticator
+from wsgate_plugins.static import StaticAuthenticator
+from wsgate_plugins.voipbin import AllowAllAuthorizer, VoipbinAuthorizer
 
 C = "5013bc52-da9a-11ee-844f-2fa34248de28"
 A = "8107ec3c-da9a-11ee-9a0c-5b1c1a1f4f3e"

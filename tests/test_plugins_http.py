@@ -10,9 +10,9 @@ import pytest
 from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
 from tornado.web import Application, RequestHandler
-from wsgate_plugins.http import HTTPAuthenticator
 
 from wsgate.plugins import OptionError, Principal, Refused, Unavailable
+from wsgate_plugins.http import HTTPAuthenticator
 
 C = "5013bc52-da9a-11ee-844f-2fa34248de28"
 A = "8107ec3c-da9a-11ee-9a0c-5b1c1a1f4f3e"

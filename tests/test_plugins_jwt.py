@@ -13,9 +13,9 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from wsgate_plugins.jwt import JWTAuthenticator
 
 from wsgate.plugins import OptionError, Principal, Refused
+from wsgate_plugins.jwt import JWTAuthenticator
 
 C = "5013bc52-da9a-11ee-844f-2fa34248de28"
 A = "8107ec3c-da9a-11ee-9a0c-5b1c1a1f4f3e"

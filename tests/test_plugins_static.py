@@ -5,10 +5,10 @@ import json
 from datetime import UTC, datetime
 
 import pytest
-from wsgate_plugins._principal import PrincipalError, principal_from_mapping
-from wsgate_plugins.static import StaticAuthenticator
 
 from wsgate.plugins import OptionError, Principal, Refused
+from wsgate_plugins._principal import PrincipalError, principal_from_mapping
+from wsgate_plugins.static import StaticAuthenticator
 
 C = "5013bc52-da9a-11ee-844f-2fa34248de28"
 A = "8107ec3c-da9a-11ee-9a0c-5b1c1a1f4f3e"

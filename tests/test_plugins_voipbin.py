@@ -1,10 +1,10 @@
 """The voipbin authorizer: every rule of SPEC §4, allowed and refused."""
 
 import pytest
-from wsgate_plugins.voipbin import AllowAllAuthorizer, VoipbinAuthorizer
 
 from wsgate.plugins import OptionError, Principal
 from wsgate.topics import parse_topic
+from wsgate_plugins.voipbin import AllowAllAuthorizer, VoipbinAuthorizer
 
 C = "5013bc52-da9a-11ee-844f-2fa34248de28"
 OTHER_C = "6a1f0d3e-da9a-11ee-8d1c-3b8f2a1c9e77"
