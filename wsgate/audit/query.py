@@ -225,9 +225,10 @@ class AuditReader:
         if limit is not None:
             stmt = stmt.limit(limit)
         with self.engine.connect() as conn:
-            result = conn.execution_options(yield_per=1000).execute(stmt)
-            for r in result:
-                yield dict(r._mapping)
+            # Closed explicitly: a consumer that stops early must not leak the cursor.
+            with conn.execution_options(yield_per=1000).execute(stmt) as result:
+                for r in result:
+                    yield dict(r._mapping)
 
     def page(self, flt: AuditFilter, cursor: str | None = None,
              limit: int = DEFAULT_PAGE) -> dict[str, Any]:
@@ -294,7 +295,8 @@ class AuditReader:
                     s.c.occurred_at <= ev.published_at,
                     or_(s.c.topic == scope, s.c.topic.startswith(scope + ":", autoescape=True)),
                     ~ended).order_by(s.c.occurred_at, s.c.id)
-                for r in conn.execution_options(yield_per=1000).execute(stmt):
+                result = conn.execution_options(yield_per=1000).execute(stmt)
+                for r in result:
                     sub = tuple(r.topic.split(":"))
                     hit = next((":".join(t) for t in parsed if matches(sub, t)), None)
                     key = (r.node_id, r.connection_id, r.topic)

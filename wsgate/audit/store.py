@@ -306,44 +306,47 @@ def _verify_chain(conn: Connection, chain_name: str, node_id: str,
     prev = chain.GENESIS
     last_seq = 0
     count = 0
-    for r in conn.execute(stmt):
-        row = r._mapping
-        seq = int(row["seq"])
-        count += 1
-        if expected_seq is None:
-            # Where the retained chain starts: seq 1, or just after a signed prune.
-            if seq == 1:
-                expected_seq = 1
-            elif seq - 1 in prunes:
-                expected_seq, prev = seq, str(prunes[seq - 1]["head_hash"])
-            else:
-                below = [s for s in prunes if s < seq]
-                missing = (max(below) + 1) if below else 1
-                return problem(DELETED, missing,
-                               f"{noun}s {missing}..{seq - 1} are missing and no signed prune "
-                               "checkpoint covers them"), count
-        if seq == last_seq:
-            return problem(INSERTED, seq, f"two {noun}s have seq {seq}"), count
-        if seq != expected_seq:
-            return problem(DELETED, expected_seq,
-                           f"{noun} seq {expected_seq} is missing (next is {seq})"), count
-        if chain.row_hash(chain_name, dict(row)) != row["row_hash"]:
-            return problem(CHANGED, seq,
-                           f"{noun} seq {seq} was changed: its hash does not match "
-                           "its fields"), count
-        if row["prev_hash"] != prev:
-            return problem(INSERTED, seq,
-                           f"{noun} seq {seq} is not linked to the {noun} before it "
-                           "(prev_hash mismatch): it was inserted, or the rows before it "
-                           "were replaced"), count
-        for c in signed.get(seq, ()):
-            if c["head_hash"] != row["row_hash"]:
+    # Closed explicitly: an early return must not leave a server-side cursor behind.
+    with conn.execute(stmt) as result:
+        for r in result:
+            row = r._mapping
+            seq = int(row["seq"])
+            count += 1
+            if expected_seq is None:
+                # Where the retained chain starts: seq 1, or just after a signed prune.
+                if seq == 1:
+                    expected_seq = 1
+                elif seq - 1 in prunes:
+                    expected_seq, prev = seq, str(prunes[seq - 1]["head_hash"])
+                else:
+                    below = [s for s in prunes if s < seq]
+                    missing = (max(below) + 1) if below else 1
+                    return problem(DELETED, missing,
+                                   f"{noun}s {missing}..{seq - 1} are missing and no signed "
+                                   "prune checkpoint covers them"), count
+            if seq == last_seq:
+                return problem(INSERTED, seq, f"two {noun}s have seq {seq}"), count
+            if seq != expected_seq:
+                return problem(DELETED, expected_seq,
+                               f"{noun} seq {expected_seq} is missing (next is {seq})"), count
+            if chain.row_hash(chain_name, dict(row)) != row["row_hash"]:
                 return problem(CHANGED, seq,
-                               f"{noun}s up to seq {seq} differ from what the {c['kind']} "
-                               f"checkpoint signed at {c['signed_at']}: they were rewritten"), count
-        prev = str(row["row_hash"])
-        last_seq = seq
-        expected_seq = seq + 1
+                               f"{noun} seq {seq} was changed: its hash does not match "
+                               "its fields"), count
+            if row["prev_hash"] != prev:
+                return problem(INSERTED, seq,
+                               f"{noun} seq {seq} is not linked to the {noun} before it "
+                               "(prev_hash mismatch): it was inserted, or the rows before it "
+                               "were replaced"), count
+            for c in signed.get(seq, ()):
+                if c["head_hash"] != row["row_hash"]:
+                    return problem(CHANGED, seq,
+                                   f"{noun}s up to seq {seq} differ from what the "
+                                   f"{c['kind']} checkpoint signed at {c['signed_at']}: "
+                                   "they were rewritten"), count
+            prev = str(row["row_hash"])
+            last_seq = seq
+            expected_seq = seq + 1
     top = max((int(c["seq"]) for c in checkpoints), default=0)
     if top > last_seq and not (last_seq == 0 and top in prunes):
         start = last_seq + 1
