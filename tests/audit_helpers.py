@@ -270,28 +270,31 @@ def backend(request: Any, tmp_path: Path) -> Iterator[Backend]:
         admin.dispose()
 
 
-def write_log(b: Backend, steps: list[tuple[str, list[Any]]], node_id: str = "node-a",
-              **config: Any) -> None:
-    """Write a log through a real AuditWriter, outside any running loop.
+async def awrite_log(b: Backend, steps: list[tuple[str, list[Any]]], node_id: str = "node-a",
+                     **config: Any) -> None:
+    """Write a log through a real AuditWriter.
 
     steps: ("sub", [AuditRecord...]), ("end", [...]) or ("event", [EventRecord...]).
     """
-    import asyncio
-
     from wsgate.audit.writer import AuditWriter
 
-    async def run() -> None:
-        w = AuditWriter(b.config(**config), node_id)
-        await w.start()
-        try:
-            for kind, items in steps:
-                if kind == "sub":
-                    await w.write_subscribes(items)
-                elif kind == "end":
-                    await w.write_ends(items)
-                else:
-                    await w.write_events(items)
-        finally:
-            await w.close()
+    w = AuditWriter(b.config(**config), node_id)
+    await w.start()
+    try:
+        for kind, items in steps:
+            if kind == "sub":
+                await w.write_subscribes(items)
+            elif kind == "end":
+                await w.write_ends(items)
+            else:
+                await w.write_events(items)
+    finally:
+        await w.close()
 
-    asyncio.run(run())
+
+def write_log(b: Backend, steps: list[tuple[str, list[Any]]], node_id: str = "node-a",
+              **config: Any) -> None:
+    """awrite_log, from a test that has no running event loop."""
+    import asyncio
+
+    asyncio.run(awrite_log(b, steps, node_id, **config))

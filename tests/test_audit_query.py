@@ -191,9 +191,7 @@ def test_cli_bad_input_exits_2_with_a_message(backend: Backend, capsys: Any) -> 
     sample_log(backend)
     cfg = write_config(backend)
     assert run_cli("audit", "query", "--config", cfg, "--since", "last tuesday") == 2
-    assert "--since" not in capsys.readouterr().out
-    err = capsys.readouterr().err
-    assert err == "" or "ISO 8601" in err
+    assert "since: 'last tuesday' is not an ISO 8601 time" in capsys.readouterr().err
     assert run_cli("audit", "query", "--config", cfg, "--until", "2024-13-45") == 2
     assert "until: '2024-13-45' is not an ISO 8601 time" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
