@@ -24,7 +24,7 @@ run: $(STAMP)
 	$(BIN)/wsgate serve --config $(CONFIG)
 
 lint: $(STAMP)
-	$(BIN)/ruff check wsgate plugins tests bench
+	$(BIN)/ruff check wsgate plugins tests $(wildcard bench examples)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy wsgate plugins
