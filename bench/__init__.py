@@ -1,0 +1,1 @@
+"""wsgate benchmarks: ``python -m bench --help`` (docs/performance.md)."""
