@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any
@@ -114,19 +115,62 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
 
     # -- Transport ---------------------------------------------------------
 
+    # Event frames queued by send_wire, written by _flush_out in one write.
+    _out: list[bytes] | None = None
+    _out_size = 0
+
     def send_text(self, text: str) -> None:
+        # Queued event frames go first: a reply never overtakes earlier events.
+        if self._out is not None:
+            self._flush_out()
         try:
             self.write_message(text)
         except tornado.websocket.WebSocketClosedError:
             pass
 
     def send_wire(self, frame: bytes) -> None:
+        """Queue an event frame; every frame queued for this connection during one
+        loop iteration goes out in one write at the start of the next (see
+        _flush_out). ``pending_bytes`` counts the queued bytes."""
         ws = self.ws_connection
         if ws is None or ws.is_closing():
             return
+        out = self._out
+        if out is None:
+            self._out = [frame]
+            self._out_size = len(frame)
+            _flusher_for(asyncio.get_running_loop()).handlers.append(self)
+        else:
+            out.append(frame)
+            self._out_size += len(frame)
+
+    def _flush_out(self) -> None:
+        out = self._out
+        if out is None:
+            return
+        self._out = None
+        self._out_size = 0
+        ws = self.ws_connection
+        if ws is None or ws.is_closing():
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
         stream: Any = ws.stream
+        # IOStream.write makes a Future and its bookkeeping on every call. When
+        # the stream has nothing buffered, hand the bytes to the socket directly
+        # (nothing can be reordered: the stream is empty), and give only what the
+        # kernel did not take to the stream, which then waits for writability.
+        # Plain sockets only: TLS streams keep their own state.
+        if type(stream) is tornado.iostream.IOStream and not stream._write_buffer:
+            try:
+                sent = stream.socket.send(data)
+            except OSError:
+                # EAGAIN, or an error that the stream reports and closes on below.
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
         try:
-            stream.write(frame)
+            stream.write(data)
         except tornado.iostream.StreamClosedError:
             pass
 
@@ -135,12 +179,47 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         if ws is None:
             return 0
         stream: Any = ws.stream
-        # Tornado keeps these counters for write futures; their difference is what
-        # the kernel has not accepted yet.
-        return int(stream._total_write_index - stream._total_write_done_index)
+        # Queued frames plus what the stream holds: Tornado keeps these counters
+        # for write futures; their difference is what the kernel has not accepted yet.
+        return self._out_size + int(stream._total_write_index - stream._total_write_done_index)
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         super().close(code, reason)
+
+
+class _Flusher:
+    """Writes the frames queued by send_wire, once per loop iteration, for every
+    connection that queued some (one per event loop: tests run several)."""
+
+    __slots__ = ("loop", "handlers")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.handlers: list[WebSocketHandler] = []
+
+    def run(self) -> None:
+        global _flusher
+        if _flusher is self:
+            _flusher = None
+        for handler in self.handlers:
+            try:
+                handler._flush_out()
+            except Exception:
+                # One broken connection must not keep the others' frames unsent.
+                log.exception("writing queued frames failed")
+
+
+_flusher: _Flusher | None = None
+
+
+def _flusher_for(loop: asyncio.AbstractEventLoop) -> _Flusher:
+    """The flusher that runs at this loop's next iteration."""
+    global _flusher
+    flusher = _flusher
+    if flusher is None or flusher.loop is not loop:
+        flusher = _flusher = _Flusher(loop)
+        loop.call_soon(flusher.run)
+    return flusher
 
 
 def scrub_uri(uri: str) -> str:
