@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 from wsgate.config import Config, ConfigError, load_config
 from wsgate.logs import setup_logging
-from wsgate.plugins import PERMISSIONS, PluginError, Principal
+from wsgate.plugins import PERMISSIONS, Authenticator, Authorizer, PluginError, Principal
 
 
 def _load(path: str) -> Config:
@@ -37,15 +37,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_check_config(args: argparse.Namespace) -> int:
+def _plugins(config: Config, path: str) -> tuple[Authenticator, Authorizer]:
+    """Build the configured plugins, or exit 2 naming the file and the plugin's error."""
     from wsgate.app import build_plugins
 
-    config = _load(args.file)
     try:
-        authenticator, authorizer = build_plugins(config)
+        return build_plugins(config)
     except PluginError as exc:
-        print(f"wsgate: {args.file}: {exc}", file=sys.stderr)
-        return 2
+        raise SystemExit(f"wsgate: {path}: {exc}") from None
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args.file)
+    authenticator, _ = _plugins(config, args.file)
     asyncio.run(authenticator.close())
     print(f"{args.file}: OK (auth {config.auth.plugin}, permissions {config.permissions.plugin}, "
           f"broker {config.broker.url})")
@@ -53,20 +57,18 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    from wsgate.app import build_plugins
-
     config = _load(args.config)
-    try:
-        authenticator, _ = build_plugins(config)
-    except PluginError as exc:
-        print(f"wsgate: {args.config}: {exc}", file=sys.stderr)
+    authenticator, _ = _plugins(config, args.config)
+    if not (args.subject or args.agent):
+        print("wsgate token: give --subject (or --agent): the principal the token is for",
+              file=sys.stderr)
         return 2
     expires = None
     if args.ttl:
         expires = datetime.now(UTC) + timedelta(seconds=args.ttl)
     try:
         principal = Principal(
-            kind=args.kind, subject=args.subject or args.agent or "dev",
+            kind=args.kind, subject=args.subject or args.agent,
             customer_id=args.customer, agent_id=args.agent,
             permissions=frozenset(args.permission or ()),
             allowed_resources=frozenset(args.resource or ()), expires_at=expires)

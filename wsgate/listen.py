@@ -28,6 +28,14 @@ async def listen(url: str, token: str, topics: list[str], since: str | None = No
     except OSError as exc:
         print(f"wsgate listen: cannot connect to {parts.netloc}: {exc}", file=sys.stderr)
         return 1
+    try:
+        return await _print_frames(ws, topics, since, stream)
+    finally:
+        ws.close()
+
+
+async def _print_frames(ws: tornado.websocket.WebSocketClientConnection, topics: list[str],
+                        since: str | None, stream: TextIO) -> int:
     message: dict[str, object] = {"type": "subscribe", "topics": topics, "id": "listen"}
     if since:
         message["since"] = since

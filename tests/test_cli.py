@@ -1,0 +1,103 @@
+"""The wsgate command: check-config, token and listen, as a newcomer uses them."""
+
+import asyncio
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import CUSTOMER, event
+from wsgate.listen import listen
+
+
+def run(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "wsgate", *args], capture_output=True,
+                          text=True, timeout=60, env=env)
+
+
+def test_check_config_ok():
+    result = run("check-config", "config.example.toml")
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+
+
+def test_check_config_typo_names_the_key(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[server]\nhots = "0.0.0.0"\n')
+    result = run("check-config", str(path))
+    assert result.returncode != 0
+    assert f"{path}: [server] unknown key 'hots'" in result.stderr
+
+
+def test_check_config_reports_plugin_option_errors(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[auth]\nplugin = "jwt"\n[auth.options]\nalgorithms = ["HS257"]\n')
+    result = run("check-config", str(path))
+    assert result.returncode != 0
+    assert "plugin 'jwt': option 'algorithms'" in result.stderr
+
+
+def test_check_config_unknown_plugin(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[auth]\nplugin = "nosuch.module:Thing"\n')
+    result = run("check-config", str(path))
+    assert result.returncode != 0
+    assert "module 'nosuch' not found" in result.stderr
+
+
+def test_token_for_the_example_config():
+    result = run("token", "--config", "config.example.toml", "--subject", "alice")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "dev-admin-token"
+
+
+def test_token_for_jwt_is_accepted_by_the_same_config(tmp_path):
+    path = tmp_path / "jwt.toml"
+    path.write_text('[auth]\nplugin = "jwt"\n[auth.options]\nalgorithms = ["HS256"]\n'
+                    'key = "a-development-key-that-is-long-enough-123"\n')
+    result = run("token", "--config", str(path), "--agent",
+                 "8107ec3c-da9a-11ee-9a0c-5b1c1a1f4f3e", "--customer", CUSTOMER,
+                 "--permission", "customer_admin", "--ttl", "600")
+    assert result.returncode == 0, result.stderr
+    token = result.stdout.strip()
+    assert token.count(".") == 2
+    from wsgate.app import build_plugins
+    from wsgate.config import load_config
+
+    authenticator, _ = build_plugins(load_config(path))
+    principal = asyncio.run(authenticator.authenticate(token))
+    assert principal.customer_id == CUSTOMER
+    assert "customer_admin" in principal.permissions
+
+
+def test_token_needs_a_subject():
+    result = run("token", "--config", "config.example.toml")
+    assert result.returncode == 2
+    assert "--subject" in result.stderr
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_listen_prints_each_frame_as_a_json_line(make_server):
+    server = await make_server()
+    out = io.StringIO()
+    task = asyncio.ensure_future(listen(server.ws_url, "admin-token",
+                                        [f"customer_id:{CUSTOMER}"], out=out))
+
+    def lines():
+        return [json.loads(line) for line in out.getvalue().splitlines()]
+
+    while len(lines()) < 2:
+        await asyncio.sleep(0.01)
+    status, body = await server.post(event())
+    assert status == 202
+    while len(lines()) < 3:
+        await asyncio.sleep(0.01)
+    connected, subscribed, frame = lines()
+    assert connected["type"] == "connected"
+    assert subscribed["type"] == "subscribed" and subscribed["topics"] == [
+        f"customer_id:{CUSTOMER}"]
+    assert frame["event_id"] == body["event_ids"][0]
+    await server.gateway.shutdown()
+    assert await asyncio.wait_for(task, 10) == 0
