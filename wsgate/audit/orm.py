@@ -60,8 +60,10 @@ class AuditRow(Base):
         Index("ix_audit_rows_customer", "customer_id", "occurred_at"),
         Index("ix_audit_rows_agent", "agent_id", "occurred_at"),
         Index("ix_audit_rows_subject", "subject", "occurred_at"),
+        # Also serves topic lookups within a connection (ends, unclean shutdown,
+        # recipients). No index on topic alone: prefix LIKE cannot use a plain btree
+        # on either backend, and each index costs every insert.
         Index("ix_audit_rows_connection", "connection_id", "topic"),
-        Index("ix_audit_rows_topic", "topic"),
     )
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, and_, exists, insert, select
+from sqlalchemy import Connection, Engine, Table, and_, exists, insert, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import aliased
 
@@ -402,7 +402,7 @@ class AuditWriter:
             with self._engine.begin() as conn:
                 for name, table in CHAIN_TABLES.items():
                     if rows[name]:
-                        conn.execute(insert(table), rows[name])
+                        _insert(conn, table, rows[name])
                 if checkpoints:
                     conn.execute(insert(CHECKPOINTS), checkpoints)
         except Exception as exc:
@@ -466,7 +466,7 @@ class AuditWriter:
                                                       table.c.seq >= low))}
                     fresh = [r for r in rows if (r["node_id"], r["seq"]) not in stored]
                     if fresh:
-                        conn.execute(insert(table), fresh)
+                        _insert(conn, table, fresh)
                 checkpoints = self._due_checkpoints(self._heads)
                 if checkpoints:
                     conn.execute(insert(CHECKPOINTS), checkpoints)
@@ -507,6 +507,24 @@ class AuditWriter:
         finally:
             if self._engine is not None:
                 self._engine.dispose()
+
+
+def _insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+    """Insert rows with the driver's executemany.
+
+    Core's insert() costs about as much per row as SQLite itself; at
+    thousands of rows per second that doubles the writer's work. Drivers with
+    positional parameters (sqlite3, psycopg) take a prepared text statement.
+    """
+    cols = [c.name for c in table.c if c.name != "id"]
+    style = conn.dialect.paramstyle
+    mark = "?" if style == "qmark" else "%s" if style in ("format", "pyformat") else None
+    if mark is None:
+        conn.execute(insert(table), rows)
+        return
+    sql = (f"INSERT INTO {table.name} ({', '.join(cols)}) "
+           f"VALUES ({', '.join(mark for _ in cols)})")
+    conn.exec_driver_sql(sql, [tuple(r[c] for c in cols) for r in rows])
 
 
 def _settle(items: _Settlement) -> None:

@@ -82,13 +82,11 @@ def upgrade() -> None:
         batch_op.create_index("ix_audit_rows_customer", ["customer_id", "occurred_at"])
         batch_op.create_index("ix_audit_rows_occurred", ["occurred_at", "id"])
         batch_op.create_index("ix_audit_rows_subject", ["subject", "occurred_at"])
-        batch_op.create_index("ix_audit_rows_topic", ["topic"])
 
 
 
 def downgrade() -> None:
     with op.batch_alter_table("audit_rows", schema=None) as batch_op:
-        batch_op.drop_index("ix_audit_rows_topic")
         batch_op.drop_index("ix_audit_rows_subject")
         batch_op.drop_index("ix_audit_rows_occurred")
         batch_op.drop_index("ix_audit_rows_customer")
