@@ -18,6 +18,7 @@ from wsgate.config import Config
 from wsgate.gateway import Gateway
 from wsgate.handlers.base import JSONHandler, NotFoundHandler
 from wsgate.handlers.ingest import IngestHandler, IngestState
+from wsgate.handlers.metrics import MetricsHandler, metrics_route
 from wsgate.handlers.websocket import WebSocketHandler, scrub_uri
 from wsgate.plugins import (
     AUTHENTICATOR_GROUP,
@@ -88,12 +89,26 @@ class ReadyHandler(JSONHandler):
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
-    """Access log line, with any token in the URL replaced by ``***``."""
+    """Access log line, with any token in the URL replaced by ``***``.
+
+    Its fields (``status``, ``method``, ``path``, ``remote_addr``,
+    ``duration_ms``, plus a handler's own ``log_fields()``, e.g. ingest's
+    ``events_accepted`` and ``key_id``) are JSON keys in the JSON log format.
+    """
     status = handler.get_status()
     level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    if level == logging.INFO and isinstance(handler, MetricsHandler):
+        # A scrape every few seconds would drown the log; failed scrapes still show.
+        level = logging.DEBUG
     req = handler.request
-    access_log.log(level, "%d %s %s %s %.1fms", status, req.method, scrub_uri(req.uri or ""),
-                   req.remote_ip, 1000.0 * req.request_time())
+    path = scrub_uri(req.uri or "")
+    fields: dict[str, Any] = {
+        "status": status, "method": req.method, "path": path, "remote_addr": req.remote_ip,
+        "duration_ms": round(1000.0 * req.request_time(), 1)}
+    own = getattr(handler, "log_fields", None)
+    if callable(own):
+        fields.update(own())
+    access_log.log(level, "%d %s %s", status, req.method, path, extra=fields)
 
 
 def make_app(gateway: Gateway) -> tornado.web.Application:
@@ -105,6 +120,7 @@ def make_app(gateway: Gateway) -> tornado.web.Application:
          {"gateway": gateway, "state": IngestState(gateway.config.ingest)}),
         (r"/healthz", HealthHandler),
         (r"/readyz", ReadyHandler, {"gateway": gateway}),
+        metrics_route(gateway.metrics, gateway.config.metrics.keys),
     ]
     routes.extend(_audit_routes(gateway))
     return tornado.web.Application(
@@ -119,12 +135,43 @@ def make_app(gateway: Gateway) -> tornado.web.Application:
 
 
 def _audit_routes(gateway: Gateway) -> list[Any]:
-    try:
-        from wsgate.handlers.audit_api import routes
-    except ImportError:
-        return []
-    result: list[Any] = routes(gateway.config.audit)
-    return result
+    """The audit API and the review page, sharing one reader (none without api_keys).
+
+    Raises:
+        AuditStoreError: the configured verify key cannot be read.
+    """
+    from wsgate.audit.query import AuditReader
+    from wsgate.handlers.audit_api import audit_routes
+    from wsgate.handlers.review import review_routes
+
+    audit = gateway.config.audit
+    reader = AuditReader.from_config(audit) if audit.api_keys else None
+    return [*audit_routes(reader, audit.api_keys), *review_routes(reader, audit.api_keys)]
+
+
+def make_metrics_app(gateway: Gateway) -> tornado.web.Application:
+    """The private metrics listener's application: ``/metrics`` (no key) and nothing else."""
+    return tornado.web.Application([metrics_route(gateway.metrics, None)],
+                                   default_handler_class=NotFoundHandler,
+                                   log_function=log_request)
+
+
+def serve_metrics(gateway: Gateway, sockets: list[socket.socket] | None = None
+                  ) -> tornado.httpserver.HTTPServer | None:
+    """Start the ``[metrics] port`` listener, or return None when none is configured.
+
+    ``sockets`` (tests) replaces binding ``[metrics] host`` and ``port``.
+    """
+    m = gateway.config.metrics
+    if sockets is None:
+        if not m.port:
+            return None
+        sockets = tornado.netutil.bind_sockets(m.port, m.host)
+    server = tornado.httpserver.HTTPServer(make_metrics_app(gateway), idle_connection_timeout=60)
+    server.add_sockets(sockets)
+    where = ", ".join("{}:{}".format(*s.getsockname()[:2]) for s in sockets)
+    log.info("metrics served on %s/metrics", where)
+    return server
 
 
 def make_server(app: tornado.web.Application, config: Config) -> tornado.httpserver.HTTPServer:
@@ -147,6 +194,7 @@ async def serve(config: Config) -> None:
     server = make_server(app, config)
     sockets = tornado.netutil.bind_sockets(config.server.port, config.server.host)
     server.add_sockets(sockets)
+    metrics_server = serve_metrics(gateway)
     where = ", ".join("{}:{}".format(*s.getsockname()[:2]) for s in sockets)
     log.info("wsgate serving on %s (node %s, auth %s, permissions %s, audit %s, broker %s)",
              where, gateway.node_id, config.auth.plugin, config.permissions.plugin,
@@ -158,6 +206,8 @@ async def serve(config: Config) -> None:
     await stop.wait()
     log.info("draining: closing connections with 1001")
     server.stop()
+    if metrics_server is not None:
+        metrics_server.stop()
     try:
         await asyncio.wait_for(gateway.shutdown(), config.server.shutdown_timeout)
     except TimeoutError:

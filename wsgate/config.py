@@ -127,6 +127,17 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Where ``GET /metrics`` is served; never openly on the main port."""
+
+    #: Bearer keys that may scrape /metrics on the main port (empty: not served there).
+    keys: tuple[Secret, ...] = ()
+    #: A separate listener for /metrics only, no key needed (0: none). Keep it private.
+    port: int = 0
+    host: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     auth: PluginConfig = field(default_factory=lambda: PluginConfig(plugin="static"))
@@ -136,6 +147,7 @@ class Config:
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     #: The file this was loaded from, for messages and relative paths.
     source: str = "<defaults>"
 
@@ -304,5 +316,12 @@ def _check(cfg: Config) -> None:
                   "out of range")
     if cfg.broker.url != "memory://" and not cfg.broker.url.startswith(("redis://", "rediss://")):
         raise bad("broker", "url", f"must be memory:// or redis://..., not {cfg.broker.url!r}")
+    m = cfg.metrics
+    if not 0 <= m.port < 65536:
+        raise bad("metrics", "port", f"must be 1 to 65535, or 0 for no separate port, not {m.port}")
+    if m.port and m.port == s.port and m.host == s.host:
+        raise bad("metrics", "port", "must differ from [server] port (or leave it 0 and set keys)")
+    if m.port and not m.host:
+        raise bad("metrics", "host", "must name the address to listen on, e.g. 127.0.0.1")
     if cfg.history.size < 0 or cfg.history.ttl <= 0:
         raise bad("history", "size/ttl", "size must not be negative and ttl must be positive")

@@ -36,6 +36,7 @@ from wsgate.broker import Broker
 from wsgate.config import Config
 from wsgate.events import Event
 from wsgate.index import SubscriptionIndex
+from wsgate.metrics import CLOSE_NO_CODE, GatewayMetrics
 from wsgate.plugins import Authenticator, Authorizer, Decision, Principal, Refused, Unavailable
 from wsgate.topics import Topic, TopicError, matches, parse_topic
 
@@ -85,7 +86,8 @@ class Connection:
     """One open WebSocket: who it is, what it holds, how to reach it."""
 
     __slots__ = ("id", "info", "transport", "subscriptions", "closed", "end_reason",
-                 "mark", "bad_times", "rate_tokens", "rate_at", "expiry", "ended")
+                 "mark", "bad_times", "rate_tokens", "rate_at", "expiry", "ended",
+                 "opened_at", "close_code")
 
     def __init__(self, info: ConnectionInfo, transport: Transport) -> None:
         self.id = info.connection_id
@@ -104,6 +106,9 @@ class Connection:
         self.expiry: asyncio.TimerHandle | None = None
         #: Set once the end rows of the connection are written.
         self.ended: asyncio.Future[None] | None = None
+        #: For the close log line: monotonic open time, and the close code once known.
+        self.opened_at = time.monotonic()
+        self.close_code: int | None = None
 
     @property
     def principal(self) -> Principal:
@@ -163,11 +168,12 @@ class Gateway:
     """Everything a node does, independent of the web framework.
 
     Built by ``wsgate.app.build_gateway``; call :meth:`start` before serving
-    and :meth:`shutdown` to drain.
+    and :meth:`shutdown` to drain. ``metrics`` (default: a fresh
+    :class:`~wsgate.metrics.GatewayMetrics`) is what ``/metrics`` serves.
     """
 
     def __init__(self, config: Config, authenticator: Authenticator, authorizer: Authorizer,
-                 audit: AuditSink, broker: Broker) -> None:
+                 audit: AuditSink, broker: Broker, metrics: GatewayMetrics | None = None) -> None:
         self.config = config
         self.authenticator = authenticator
         self.authorizer = authorizer
@@ -192,13 +198,15 @@ class Gateway:
         self.stats: dict[str, int] = {
             "events_received": 0, "messages_delivered": 0, "slow_consumer_closes": 0,
         }
+        self.metrics = metrics if metrics is not None else GatewayMetrics()
+        self.metrics.watch(self)
 
     # -- life cycle ---------------------------------------------------------
 
     async def start(self) -> None:
         """Open the audit store and the broker, then start periodic re-checks."""
         await self.audit.start()
-        await self.broker.start(self.deliver)
+        await self.broker.start(self._deliver_observed)
         if self.config.server.refresh_interval > 0:
             self._refresher = asyncio.create_task(self._refresh_loop())
 
@@ -217,6 +225,12 @@ class Gateway:
         await self.broker.close()
         await self.audit.close()
         await self.authenticator.close()
+
+    def _deliver_observed(self, events: Sequence[Event]) -> None:
+        # The broker's callback: delivery latency is observed once per event per
+        # node here, so deliver() itself stays free of metric calls.
+        self.deliver(events)
+        self.metrics.delivered(events)
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
@@ -285,6 +299,10 @@ class Gateway:
         self._per_ip[remote_addr] = self._per_ip.get(remote_addr, 0) + 1
         self._schedule_expiry(conn)
         transport.send_text(protocol.connected(conn.id, rfc3339(principal.expires_at)))
+        log.info("connection opened", extra={
+            "connection_id": conn.id, "subject": principal.subject, "kind": principal.kind,
+            "customer_id": principal.customer_id, "remote_addr": remote_addr,
+            "origin": origin})
         return conn
 
     def _schedule_expiry(self, conn: Connection) -> None:
@@ -391,6 +409,7 @@ class Gateway:
                 fresh.add(text)
                 accepted.append(topic)
                 records.append(self._record(conn, SUBSCRIBE, text, ACCEPTED))
+        started = time.perf_counter()
         try:
             await self.audit.write_subscribes(records)
         except AuditUnavailable:
@@ -399,6 +418,8 @@ class Gateway:
                             for t in accepted)
             accepted = []
             fresh.clear()
+        self.metrics.audit_write_seconds.observe(time.perf_counter() - started)
+        self.metrics.rejected(rejected)
         if conn.closed:
             # It went away while the rows were committed: end what it just gained.
             ends = [self._record(conn, UNSUBSCRIBE, t, ACCEPTED, conn.end_reason) for t in fresh]
@@ -550,6 +571,7 @@ class Gateway:
         if conn.closed:
             return
         conn.end_reason = errors.END_REASON_FOR_CLOSE.get(code, errors.END_DISCONNECT)
+        conn.close_code = code
         if code == errors.CLOSE_SLOW_CONSUMER:
             self.stats["slow_consumer_closes"] += 1
         try:
@@ -557,14 +579,26 @@ class Gateway:
         finally:
             self.disconnected(conn)
 
-    def disconnected(self, conn: Connection) -> None:
+    def disconnected(self, conn: Connection, code: int | None = None) -> None:
         """The connection is gone: drop its subscriptions and write their end rows.
 
-        Idempotent; the rows are written in the background and awaited at shutdown.
+        ``code`` is the close code the peer sent, if any (a server-side close
+        already recorded its own). Idempotent; the rows are written in the
+        background and awaited at shutdown.
         """
         if conn.closed:
             return
         conn.closed = True
+        if conn.close_code is None:
+            conn.close_code = code or CLOSE_NO_CODE
+        self.metrics.closed(conn.close_code)
+        log.info("connection closed", extra={
+            "connection_id": conn.id, "subject": conn.principal.subject,
+            "kind": conn.principal.kind, "customer_id": conn.principal.customer_id,
+            "remote_addr": conn.info.remote_addr, "origin": conn.info.origin,
+            "close_code": conn.close_code,
+            "duration_s": round(time.monotonic() - conn.opened_at, 3),
+            "subscriptions": len(conn.subscriptions)})
         if conn.expiry is not None:
             conn.expiry.cancel()
         self.connections.pop(conn.id, None)

@@ -2,6 +2,9 @@
 
 Secrets never reach a log line: the access log scrubs tokens from URLs, and
 no wsgate code logs credentials or keys.
+
+Fields passed with ``extra=`` (``connection_id``, ``status``...) become keys of
+the JSON object, or ``key=value`` pairs after the text message.
 """
 
 from __future__ import annotations
@@ -9,33 +12,64 @@ from __future__ import annotations
 import json
 import logging
 from datetime import UTC, datetime
+from typing import Any
 
 from wsgate.config import LoggingConfig
 
+#: Attributes every LogRecord has; anything else on a record came from ``extra=``.
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message", "asctime", "taskName"}
+
+
+def extra_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The fields a log call passed with ``extra=``, in the order given."""
+    return {k: v for k, v in vars(record).items() if k not in _STANDARD}
+
 
 class JSONFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message (and exception)."""
+    """One JSON object per line: time, level, logger, message, the extra fields
+    (and exception)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {
+        out: dict[str, Any] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(
                 timespec="milliseconds").replace("+00:00", "Z"),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
         }
+        for key, value in extra_fields(record).items():
+            out.setdefault(key, value)
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out)
+        return json.dumps(out, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """``time LEVEL logger: message key=value ...``; values with spaces are quoted."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
+        fields = extra_fields(record)
+        if not fields:
+            return line
+        return line + " " + " ".join(f"{k}={_text(v)}" for k, v in fields.items())
+
+
+def _text(value: Any) -> str:
+    text = "-" if value is None else str(value)
+    if not text or any(c in text for c in " \"=") or not text.isprintable():
+        return json.dumps(text)
+    return text
 
 
 def setup_logging(config: LoggingConfig) -> None:
+    """Send every log line to stderr in the configured format, at the configured level."""
     handler = logging.StreamHandler()
     if config.format == "json":
         handler.setFormatter(JSONFormatter())
     else:
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.level)

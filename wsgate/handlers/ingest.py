@@ -85,6 +85,8 @@ class IngestHandler(JSONHandler):
         self.size = 0
         self.key_id: str | None = None
         self.too_big = False
+        #: Events published by this request (0 for a failure or an idempotent retry).
+        self.accepted = 0
 
     def prepare(self) -> None:
         ctype = self.request.headers.get("Content-Type", "")
@@ -120,6 +122,14 @@ class IngestHandler(JSONHandler):
                 401, "unauthenticated",
                 "no credentials: send 'Authorization: Bearer <ingest key>' or an "
                 "X-Wsgate-Timestamp and X-Wsgate-Signature header"))
+
+    def on_finish(self) -> None:
+        self.gateway.metrics.ingested(self.get_status(), self.accepted,
+                                      self.request.request_time())
+
+    def log_fields(self) -> dict[str, Any]:
+        """Fields for this request's access log line (never the key itself)."""
+        return {"events_accepted": self.accepted, "key_id": self.key_id}
 
     def data_received(self, chunk: bytes) -> None:
         if self._finished or self.too_big:
@@ -203,6 +213,7 @@ class IngestHandler(JSONHandler):
         except BrokerUnavailable as exc:
             raise HTTPFailure(503, "broker_unavailable",
                               f"events cannot be published now ({exc}); retry") from None
+        self.accepted = len(events)
         answer = {"accepted": len(events), "event_ids": [e.event_id for e in events]}
         if scoped is not None:
             self.state.idempotent.put(scoped, answer)

@@ -111,7 +111,8 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
 
     def on_close(self) -> None:
         if self.conn is not None:
-            self.gateway.disconnected(self.conn)
+            # close_code: what the peer sent (None when it gave none).
+            self.gateway.disconnected(self.conn, self.close_code)
 
     # -- Transport ---------------------------------------------------------
 

@@ -1,0 +1,117 @@
+"""The audit review page (``/audit/``) and its CSV export (``/v1.0/audit/export.csv``).
+
+The page is static HTML, CSS and JavaScript from ``wsgate/static``: it holds
+no data and no secret. It asks the reviewer for a key of ``[audit]
+api_keys``, keeps it in the tab's sessionStorage, and calls the JSON API of
+:mod:`wsgate.handlers.audit_api` (rows, verify) and the export below with
+``Authorization: Bearer``; the key never appears in a URL.
+
+``GET /v1.0/audit/export.csv`` takes the same filters as ``GET /v1.0/audit``
+and answers every matching row, oldest first, as CSV with the SPEC §7 columns
+(the format of ``wsgate audit query --format csv``). Rows are read page by
+page, so memory stays flat however long the export.
+
+With no ``[audit] api_keys`` none of this is served (404), like the API.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import tornado.web
+from sqlalchemy.exc import SQLAlchemyError
+
+from wsgate.audit.query import MAX_PAGE, AuditFilter, AuditReader, FilterError, write_rows
+from wsgate.errors import HTTPFailure
+from wsgate.handlers.audit_api import _FILTERS, Route, _AuditHandler
+
+log = logging.getLogger("wsgate.audit.review")
+
+STATIC_DIR = str(Path(__file__).resolve().parent.parent / "static")
+
+#: The page runs only its own script and talks only to this origin; nothing may frame it.
+_PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+        "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+class ReviewPageHandler(tornado.web.StaticFileHandler):
+    """Serves the review page's files with headers that keep it self-contained."""
+
+    def set_extra_headers(self, path: str) -> None:
+        for name, value in _PAGE_HEADERS.items():
+            self.set_header(name, value)
+
+
+class AuditExportHandler(_AuditHandler):
+    """``GET /v1.0/audit/export.csv``: every row matching the filters, as CSV."""
+
+    async def get(self) -> None:
+        if not self._authorized():
+            return
+        assert self.reader is not None
+        try:
+            args: dict[str, Any] = {name: self.get_query_argument(name, None) or None
+                                    for name in _FILTERS}
+            flt = AuditFilter.parse(**args)
+            # The first page is read before any byte is sent, so a store that is
+            # down still gets a proper 503 instead of an empty file.
+            page = await self.reader.apage(flt, None, MAX_PAGE)
+        except FilterError as exc:
+            self.fail(HTTPFailure(400, "bad_request", str(exc)))
+            return
+        except SQLAlchemyError as exc:
+            self._store_failed(exc)
+            return
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        self.set_header("Content-Type", "text/csv; charset=utf-8")
+        self.set_header("Content-Disposition",
+                        f'attachment; filename="wsgate-audit-{stamp}.csv"')
+        self.set_header("Cache-Control", "no-store")
+        first = True
+        while True:
+            out = io.StringIO()
+            write_rows(page["rows"], "csv", out)
+            text = out.getvalue()
+            if not first:
+                # write_rows starts every call with the header line: keep only the first.
+                text = text.split("\n", 1)[1]
+            first = False
+            self.write(text)
+            await self.flush()
+            if page["next_cursor"] is None:
+                break
+            try:
+                page = await self.reader.apage(flt, page["next_cursor"], MAX_PAGE)
+            except SQLAlchemyError:
+                # Too late for an error status: end the chunked body abruptly so the
+                # download fails visibly instead of looking complete.
+                log.exception("audit export interrupted")
+                if self.request.connection is not None:
+                    self.request.connection.close()  # type: ignore[attr-defined]
+                return
+        self.finish()
+
+
+def review_routes(reader: AuditReader | None, api_keys: Sequence[str]) -> list[Route]:
+    """The review page and export URL specs; none when no audit key is configured."""
+    if not api_keys:
+        return []
+    init = {"reader": reader, "api_keys": tuple(api_keys)}
+    return [
+        (r"/audit", tornado.web.RedirectHandler, {"url": "/audit/"}),
+        (r"/audit/(.*)", ReviewPageHandler,
+         {"path": STATIC_DIR, "default_filename": "review.html"}),
+        (r"/v1\.0/audit/export\.csv", AuditExportHandler, init),
+    ]

@@ -1,0 +1,182 @@
+"""Prometheus metrics of one gateway, served by ``GET /metrics``.
+
+Each :class:`GatewayMetrics` owns its own ``CollectorRegistry`` (never the
+process-global one), so several gateways in one process, as in the tests,
+keep separate numbers.
+
+Two kinds of numbers:
+
+- Events the gateway reports as they happen (rejected subscribes, disconnects,
+  audit write, ingest and delivery latency) are ordinary counters and
+  histograms, updated by calls from the gateway and the handlers.
+- State the gateway already holds (open connections, subscriptions, the
+  ``Gateway.stats`` counters, audit and broker health, history size) is read
+  at scrape time by :class:`GatewayCollector`, so the hot delivery path pays
+  nothing for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+
+if TYPE_CHECKING:
+    from wsgate.events import Event
+    from wsgate.gateway import Gateway
+
+log = logging.getLogger("wsgate.metrics")
+
+#: Latency buckets in seconds: sub-millisecond local work up to multi-second stalls.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                   1.0, 2.5, 5.0, 10.0)
+#: Close code recorded when a peer went away without sending one (RFC 6455 1006).
+CLOSE_NO_CODE = 1006
+
+
+class GatewayMetrics:
+    """The instruments of one gateway and the registry that serves them.
+
+    Made by :class:`wsgate.gateway.Gateway` (one per gateway); the gateway calls
+    :meth:`watch` on itself so the scrape-time numbers are read from it.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.subscribe_rejected = Counter(
+            "wsgate_subscribe_rejected", "Subscribe topics refused, by reject code.",
+            ["code"], registry=r)
+        self.disconnects = Counter(
+            "wsgate_disconnects", "Closed WebSocket connections, by close code "
+            "(1006: the peer went away without a close code).", ["code"], registry=r)
+        self.audit_write_seconds = Histogram(
+            "wsgate_audit_write_seconds", "Time a subscribe waited for its audit rows "
+            "to be committed (or refused).", buckets=LATENCY_BUCKETS, registry=r)
+        self.ingest_seconds = Histogram(
+            "wsgate_ingest_seconds", "Time to answer POST /v1.0/events, any status.",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.ingest_requests = Counter(
+            "wsgate_ingest_requests", "POST /v1.0/events answers, by HTTP status.",
+            ["status"], registry=r)
+        self.ingest_events = Counter(
+            "wsgate_ingest_events_accepted", "Events accepted by POST /v1.0/events.",
+            registry=r)
+        self.delivery_seconds = Histogram(
+            "wsgate_delivery_seconds", "From an event's published_at to when this node "
+            "had written it to its matching connections; one observation per event "
+            "per node (published_at has millisecond resolution).",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self._parsed_at = ("", 0.0)
+
+    def watch(self, gateway: Gateway) -> None:
+        """Serve gateway's state (connections, stats, health) at scrape time."""
+        self.registry.register(GatewayCollector(gateway))
+
+    # -- calls from the gateway and the handlers --------------------------------
+
+    def rejected(self, rejections: Iterable[Mapping[str, str]]) -> None:
+        """Count the rejected topics of one subscribe reply (``protocol.rejection`` dicts)."""
+        for rejection in rejections:
+            self.subscribe_rejected.labels(rejection["code"]).inc()
+
+    def closed(self, code: int) -> None:
+        """Count one closed connection under its close code."""
+        self.disconnects.labels(str(code)).inc()
+
+    def ingested(self, status: int, accepted: int, seconds: float) -> None:
+        """Record one answered ingest request."""
+        self.ingest_seconds.observe(seconds)
+        self.ingest_requests.labels(str(status)).inc()
+        if accepted:
+            self.ingest_events.inc(accepted)
+
+    def delivered(self, events: Sequence[Event], now: float | None = None) -> None:
+        """Observe the end-to-end latency of events this node has just delivered.
+
+        Events of one ingest request share one ``published_at``, so its text is
+        parsed once per batch, not once per event.
+        """
+        if now is None:
+            now = time.time()
+        text, stamp = self._parsed_at
+        observe = self.delivery_seconds.observe
+        for event in events:
+            if event.published_at != text:
+                text = event.published_at
+                try:
+                    stamp = datetime.fromisoformat(text).timestamp()
+                except ValueError:
+                    continue
+            # Clocks of different nodes may disagree by a little: never negative.
+            observe(max(0.0, now - stamp))
+        self._parsed_at = (text, stamp)
+
+    # -- serving ----------------------------------------------------------------
+
+    def render(self, accept: str | None) -> tuple[bytes, str]:
+        """The exposition for an ``Accept`` header: (body, content type)."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
+
+
+class GatewayCollector:
+    """Reads a gateway's state when Prometheus scrapes (a custom collector).
+
+    Each number is read on its own: a failing source (a broker that cannot
+    answer) leaves only its own metric out of the scrape.
+    """
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def describe(self) -> Iterable[Metric]:
+        # Naming no metrics up front keeps registration from calling collect()
+        # before the gateway is fully built.
+        return ()
+
+    def collect(self) -> Iterator[Metric]:
+        gw = self.gateway
+        yield _gauge("wsgate_connections", "Open WebSocket connections.",
+                     lambda: len(gw.connections))
+        yield _gauge("wsgate_subscriptions", "Subscriptions held by open connections.",
+                     lambda: len(gw.index))
+        for key, name, doc in (
+                ("events_received", "wsgate_events_received",
+                 "Events this node received from the broker for delivery."),
+                ("messages_delivered", "wsgate_messages_delivered",
+                 "Event frames written to connections."),
+                ("slow_consumer_closes", "wsgate_slow_consumer_closes",
+                 "Connections closed with 4008 because their unsent output passed the limit."),
+        ):
+            counter = CounterMetricFamily(name, doc)
+            counter.add_metric([], gw.stats.get(key, 0))
+            yield counter
+        yield _gauge("wsgate_audit_up", "1 when the last audit write reached the store.",
+                     lambda: int(bool(gw.audit.healthy())))
+        depth = getattr(gw.audit, "queue_depth", None)
+        if callable(depth):
+            yield _gauge("wsgate_audit_queue_rows",
+                         "Audit rows waiting for the writer (group commit queue).", depth)
+        yield _gauge("wsgate_broker_up", "1 when the broker can publish and receive.",
+                     lambda: int(bool(gw.broker.healthy())))
+        yield _gauge("wsgate_history_events", "Events held in resume history on this node.",
+                     gw.broker.history_size)
+        yield _gauge("wsgate_draining", "1 while the node is shutting down.",
+                     lambda: int(gw.draining))
+
+
+def _gauge(name: str, doc: str, read: Callable[[], float]) -> Metric:
+    family = GaugeMetricFamily(name, doc)
+    try:
+        family.add_metric([], float(read()))
+    except Exception:
+        # An empty family is still a valid exposition; the scrape goes on.
+        log.exception("metric %s could not be read", name)
+    return family
