@@ -13,6 +13,7 @@ import inspect
 import json
 import logging
 import time
+import traceback
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Sequence
@@ -254,8 +255,10 @@ class Gateway:
             raise
         except TimeoutError:
             raise Unavailable("the authenticator did not answer in time") from None
-        except Exception:
-            log.exception("authenticator %s failed", self.authenticator.name)
+        except Exception as exc:
+            # A plugin's message may quote the credential: log the traceback without it.
+            detail = "".join(traceback.format_exception(exc)).replace(credential, "***")
+            log.error("authenticator %s failed: %s", self.authenticator.name, detail)
             raise Unavailable("the authenticator failed; try again later") from None
         if not isinstance(principal, Principal):
             log.error("authenticator %s returned %s, not a Principal",

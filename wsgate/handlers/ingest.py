@@ -29,6 +29,8 @@ from wsgate.gateway import Gateway
 from wsgate.handlers.base import JSONHandler
 
 MAX_IDEMPOTENCY_KEY = 200
+#: Tornado's body limit for a chunked request, which data_received enforces itself.
+_UNLIMITED = 1 << 62
 
 
 def key_id(secret: str, kind: str) -> str:
@@ -101,8 +103,11 @@ class IngestHandler(JSONHandler):
             return
         connection: Any = self.request.connection
         if connection is not None:
-            # Leave room so our own 413 answers, not Tornado's generic 400.
-            connection.set_max_body_size(self.limit + 1)
+            # Leave room so our own 413 answers, not Tornado's generic 400. A chunked
+            # body announces no length: Tornado would cut it with a bare 400 at the
+            # first chunk header past its limit, so data_received counts it instead.
+            chunked = "Content-Length" not in self.request.headers
+            connection.set_max_body_size(_UNLIMITED if chunked else self.limit + 1)
         auth = self.request.headers.get("Authorization")
         if auth is not None:
             scheme, _, value = auth.partition(" ")
@@ -138,6 +143,10 @@ class IngestHandler(JSONHandler):
         if self.size > self.limit:
             self.too_big = True
             self.chunks.clear()
+            # Answering now makes Tornado stop reading the body and close the
+            # connection once the answer is sent.
+            self.fail(HTTPFailure(413, "payload_too_large",
+                                  f"the body is over {self.limit} bytes"))
             return
         self.chunks.append(chunk)
 

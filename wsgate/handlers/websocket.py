@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import tornado.iostream
+import tornado.web
 import tornado.websocket
 
 from wsgate.errors import HTTPFailure
@@ -63,7 +64,14 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
             self._refuse(HTTPFailure(403, "origin_not_allowed",
                                      f"origin {shown!r} is not in [server] allowed_origins"))
             return
-        credential = credential_from(self)
+        try:
+            credential = credential_from(self)
+        except tornado.web.HTTPError:
+            # A token that is not UTF-8 once unescaped: Tornado's own 400 would
+            # log the raw URI, token included, and answer in HTML.
+            self._refuse(HTTPFailure(400, "bad_request",
+                                     "the token query parameter is not valid UTF-8"))
+            return
         if credential is None:
             self._refuse(HTTPFailure(
                 401, "unauthenticated",

@@ -1,0 +1,690 @@
+"""Hardening: hostile origins, tokens in logs, hostile topics and messages, limits.
+
+Each test tries the attack against a real server (or, for the property tests,
+a real gateway) and asserts what the attacker and the operator see: status
+codes, close codes, reply frames, audit rows and log lines. Slow consumers,
+dead peers and ingest signatures are in test_hardening_flow.py; audit faults
+and crashes in test_crash.py; SIGTERM in test_shutdown.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import socket
+import struct
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+import tornado.httpclient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import AGENT, CUSTOMER, INGEST_KEY, base_config, event, wait_for
+from wsgate.app import build_gateway
+from wsgate.plugins import Authenticator, Principal, Refused
+
+C = CUSTOMER
+X = "0c4b4cf2-da9b-11ee-b3a6-5f2b4c1d2e3f"
+CALL = f"customer_id:{C}:call:{X}"
+ALICE = Principal(kind="agent", subject="alice", customer_id=C, agent_id=AGENT,
+                  permissions=frozenset({"customer_admin"}))
+SECRET_TOKEN = "s3cr3t-T0KEN-d0-not-log"
+
+
+class CountingAuthenticator(Authenticator):
+    """A real authenticator plugin (loaded by ``module:Class``) that counts its calls.
+
+    ``SECRET_TOKEN`` is alice; ``explode-<anything>`` raises an exception whose
+    message carries the credential (a careless plugin); anything else is refused
+    with a message that repeats it.
+    """
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        super().__init__(options)
+        self.calls = 0
+
+    async def authenticate(self, credential: str) -> Principal:
+        self.calls += 1
+        if credential == SECRET_TOKEN:
+            return ALICE
+        if credential.startswith("explode-"):
+            raise RuntimeError(f"backend rejected request for credential {credential}")
+        raise Refused(f"unknown credential {credential}")
+
+
+COUNTING = {"auth": {"plugin": "tests.test_hardening:CountingAuthenticator", "options": {}}}
+
+
+def db_rows(url: str, table: str = "audit_rows") -> list[dict[str, Any]]:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as db:
+            return [dict(r) for r in db.execute(
+                sa.text(f"SELECT * FROM {table} ORDER BY id")).mappings()]
+    finally:
+        engine.dispose()
+
+
+def dump_database(url: str) -> str:
+    """Every column of every row of every table, as text (what a reviewer could read)."""
+    engine = sa.create_engine(url)
+    try:
+        out = []
+        with engine.connect() as db:
+            for table in sa.inspect(engine).get_table_names():
+                for row in db.execute(sa.text(f'SELECT * FROM "{table}"')):
+                    out.append(" ".join(str(v) for v in row))
+        return "\n".join(out)
+    finally:
+        engine.dispose()
+
+
+class RawWebSocket:
+    """A WebSocket client on a bare non-blocking socket.
+
+    It reads only when a test asks it to (so it can play a slow or dead
+    peer), never answers pings by itself, and masks what it sends.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    @classmethod
+    async def connect(cls, port: int, token: str = "admin-token",
+                      rcvbuf: int | None = None) -> RawWebSocket:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        if rcvbuf is not None:
+            # Before connect, so the advertised window stays small.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self = cls(sock)
+        try:
+            await loop.sock_connect(sock, ("127.0.0.1", port))
+            key = base64.b64encode(os.urandom(16)).decode()
+            await loop.sock_sendall(sock, (
+                f"GET /v1.0/ws?token={token} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+            while b"\r\n\r\n" not in self.buf:
+                await self._fill(5.0)
+        except BaseException:
+            sock.close()
+            raise
+        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        return self
+
+    async def _fill(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        data = await asyncio.wait_for(loop.sock_recv(self.sock, 65536), timeout)
+        if not data:
+            raise EOFError("the server closed the connection")
+        self.buf += data
+
+    async def send_text(self, text: str) -> None:
+        payload = text.encode()
+        mask = os.urandom(4)
+        n = len(payload)
+        if n < 126:
+            header = bytes((0x81, 0x80 | n))
+        elif n < 65536:
+            header = bytes((0x81, 0x80 | 126)) + struct.pack(">H", n)
+        else:
+            header = bytes((0x81, 0x80 | 127)) + struct.pack(">Q", n)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        await asyncio.get_running_loop().sock_sendall(self.sock, header + mask + masked)
+
+    async def recv_frame(self, timeout: float = 5.0) -> tuple[int, bytes]:
+        """The next frame as (opcode, payload)."""
+        while True:
+            if len(self.buf) >= 2:
+                n = self.buf[1] & 0x7F
+                start = 2 if n < 126 else 4 if n == 126 else 10
+                if len(self.buf) >= start:
+                    if n == 126:
+                        n = struct.unpack(">H", self.buf[2:4])[0]
+                    elif n == 127:
+                        n = struct.unpack(">Q", self.buf[2:10])[0]
+                    if len(self.buf) >= start + n:
+                        opcode = self.buf[0] & 0x0F
+                        payload = self.buf[start:start + n]
+                        self.buf = self.buf[start + n:]
+                        return opcode, payload
+            await self._fill(timeout)
+
+    async def recv_json(self, timeout: float = 5.0) -> Any:
+        """The next text frame as JSON (pings are skipped, and not answered)."""
+        while True:
+            opcode, payload = await self.recv_frame(timeout)
+            if opcode == 0x1:
+                return json.loads(payload)
+            assert opcode in (0x9, 0xA), (opcode, payload)
+
+    async def eof(self, timeout: float) -> None:
+        """Read and drop everything until the server closes the TCP connection."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            self.buf = b""
+            try:
+                await self._fill(max(0.01, deadline - loop.time()))
+            except (EOFError, ConnectionError):
+                return
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def raw_http(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port)
+
+
+async def read_until_closed(reader: asyncio.StreamReader, timeout: float) -> bytes:
+    """Everything the server sends until it closes the connection (fails after timeout)."""
+    return await asyncio.wait_for(reader.read(), timeout)
+
+
+# -- 1. origin ----------------------------------------------------------------------
+
+HOSTILE_ORIGINS = [
+    "https://app.example.com.evil.net",   # look-alike: allowed host as a prefix
+    "https://evil-app.example.com",
+    "https://appexample.com",
+    "https://app.example.co",
+    "https://xapp.example.com",
+    "null",                               # sandboxed iframes, file:// pages
+    "http://app.example.com",             # other scheme
+    "wss://app.example.com",
+    "https://app.example.com:443",        # explicit default port: not the same string
+    "https://app.example.com:8443",       # other port
+    "HTTPS://APP.EXAMPLE.COM",            # upper-case variants
+    "https://App.Example.Com",
+    "https://app.example.com/",           # trailing slash
+    "https://app.example.com.",           # trailing dot
+    "https://app.example.com, https://evil.net",
+    "https://user@app.example.com",
+    "https://app.example.com%2eevil.net",
+    "https://аpp.example.com".encode().decode("latin-1"),  # Cyrillic a, as raw UTF-8
+    "",
+]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_hostile_origins_get_403_before_the_authenticator_and_the_audit_log(make_server):
+    server = await make_server(**COUNTING)
+    auth = server.gateway.authenticator
+    assert isinstance(auth, CountingAuthenticator)
+    for origin in HOSTILE_ORIGINS:
+        status, body = await server.refused(token=SECRET_TOKEN, headers={"Origin": origin})
+        assert status == 403, origin
+        assert body["error"]["code"] == "origin_not_allowed", origin
+        assert "allowed_origins" in body["error"]["message"]
+    assert auth.calls == 0, "the authenticator was asked about a request from a hostile origin"
+    assert server.gateway.connections == {}
+    assert db_rows(server.config.audit.url) == []
+    # The exact configured origin, and no Origin at all (not a browser), get through.
+    allowed = await server.connect(SECRET_TOKEN, headers={"Origin": "https://app.example.com"})
+    await server.connect(SECRET_TOKEN)
+    assert auth.calls == 2
+    assert (await allowed.subscribe(CALL))["topics"] == [CALL]
+
+
+# -- 2. tokens never logged -----------------------------------------------------------
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_tokens_appear_in_no_log_line_and_no_audit_column(make_server, caplog):
+    caplog.set_level(logging.DEBUG)
+    for name in ("tornado", "tornado.access", "tornado.application", "tornado.general",
+                 "tornado.websocket", "wsgate", "asyncio"):
+        caplog.set_level(logging.DEBUG, logger=name)
+    server = await make_server(**COUNTING)
+    secrets = [SECRET_TOKEN, "explode-Zq9Wv2", "refused-Kp7Yx4", "renew-Ee5Rt1",
+               "cookie-Uu3Ii8", "bad-utf8-Hh6Jj0", INGEST_KEY]
+    # A session: connect by query, header and cookie; subscribe, errors, renew, close.
+    client = await server.connect(SECRET_TOKEN, headers={"User-Agent": "pytest"})
+    await client.subscribe(CALL, "customer_id:not-a-uuid", f"agent_id:{X}")
+    await client.send("not json")
+    assert (await client.recv())["code"] == "bad_request"
+    renew = await client.request({"type": "authenticate", "token": "renew-Ee5Rt1", "id": 1})
+    assert renew["type"] == "error" and renew["code"] == "unauthenticated"
+    boom = await client.request({"type": "authenticate", "token": "explode-Zq9Wv2"})
+    assert boom["type"] == "error" and boom["code"] == "unauthenticated"
+    await server.connect(None, headers={"Authorization": f"Bearer {SECRET_TOKEN}"})
+    await server.connect(None, headers={"Cookie": f"token={SECRET_TOKEN}"})
+    assert (await server.refused("refused-Kp7Yx4"))[0] == 401
+    assert (await server.refused(None, headers={"Cookie": "token=cookie-Uu3Ii8"}))[0] == 401
+    # The exception path: the plugin raises with the credential in its message.
+    status, body = await server.refused("explode-Zq9Wv2")
+    assert status == 503
+    # A token that is not valid UTF-8 once unescaped.
+    http = tornado.httpclient.AsyncHTTPClient()
+    response = await http.fetch(server.base + "/v1.0/ws?token=%ffbad-utf8-Hh6Jj0",
+                                raise_error=False)
+    assert response.code in (400, 401)
+    assert json.loads(response.body)["error"]["code"]
+    assert (await server.post(event()))[0] == 202
+    assert (await server.post(event(), key="wrong-" + INGEST_KEY))[0] == 401
+    await client.unsubscribe(CALL)
+    client.close()
+    await wait_for(lambda: not server.gateway.connections or
+                   len(server.gateway.connections) == 2)
+    await server.stop()  # flush the audit log; the fixture's second stop is harmless
+    logged = caplog.text + "\n".join(
+        f"{r.getMessage()} {r.args!r} {r.exc_text or ''}" for r in caplog.records)
+    stored = dump_database(server.config.audit.url)
+    assert "subscribe" in stored and "alice" in stored  # the dump is not empty
+    assert "token=***" in logged
+    for secret in secrets:
+        assert secret not in logged, f"{secret} leaked into the logs"
+        assert secret not in stored, f"{secret} leaked into the audit store"
+    # The 503 still tells the client what happened, and the operator can see why.
+    assert "RuntimeError" in logged
+    assert "retry" in body["error"]["message"]
+
+
+# -- 3. topics over the wire ----------------------------------------------------------
+
+HOSTILE_TOPICS = [
+    f"customer_id:{C.replace('5', '٥')}",              # Arabic-Indic digit five
+    f"customer_id:{C.replace('5', '５')}",              # full-width digit
+    f"customer_id:{C.replace('b', 'ｂ')}",              # full-width letter
+    f"customer_id:{C}:ｃａｌｌ",
+    f"customer_id:{C}:caﬀ",                             # ligature (NFKC would make it "caff")
+    f"customer_id:{C}:call:%2A",
+    f"customer_id%3A{C}",
+    f"customer_id:{C}%3Acall",
+    f"customer_id:{C}:call%00",
+    f"customer_id:{C}:call:{X} ",
+    f" customer_id:{C}",
+    f"customer_id: {C}",
+    f"customer_id:{C}:ca ll",
+    f"customer_id:{C}::call",
+    f"customer_id:{C}:",
+    f"customer_id:{C}:call:",
+    f":customer_id:{C}",
+    f"customer_id:{C}:call\x00",
+    f"customer_id:{C}\x00:call",
+    f"customer_id:{C}:{'a' * 129}",
+    f"customer_id:{C}:" + ":".join(["a"] * 7),          # 9 segments
+    f"customer_id:{C}:" + ":".join(["b" * 120] * 4),    # 4 legal segments, over 512 bytes
+    f"customer_id:{C.upper()}",
+    f"customer_id:{{{C}}}",
+    f"customer_id:{C.replace('-', '')}",
+    "customer_id:00000000-0000-0000-0000-000000000000",
+    "customer_id:*",
+    f"Customer_ID:{C}",
+    f"customer_id:{C}:call:x*",
+    f"customer_id:{C}:call:**",
+    f"customer_id:{C}:\u200bcall",                       # zero-width space
+    f"customer_id:{C}:call\u0301",                       # combining accent
+    f"customer_id:{C}:call:\ud800",                      # lone surrogate
+    "",
+    ":",
+    "customer_id",
+]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_hostile_topics_are_invalid_topic_never_normalised(make_server):
+    server = await make_server()
+    client = await server.connect("super-token")
+    for start in range(0, len(HOSTILE_TOPICS), 10):
+        topics = HOSTILE_TOPICS[start:start + 10]
+        reply = await client.subscribe(*topics, id=start)
+        assert reply["type"] == "subscribed" and reply["id"] == start
+        assert reply["topics"] == []
+        assert [r["topic"] for r in reply["rejected"]] == topics  # exactly as sent
+        for rejection in reply["rejected"]:
+            assert rejection["code"] == "invalid_topic", rejection
+            assert rejection["message"]
+        reply = await client.unsubscribe(*topics)
+        assert reply["topics"] == []
+        assert {r["code"] for r in reply["rejected"]} == {"invalid_topic"}
+    assert len(server.gateway.index) == 0
+    # Nothing was normalised into a subscription: an event for the real topic reaches no one.
+    assert (await server.post(event()))[0] == 202
+    await client.no_frame()
+    # The connection survived all of it, and each topic has its rejected row.
+    assert (await client.subscribe(CALL))["topics"] == [CALL]
+    rows = db_rows(server.config.audit.url)
+    rejected = [r for r in rows if r["outcome"] == "rejected"]
+    assert len(rejected) == 2 * len(HOSTILE_TOPICS)
+    assert {r["code"] for r in rejected} == {"invalid_topic"}
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_hostile_event_topics_and_ids_are_refused_by_ingest(make_server):
+    server = await make_server()
+    client = await server.connect()
+    await client.subscribe(f"customer_id:{C}")
+    concrete = [t for t in HOSTILE_TOPICS if "\ud800" not in t]
+    for topic in concrete:
+        status, body = await server.post(event(topics=[topic]))
+        assert status == 422, topic
+        assert body["error"]["details"][0]["field"].startswith("topics"), body
+    for bad_id in (C.upper(), C.replace("5", "٥"), C.replace("5", "５"), f" {C}", f"{C}\x00",
+                   "%35" + C[1:], "00000000-0000-0000-0000-000000000000"):
+        status, body = await server.post(event(customer_id=bad_id))
+        assert status == 422 and body["error"]["details"][0]["field"] == "customer_id", bad_id
+    await client.no_frame()
+
+
+# -- 4. any client message, end to end -------------------------------------------------
+
+
+class CollectingTransport:
+    """A Transport that keeps what the gateway sends (a real one, not a mock)."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self.wires: list[bytes] = []
+        self.closes: list[tuple[int, str]] = []
+
+    def send_text(self, text: str) -> None:
+        self.texts.append(text)
+
+    def send_wire(self, frame: bytes) -> None:
+        self.wires.append(frame)
+
+    def pending_bytes(self) -> int:
+        return 0
+
+    def close(self, code: int, reason: str) -> None:
+        self.closes.append((code, reason))
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**80), max_value=2**80)
+    | st.floats() | st.text(st.characters(codec=None, exclude_categories=())),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12)
+# Lone surrogates, NUL, RTL marks: what a hostile client can put inside JSON strings.
+nasty_text = st.text(st.one_of(
+    st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF),
+    st.sampled_from(["\x00", "\u202e", "\ufeff", ":", "*", "%", "５", "٥", "é"]),
+    st.characters(codec="ascii")), max_size=40)
+topic_like = st.one_of(
+    nasty_text,
+    st.builds(lambda scope, rest: f"{scope}:{C}{rest}",
+              st.sampled_from(["customer_id", "agent_id", "Customer_id"]), nasty_text),
+    st.sampled_from([CALL, f"customer_id:{C}", f"agent_id:{AGENT}", f"customer_id:{C}:*:{X}"]))
+message_dicts = st.fixed_dictionaries(
+    {"type": st.sampled_from(["subscribe", "unsubscribe", "ping", "authenticate", "Subscribe",
+                              "subscribed", "error", ""])},
+    optional={"topics": st.one_of(st.lists(topic_like, max_size=6), json_values),
+              "id": st.one_of(st.integers(min_value=-(2**70), max_value=2**70), nasty_text,
+                              json_values),
+              "token": st.one_of(nasty_text, json_values),
+              "since": st.one_of(nasty_text, json_values),
+              "extra": json_values})
+
+
+def _raw_messages() -> st.SearchStrategy[str | bytes]:
+    def dumps(value: Any) -> str:
+        return json.dumps(value, ensure_ascii=False)
+
+    return st.one_of(
+        message_dicts.map(dumps),
+        message_dicts.map(json.dumps),                      # surrogates as \ud800 escapes
+        json_values.map(json.dumps),
+        st.text(),
+        st.binary(max_size=64),
+        # Duplicate keys: the last one wins in Python's json, whatever the order.
+        st.builds(lambda a, b: f'{{"type":"{a}","topics":["{CALL}"],"type":"{b}"}}',
+                  st.sampled_from(["ping", "subscribe"]), st.sampled_from(["ping", "unsubscribe"])),
+        # Huge numbers and non-finite literals.
+        st.sampled_from(['{"type":"ping","id":1e400}', '{"type":"ping","id":-1e400}',
+                         '{"type":"ping","id":' + "9" * 5000 + "}",
+                         '{"type":"ping","id":NaN}', '{"type":"ping","id":Infinity}',
+                         '{"type":"ping","id":9223372036854775808}',
+                         '{"type":"ping","id":-9223372036854775808}',
+                         '{"type":"subscribe","topics":["' + CALL + '"],"id":1.5}']),
+        # Deep nesting that would raise RecursionError in a recursive parser or printer.
+        st.integers(min_value=1, max_value=200_000).map(
+            lambda n: '{"type":"ping","id":' + "[" * n + "]" * n + "}"),
+        st.integers(min_value=1, max_value=200_000).map(lambda n: "[" * n),
+        st.integers(min_value=1, max_value=100_000).map(
+            lambda n: '{"type":"subscribe","topics":["x"],"extra":' + '{"a":' * n + "1"
+            + "}" * n + "}"),
+    )
+
+
+def test_any_client_message_gets_one_reply_through_a_real_gateway(tmp_path):
+    """Every frame, however hostile, gets exactly one reply or error frame from a real
+    gateway (real authorizer, real audit writer): never an exception, never a close."""
+    config = base_config(tmp_path, server={"max_messages_per_second": 0,
+                                           "max_bad_messages_per_minute": 10**9})
+    loop = asyncio.new_event_loop()
+    gateway = build_gateway(config)
+    try:
+        loop.run_until_complete(gateway.start())
+        transport = CollectingTransport()
+        principal = loop.run_until_complete(gateway.authenticate("admin-token"))
+        conn = gateway.open(transport, principal, "127.0.0.1", None, "hypothesis")
+        assert json.loads(transport.texts.pop())["type"] == "connected"
+
+        @settings(max_examples=200, deadline=None,
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+        @given(_raw_messages())
+        def one_message(raw: str | bytes) -> None:
+            loop.run_until_complete(gateway.handle_message(conn, raw))
+            assert transport.closes == [] and not conn.closed
+            assert len(transport.texts) == 1, transport.texts
+            text = transport.texts.pop()
+            assert text.isascii()  # valid UTF-8 on the wire whatever came in
+            frame = json.loads(text)
+            assert frame["type"] in ("subscribed", "unsubscribed", "pong", "authenticated",
+                                     "error"), frame
+            if frame["type"] == "error":
+                assert frame["code"] in ("bad_request", "unauthenticated") and frame["message"]
+            if frame["type"] in ("subscribed", "unsubscribed"):
+                for rejection in frame["rejected"]:
+                    assert rejection["code"] in ("invalid_topic", "forbidden", "limit_exceeded",
+                                                 "not_subscribed"), rejection
+
+        one_message()
+    finally:
+        loop.run_until_complete(gateway.shutdown())
+        loop.close()
+
+
+WIRE_HOSTILE = [
+    "[" * 100_000,
+    '{"type":"ping","id":' + "[" * 50_000 + "]" * 50_000 + "}",
+    '{"type":"ping","id":' + "9" * 5000 + "}",
+    '{"type":"ping","id":1e400}',
+    '{"type":"ping","id":NaN}',
+    '{"type":"subscribe","topics":["\\ud800"],"id":"\\udfff"}',
+    '{"type":"ping","type":"subscribe","topics":["' + CALL + '"]}',
+    '{"type":"subscribe","topics":[' + ",".join(['"' + CALL + '"'] * 100) + "]}",
+    '{"type":"authenticate","token":"\\ud800"}',
+    '{"type":"subscribe","topics":["' + CALL + '"],"since":"\\u0000"}',
+    '{"type":"\\u0000"}',
+    "\ufeff{}",
+    "",
+    " ",
+    "null",
+    '"\\ud800"',
+]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_hostile_frames_over_a_live_websocket_never_close_it(make_server):
+    server = await make_server(server={"max_message_size": 256 * 1024,
+                                       "max_bad_messages_per_minute": 1000})
+    client = await server.connect()
+    for raw in WIRE_HOSTILE:
+        frame = await client.request(raw)  # type: ignore[arg-type]
+        assert frame is not None, f"closed by {raw[:40]!r}"
+        assert frame["type"] in ("error", "subscribed", "pong"), (raw[:40], frame)
+    assert (await client.request({"type": "ping", "id": "end"})) == {"type": "pong", "id": "end"}
+
+
+# -- 5. limits ------------------------------------------------------------------------
+
+
+def padded_ping(size: int) -> str:
+    """A valid ping message of exactly size bytes (JSON allows the padding)."""
+    core = '{"type":"ping","id":"edge"'
+    return core + " " * (size - len(core) - 1) + "}"
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_frame_size_boundary(make_server):
+    server = await make_server(server={"max_message_size": 4096})
+    client = await server.connect()
+    exact = padded_ping(4096)
+    assert len(exact.encode()) == 4096
+    assert (await client.request(exact)) == {"type": "pong", "id": "edge"}
+    other = await server.connect()
+    await other.subscribe(CALL)
+    await client.send(padded_ping(4097))
+    assert await client.closed() == 1009
+    # Only that connection: the others go on.
+    assert (await other.request({"type": "ping"})) == {"type": "pong"}
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_topics_per_message_and_subscriptions_per_connection(make_server):
+    server = await make_server(server={"max_subscriptions": 149})
+    client = await server.connect()
+    topics = [f"customer_id:{C}:t{i}" for i in range(101)]
+    reply = await client.subscribe(*topics)
+    assert reply["type"] == "error" and reply["code"] == "bad_request"
+    assert "1 to 100" in reply["message"]
+    assert db_rows(server.config.audit.url) == []  # a refused message subscribes nothing
+    first = await client.subscribe(*topics[:100])
+    assert len(first["topics"]) == 100
+    second = await client.subscribe(*topics[50:101], *[f"customer_id:{C}:u{i}" for i in range(49)])
+    # 50 already held (accepted, change nothing), 49 fit, the last is over the limit.
+    assert len(second["topics"]) == 99
+    assert [r["code"] for r in second["rejected"]] == ["limit_exceeded"]
+    assert len(server.gateway.connections[next(iter(server.gateway.connections))]
+               .subscriptions) == 149
+    # Room comes back after an unsubscribe.
+    await client.unsubscribe(topics[0])
+    assert (await client.subscribe(f"customer_id:{C}:u49"))["topics"] == [f"customer_id:{C}:u49"]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_connections_per_principal_and_per_address_get_429_json(make_server):
+    server = await make_server(server={"max_connections_per_principal": 2,
+                                       "max_connections_per_ip": 3})
+    a1 = await server.connect("admin-token")
+    await server.connect("admin-token")
+    status, body = await server.refused("admin-token")
+    assert status == 429 and body["error"]["code"] == "too_many_connections"
+    assert "per principal" in body["error"]["message"]
+    await server.connect("agent-token")  # another principal, the third from this address
+    status, body = await server.refused("accesskey-token")
+    assert status == 429 and "per address" in body["error"]["message"]
+    # A closed connection gives its place back.
+    a1.close()
+    await wait_for(lambda: len(server.gateway.connections) == 2)
+    await server.connect("admin-token")
+    assert db_rows(server.config.audit.url) == []
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_message_rate_past_the_limit_closes_1008(make_server):
+    server = await make_server(server={"max_messages_per_second": 2})  # burst of 20
+    client = await server.connect()
+    await client.subscribe(CALL)
+    polite = await server.connect()
+    for i in range(60):
+        await client.send({"type": "ping", "id": i})
+    pongs = 0
+    while (frame := await client.recv()) is not None:
+        assert frame == {"type": "pong", "id": pongs}
+        pongs += 1
+    assert client.ws.close_code == 1008
+    assert 10 <= pongs <= 30
+    rows = await wait_for(lambda: [r for r in db_rows(server.config.audit.url)
+                                   if r["action"] == "unsubscribe"])
+    assert [(r["topic"], r["code"]) for r in rows] == [(CALL, "disconnect")]
+    assert (await polite.request({"type": "ping"})) == {"type": "pong"}
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_slowloris_headers_are_cut_at_the_idle_timeout(make_server):
+    server = await make_server(server={"idle_connection_timeout": 1.0, "body_timeout": 1.0})
+    reader, writer = await raw_http(server.port)
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * 400
+    started = time.monotonic()
+    closed_after = None
+    try:
+        for byte in request:  # one byte every 20 ms: the headers never end in time
+            writer.write(bytes((byte,)))
+            await writer.drain()
+            if reader.at_eof() or writer.is_closing():
+                break
+            try:
+                data = await asyncio.wait_for(reader.read(100), 0.02)
+            except TimeoutError:
+                continue
+            if not data:
+                break
+            raise AssertionError(f"answered an incomplete request: {data!r}")
+        closed_after = time.monotonic() - started
+    except ConnectionError:
+        closed_after = time.monotonic() - started
+    finally:
+        writer.close()
+    assert closed_after is not None and 0.9 <= closed_after < 3.0, closed_after
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_incomplete_body_and_idle_keepalive_are_cut(make_server):
+    server = await make_server(server={"idle_connection_timeout": 1.0, "body_timeout": 1.0})
+    reader, writer = await raw_http(server.port)
+    try:
+        writer.write(b"POST /v1.0/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + INGEST_KEY.encode() + b"\r\n"
+                     b"Content-Length: 500\r\n\r\n{\"type\":")
+        await writer.drain()
+        started = time.monotonic()
+        data = await read_until_closed(reader, 5.0)
+        assert data == b""  # no answer to half a body; just closed
+        assert 0.9 <= time.monotonic() - started < 3.0
+    finally:
+        writer.close()
+    # A keep-alive connection that sends nothing after its request is closed too.
+    reader, writer = await raw_http(server.port)
+    try:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        started = time.monotonic()
+        data = await read_until_closed(reader, 5.0)
+        assert data.startswith(b"HTTP/1.1 200")
+        assert 0.9 <= time.monotonic() - started < 3.0
+    finally:
+        writer.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_chunked_body_over_the_limit_is_413_before_it_is_read(make_server):
+    server = await make_server(ingest={"max_body_bytes": 1000})
+    reader, writer = await raw_http(server.port)
+    try:
+        writer.write(b"POST /v1.0/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + INGEST_KEY.encode() + b"\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        writer.write(b"%x\r\n%s\r\n" % (600, b" " * 600))
+        writer.write(b"%x\r\n%s" % (10**8, b" " * 1000))  # announces 100 MB, sends 1000 B
+        await writer.drain()
+        data = await read_until_closed(reader, 5.0)
+    finally:
+        writer.close()
+    assert data.startswith(b"HTTP/1.1 413"), data[:200]
+    assert b'"payload_too_large"' in data
