@@ -177,7 +177,8 @@ def generator(spec: dict[str, Any], timeout: float) -> subprocess.Popen[str]:
 
 
 def run_generator(spec: dict[str, Any], server: Server, timeout: float) -> dict[str, Any]:
-    spec = dict(spec, host="127.0.0.1", port=server.port, token=TOKEN, ingest_key=INGEST_KEY)
+    spec = dict(spec, host="127.0.0.1", port=server.port, token=TOKEN, ingest_key=INGEST_KEY,
+                server_pid=server.pid)
     cpu0 = cpu_seconds(server.pid)
     t0 = time.monotonic()
     proc = generator(spec, timeout)

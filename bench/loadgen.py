@@ -35,6 +35,18 @@ _TS = re.compile(rb'"ts":([0-9.]+),"seq":([0-9]+)')
 _MARKLEN = len(MARK) - 1
 
 
+def proc_cpu(pid: int | None) -> float:
+    """CPU seconds (user + system) used so far by process pid, 0.0 when unknown."""
+    if not pid:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def raise_nofile() -> int:
     """Raise the soft open-file limit to the hard one; returns the new soft limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -298,7 +310,9 @@ async def run_publish(spec: dict[str, Any]) -> dict[str, Any]:
         return out
 
     stop = False
+    server_pid = spec.get("server_pid")
     usage0 = resource.getrusage(resource.RUSAGE_SELF)
+    server0 = proc_cpu(server_pid)
     t0 = time.monotonic()
     frames0 = stats.frames
     lat0 = len(stats.latencies)
@@ -326,6 +340,7 @@ async def run_publish(spec: dict[str, Any]) -> dict[str, Any]:
     stop = True
     t1 = time.monotonic()
     usage1 = resource.getrusage(resource.RUSAGE_SELF)
+    server1 = proc_cpu(server_pid)
     frames1 = stats.frames
     lat1 = len(stats.latencies)
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -355,6 +370,10 @@ async def run_publish(spec: dict[str, Any]) -> dict[str, Any]:
         "server_closes": stats.close_codes,
         "generator_cpu": round(cpu / wall, 3),
         "generator_saturated": cpu / wall > 0.8,
+        # Server CPU per delivered frame: unlike the rates, barely moved by other
+        # processes competing for the server's core.
+        "server_cpu": round((server1 - server0) / wall, 3),
+        "server_cpu_us_per_frame": round(1e6 * (server1 - server0) / max(1, frames1 - frames0), 2),
     }
 
 
@@ -397,7 +416,9 @@ async def run_storm(spec: dict[str, Any]) -> dict[str, Any]:
     customer = spec["customer_id"]
     accepted = 0
     stop = False
+    server_pid = spec.get("server_pid")
     usage0 = resource.getrusage(resource.RUSAGE_SELF)
+    server0 = proc_cpu(server_pid)
     t0 = time.monotonic()
     window_accepted = 0
     lat: list[float] = []
@@ -434,6 +455,7 @@ async def run_storm(spec: dict[str, Any]) -> dict[str, Any]:
     window_accepted = accepted
     t1 = time.monotonic()
     usage1 = resource.getrusage(resource.RUSAGE_SELF)
+    server1 = proc_cpu(server_pid)
     stop = True
     done, pending = await asyncio.wait(tasks, timeout=10)
     for task in pending:
@@ -447,7 +469,10 @@ async def run_storm(spec: dict[str, Any]) -> dict[str, Any]:
     return {"connections": len(clients), "subscribes_per_s": window_accepted / wall,
             "accepted": window_accepted, "wall_s": round(wall, 3), "errors": errors[:3],
             "reply_latency_ms": percentiles(sorted(lat)),
-            "generator_cpu": round(cpu / wall, 3), "generator_saturated": cpu / wall > 0.8}
+            "generator_cpu": round(cpu / wall, 3), "generator_saturated": cpu / wall > 0.8,
+            "server_cpu": round((server1 - server0) / wall, 3),
+            "server_cpu_us_per_subscribe": round(
+                1e6 * (server1 - server0) / max(1, window_accepted), 2)}
 
 
 def main() -> None:

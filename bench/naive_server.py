@@ -25,6 +25,8 @@ subscribers: dict[str, set[WS]] = {}
 
 class WS(tornado.websocket.WebSocketHandler):
     def open(self) -> None:
+        # As wsgate does: small frames go out at once instead of waiting on Nagle.
+        self.set_nodelay(True)
         self.topics: set[str] = set()
         self.write_message({"type": "connected", "connection_id": str(uuid.uuid4()),
                             "expires_at": None})

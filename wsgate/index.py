@@ -20,11 +20,45 @@ _EMPTY: frozenset = frozenset()
 
 
 class _Node(Generic[S]):
-    __slots__ = ("children", "subscribers")
+    # The ``*`` child has its own slot: a match then never probes a large
+    # children dict a second time per level, which at a million subscriptions
+    # is a cache miss as costly as the real lookup. Children and subscribers are
+    # made on first use, so intermediate nodes stay small.
+    __slots__ = ("children", "star", "subscribers")
 
     def __init__(self) -> None:
-        self.children: dict[str, _Node[S]] = {}
-        self.subscribers: set[S] = set()
+        self.children: dict[str, _Node[S]] | None = None
+        self.star: _Node[S] | None = None
+        self.subscribers: set[S] | None = None
+
+    def child(self, seg: str) -> _Node[S] | None:
+        if seg == WILDCARD:
+            return self.star
+        return None if self.children is None else self.children.get(seg)
+
+    def make_child(self, seg: str) -> _Node[S]:
+        found = self.child(seg)
+        if found is not None:
+            return found
+        node: _Node[S] = _Node()
+        if seg == WILDCARD:
+            self.star = node
+        else:
+            if self.children is None:
+                self.children = {}
+            self.children[seg] = node
+        return node
+
+    def drop_child(self, seg: str) -> None:
+        if seg == WILDCARD:
+            self.star = None
+        elif self.children is not None:
+            del self.children[seg]
+            if not self.children:
+                self.children = None
+
+    def empty(self) -> bool:
+        return not self.subscribers and self.children is None and self.star is None
 
 
 class SubscriptionIndex(Generic[S]):
@@ -48,11 +82,10 @@ class SubscriptionIndex(Generic[S]):
         """Add subscriber under the topic. Returns False when it was already there."""
         node = self._root
         for seg in segments:
-            child = node.children.get(seg)
-            if child is None:
-                child = node.children[seg] = _Node()
-            node = child
-        if subscriber in node.subscribers:
+            node = node.make_child(seg)
+        if node.subscribers is None:
+            node.subscribers = set()
+        elif subscriber in node.subscribers:
             return False
         node.subscribers.add(subscriber)
         self._count += 1
@@ -63,45 +96,50 @@ class SubscriptionIndex(Generic[S]):
         path: list[tuple[_Node[S], str]] = []
         node = self._root
         for seg in segments:
-            child = node.children.get(seg)
+            child = node.child(seg)
             if child is None:
                 return False
             path.append((node, seg))
             node = child
-        if subscriber not in node.subscribers:
+        if not node.subscribers or subscriber not in node.subscribers:
             return False
         node.subscribers.discard(subscriber)
+        if not node.subscribers:
+            node.subscribers = None
         self._count -= 1
         # Prune so memory follows the live subscriptions, not the history of them.
-        while path and not node.subscribers and not node.children:
+        while path and node.empty():
             parent, seg = path.pop()
-            del parent.children[seg]
+            parent.drop_child(seg)
             node = parent
         return True
 
     def match(self, event: tuple[str, ...]) -> Iterable[S]:
         """Every subscriber whose subscription matches the event topic, each once.
 
-        The result may be an internal set: iterate it before the index changes,
-        and do not modify it.
+        The event topic is concrete (no ``*``). The result may be an internal
+        set: iterate it before the index changes, and do not modify it.
         """
         found: list[set[S]] = []
         frontier = [self._root]
         last = len(event) - 1
         for depth, seg in enumerate(event):
             following: list[_Node[S]] = []
+            deeper = depth < last
             for node in frontier:
-                child = node.children.get(seg)
-                if child is not None:
-                    if child.subscribers:
-                        found.append(child.subscribers)
-                    if depth < last and child.children:
-                        following.append(child)
-                star = node.children.get(WILDCARD)
+                children = node.children
+                if children is not None:
+                    child = children.get(seg)
+                    if child is not None:
+                        if child.subscribers:
+                            found.append(child.subscribers)
+                        if deeper and (child.children is not None or child.star is not None):
+                            following.append(child)
+                star = node.star
                 if star is not None:
                     if star.subscribers:
                         found.append(star.subscribers)
-                    if depth < last and star.children:
+                    if deeper and (star.children is not None or star.star is not None):
                         following.append(star)
             if not following:
                 break
