@@ -36,6 +36,8 @@ CALL = f"customer_id:{C}:call:{X}"
 ALICE = Principal(kind="agent", subject="alice", customer_id=C, agent_id=AGENT,
                   permissions=frozenset({"customer_admin"}))
 SECRET_TOKEN = "s3cr3t-T0KEN-d0-not-log"
+#: ``make soak`` sets WSGATE_SOAK=1: the same attacks, larger and longer.
+SOAK = os.environ.get("WSGATE_SOAK") == "1"
 
 
 class CountingAuthenticator(Authenticator):
@@ -474,7 +476,7 @@ def test_any_client_message_gets_one_reply_through_a_real_gateway(tmp_path):
         conn = gateway.open(transport, principal, "127.0.0.1", None, "hypothesis")
         assert json.loads(transport.texts.pop())["type"] == "connected"
 
-        @settings(max_examples=200, deadline=None,
+        @settings(max_examples=5000 if SOAK else 200, deadline=None,
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
         @given(_raw_messages())
         def one_message(raw: str | bytes) -> None:
