@@ -297,4 +297,11 @@ def write_log(b: Backend, steps: list[tuple[str, list[Any]]], node_id: str = "no
     """awrite_log, from a test that has no running event loop."""
     import asyncio
 
-    asyncio.run(awrite_log(b, steps, node_id, **config))
+    # Not asyncio.run: it resets the current event loop to None, which leaves a
+    # loop that tornado's IOLoop.make_current created (in an earlier gen_test)
+    # unreferenced and unclosed, and its ResourceWarning fails a later test.
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(awrite_log(b, steps, node_id, **config))
+    finally:
+        loop.close()
