@@ -1,0 +1,571 @@
+"""The cluster broker: events cross nodes through Redis pub/sub; resume history
+lives in Redis streams.
+
+Keys (``<p>`` is the key prefix: ``wsgate:``, or the URL's ``?prefix=``):
+
+- ``<p>scope:<scope key>``: the pub/sub channel of one scope (``customer_id:<id>``
+  or ``agent_id:<id>``). A node subscribes it while it has a local subscriber
+  in that scope, so a node receives only the traffic its clients want.
+- ``<p>history:<scope key>``: a stream of the scope's recent events, for
+  ``subscribe`` with ``since``.
+
+A message, and the ``e`` field of a stream entry, is
+``<publish id> <event id>\\n<JSON of Event.to_wire()>``.
+
+Order and exactly once. One publish call is one MULTI/EXEC transaction that,
+event by event in the order given, XADDs the event to the stream of each of
+its scopes and PUBLISHes it to the channel of each of its scopes. Redis runs
+the transaction as a unit and sends messages to a subscriber in the order it
+executed the PUBLISHes; each node reads all its channels on one connection.
+So every node sees the events of a publish in the order given, with no
+other publish interleaved, and the history streams hold them in the same
+order. An event with several scopes arrives once per watched scope, the
+copies back to back; the node drops every copy after the first by its
+``<publish id> <event id>`` header (a window of the last
+:data:`DEDUPE_WINDOW` headers, which also drops the repeat of a publish
+that was retried after its connection broke). Messages that arrive together
+are handed to the gateway in one ``deliver`` call, on the event loop thread.
+
+Faults. The subscriber connection is kept by a supervisor task: when it
+breaks (Redis restarted, ``CLIENT KILL``, no answer to the keep-alive PING),
+the node logs once, reconnects with capped exponential backoff and
+subscribes every watched channel again. Events published while a node was
+cut off are not delivered to it (best effort, SPEC §1); clients that resume
+with ``since`` get them from the streams. ``publish`` never waits longer
+than :data:`PUBLISH_TIMEOUT`; on failure it raises BrokerUnavailable (ingest
+answers 503) and counts the events in :attr:`RedisBroker.publish_failures`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import socket
+import ssl
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.retry import Retry
+
+from wsgate.broker import BrokerUnavailable, Deliver
+from wsgate.config import HistoryConfig
+from wsgate.events import Event
+
+log = logging.getLogger("wsgate.broker.redis")
+
+DEFAULT_PREFIX = "wsgate:"
+#: Seconds to open a connection, and to wait for the answer to one command.
+CONNECT_TIMEOUT = 2.0
+COMMAND_TIMEOUT = 2.0
+#: Longest a publish may take, its one retry included, before ingest answers 503.
+PUBLISH_TIMEOUT = 5.0
+#: Reconnect delays: doubled after each failed attempt, from the first to the cap.
+BACKOFF_FIRST = 0.05
+BACKOFF_CAP = 5.0
+#: Seconds between PINGs on the subscriber connection; three silent intervals
+#: mean the connection is dead even if TCP has not noticed.
+KEEPALIVE_INTERVAL = 5.0
+#: Publish headers remembered to drop repeated copies of an event.
+DEDUPE_WINDOW = 4096
+#: After a failed publish, further publishes fail at once for this long instead
+#: of each waiting for a timeout against a Redis that is known to be gone.
+FAIL_FAST = 0.5
+#: Scopes whose stream length history_size() remembers.
+HISTORY_COUNT_SCOPES = 4096
+#: Channels per SUBSCRIBE command when subscribing everything again.
+SUBSCRIBE_CHUNK = 1000
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """Split ``[broker] url`` into the URL for redis-py and the key prefix.
+
+    ``?prefix=`` is wsgate's own query parameter (redis-py would refuse it);
+    every other part of the URL is left to redis-py (``redis://``,
+    ``rediss://``, ``unix://``, user, password, database number).
+    """
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    prefix = DEFAULT_PREFIX
+    kept = []
+    for key, value in query:
+        if key == "prefix":
+            prefix = value
+        else:
+            kept.append((key, value))
+    return urlunsplit(parts._replace(query=urlencode(kept))), prefix
+
+
+def _safe(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    where = f"{host}:{parts.port}" if parts.port else host
+    return f"{parts.scheme}://{where}{parts.path}"
+
+
+def _pack(command: Sequence[str]) -> bytes:
+    """A command in the Redis protocol."""
+    out = [b"*%d\r\n" % len(command)]
+    for arg in command:
+        data = arg.encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+class _RespReader:
+    """Replies of the Redis protocol (RESP2), read from a stream.
+
+    The subscriber connection reads with this rather than redis-py, whose
+    pub/sub reading differs between its major versions.
+    """
+
+    def __init__(self, stream: asyncio.StreamReader) -> None:
+        self._stream = stream
+        self._buf = b""
+        self._pos = 0
+
+    async def _fill(self) -> None:
+        data = await self._stream.read(65536)
+        if not data:
+            raise RedisConnectionError("connection closed by Redis")
+        self._buf = self._buf[self._pos:] + data
+        self._pos = 0
+
+    async def _line(self) -> bytes:
+        while (end := self._buf.find(b"\r\n", self._pos)) < 0:
+            await self._fill()
+        line = self._buf[self._pos:end]
+        self._pos = end + 2
+        return line
+
+    async def read(self) -> Any:
+        """The next reply: bytes, int, None or a list of them.
+
+        Raises:
+            ResponseError: Redis answered with an error.
+            redis.exceptions.ConnectionError: the connection closed.
+        """
+        line = await self._line()
+        kind, rest = line[:1], line[1:]
+        if kind == b"$":
+            size = int(rest)
+            if size < 0:
+                return None
+            while len(self._buf) - self._pos < size + 2:
+                await self._fill()
+            data = self._buf[self._pos:self._pos + size]
+            self._pos += size + 2
+            return data
+        if kind == b"*":
+            count = int(rest)
+            return None if count < 0 else [await self.read() for _ in range(count)]
+        if kind == b":":
+            return int(rest)
+        if kind == b"+":
+            return rest
+        if kind == b"-":
+            raise ResponseError(rest.decode(errors="replace"))
+        raise RedisConnectionError(f"not the Redis protocol: {line[:40]!r}")
+
+
+def _decode(payload: bytes) -> Event:
+    return Event.from_wire(json.loads(payload.partition(b"\n")[2]))
+
+
+class RedisBroker:
+    """Broker for a cluster of nodes sharing one Redis (``redis://...``).
+
+    Args:
+        url: the Redis URL; ``?prefix=`` sets the key prefix, so several
+            clusters (or test runs) can share one Redis database.
+        history: size and age of the per-scope resume history; size 0
+            disables it (nothing is written to streams).
+        keepalive: seconds between keep-alive PINGs on the subscriber connection.
+
+    Attributes:
+        publish_failures: events that could not be published since start (for /metrics).
+        prefix: the key prefix.
+        name: the client name of this broker's connections (``<name>:pub``,
+            ``<name>:sub`` in ``CLIENT LIST``).
+    """
+
+    def __init__(self, url: str, history: HistoryConfig, *,
+                 keepalive: float = KEEPALIVE_INTERVAL) -> None:
+        self._url, self.prefix = split_url(url)
+        self.name = f"{self.prefix}{uuid.uuid4().hex[:8]}"
+        self._size = history.size
+        self._ttl = history.ttl
+        self._keepalive = keepalive
+        self._deliver: Deliver | None = None
+        self._client: aioredis.Redis | None = None
+        #: Where the subscriber connects: parse_url's host, port, path, username, password.
+        self._target = aioredis.connection.parse_url(self._url)
+        self._sub_writer: asyncio.StreamWriter | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._first_attempt = asyncio.Event()
+        #: Scope keys with a local subscriber (what watch/unwatch asked for).
+        self._watched: set[str] = set()
+        #: Channels Redis has confirmed on the current subscriber connection.
+        self._confirmed: set[bytes] = set()
+        self._last_read = 0.0
+        self._recent: deque[bytes] = deque()
+        self._recent_set: set[bytes] = set()
+        self._inbox: list[Event] = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._sub_up = False
+        self._publish_ok = True
+        self._last_failure = -math.inf
+        self._down_since: float | None = None
+        self._closing = False
+        self._history_counts: dict[str, int] = {}
+        self.publish_failures = 0
+
+    # -- keys ---------------------------------------------------------------
+
+    def channel(self, scope_key: str) -> str:
+        """The pub/sub channel of scope_key."""
+        return f"{self.prefix}scope:{scope_key}"
+
+    def history_key(self, scope_key: str) -> str:
+        """The stream holding scope_key's history."""
+        return f"{self.prefix}history:{scope_key}"
+
+    # -- life cycle ---------------------------------------------------------
+
+    async def start(self, deliver: Deliver) -> None:
+        """Connect and subscribe; returns after the first attempt, even a failed
+        one (the node then starts not ready and keeps trying in the background)."""
+        self._deliver = deliver
+        self._client = aioredis.Redis.from_url(
+            self._url, socket_timeout=COMMAND_TIMEOUT, socket_connect_timeout=CONNECT_TIMEOUT,
+            # One immediate retry on a fresh connection: a pooled connection may
+            # have been closed by Redis since its last use.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            client_name=f"{self.name}:pub")
+        self._supervisor = asyncio.create_task(self._supervise())
+        await self._first_attempt.wait()
+
+    async def close(self) -> None:
+        """Stop receiving, cancel the background tasks, close every connection."""
+        self._closing = True
+        self._deliver = None
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+            self._supervisor = None
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+        self._sub_up = False
+
+    def healthy(self) -> bool:
+        """True while the subscriber connection is up and the last publish (or
+        probe) succeeded."""
+        return self._sub_up and self._publish_ok and not self._closing
+
+    def subscribed(self, scope_key: str) -> bool:
+        """True once Redis has confirmed this node's subscription to scope_key."""
+        return self.channel(scope_key).encode() in self._confirmed
+
+    # -- publishing ----------------------------------------------------------
+
+    async def publish(self, events: Sequence[Event]) -> None:
+        """Publish events to every node watching their scopes, and to history,
+        in one transaction.
+
+        Raises:
+            BrokerUnavailable: Redis did not take the transaction (nothing, or
+                in the rare case of a connection lost during EXEC, everything,
+                was published; never a part).
+        """
+        if self._client is None:
+            raise RuntimeError("broker not started")
+        if not events:
+            return
+        loop = asyncio.get_running_loop()
+        if not self._publish_ok and loop.time() - self._last_failure < FAIL_FAST:
+            self.publish_failures += len(events)
+            raise BrokerUnavailable("Redis is unreachable")
+        try:
+            counts = await asyncio.wait_for(self._transaction(events), PUBLISH_TIMEOUT)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.publish_failures += len(events)
+            self._last_failure = loop.time()
+            self._publish_ok = False
+            self._update_health(f"publish failed: {exc or type(exc).__name__}")
+            raise BrokerUnavailable("Redis is unreachable") from None
+        if not self._publish_ok:
+            self._publish_ok = True
+            self._update_health()
+        for scope, count in counts:
+            self._history_counts.pop(scope, None)
+            self._history_counts[scope] = count
+        while len(self._history_counts) > HISTORY_COUNT_SCOPES:
+            del self._history_counts[next(iter(self._history_counts))]
+
+    async def _transaction(self, events: Sequence[Event]) -> list[tuple[str, int]]:
+        """MULTI, per event and scope XADD + PUBLISH, trims, EXEC. Returns the
+        stream lengths of the scopes written."""
+        assert self._client is not None
+        publish_id = uuid.uuid4().hex[:16]
+        scopes: dict[str, None] = {}
+        async with self._client.pipeline(transaction=True) as pipe:
+            for event in events:
+                payload = (f"{publish_id} {event.event_id}\n"
+                           + json.dumps(event.to_wire(), separators=(",", ":"))).encode()
+                for scope in dict.fromkeys(t.scope_key for t in event.topics):
+                    scopes[scope] = None
+                    if self._size:
+                        # Exact MAXLEN: streams are small (size ~100), and an
+                        # approximate trim would keep up to a whole macro node more.
+                        pipe.xadd(self.history_key(scope), {"e": payload},
+                                  maxlen=self._size, approximate=False)
+                    pipe.publish(self.channel(scope), payload)
+            if not self._size:
+                await pipe.execute()
+                return []
+            # Age limit: drop entries older than ttl (stream ids are Redis
+            # milliseconds; this uses the node's clock, so keep clocks in NTP
+            # sync), and let a scope with no new events vanish after ttl.
+            min_id = max(0, int(time.time() * 1000 - self._ttl * 1000))
+            for scope in scopes:
+                key = self.history_key(scope)
+                pipe.xtrim(key, minid=min_id, approximate=False)
+                pipe.expire(key, math.ceil(self._ttl) + 1)
+                pipe.xlen(key)
+            results = await pipe.execute()
+        lengths = results[-3 * len(scopes) + 2::3]
+        return list(zip(scopes, (int(n) for n in lengths), strict=True))
+
+    # -- history -------------------------------------------------------------
+
+    async def history_since(self, scope_key: str, event_id: str) -> list[Event] | None:
+        """Events of scope_key after event_id, oldest first (XRANGE of its stream).
+
+        Returns None when history is off, the id is not in the stream (never
+        published in this scope, trimmed by size, or older than ttl by Redis's
+        clock), or Redis cannot be read now.
+        """
+        if not self._size or self._client is None:
+            return None
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.time()
+                pipe.xrange(self.history_key(scope_key))
+                (seconds, micros), entries = await asyncio.wait_for(pipe.execute(),
+                                                                    PUBLISH_TIMEOUT)
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.debug("history of %s not readable: %s", scope_key, exc)
+            return None
+        horizon = seconds * 1000 + micros // 1000 - self._ttl * 1000
+        kept = [fields[b"e"] for entry_id, fields in entries
+                if int(entry_id.split(b"-", 1)[0]) >= horizon]
+        wanted = event_id.encode()
+        for position in range(len(kept) - 1, -1, -1):
+            header = kept[position].partition(b"\n")[0]
+            if header.partition(b" ")[2] == wanted:
+                return [_decode(payload) for payload in kept[position + 1:]]
+        return None
+
+    def history_size(self) -> int:
+        """Entries in the history streams of the scopes this node published to
+        (the last 4096), as counted at its last publish to each. Streams only
+        other nodes write to are not counted; an event in two scopes counts twice."""
+        return sum(self._history_counts.values())
+
+    # -- interest ------------------------------------------------------------
+
+    def watch(self, scope_key: str) -> None:
+        """Subscribe the scope's channel (the gateway calls this on its first local subscriber).
+
+        The SUBSCRIBE is sent at once in the background; :meth:`subscribed`
+        tells when Redis confirmed it.
+        """
+        if scope_key not in self._watched:
+            self._watched.add(scope_key)
+            self._send("SUBSCRIBE", self.channel(scope_key))
+
+    def unwatch(self, scope_key: str) -> None:
+        """Unsubscribe the scope's channel (its last local subscriber left)."""
+        if scope_key in self._watched:
+            self._watched.discard(scope_key)
+            self._send("UNSUBSCRIBE", self.channel(scope_key))
+
+    def _send(self, *command: str) -> None:
+        # Written to the socket now, so a SUBSCRIBE leaves before the gateway's
+        # reply to the client does. While disconnected nothing is queued: the
+        # next connection subscribes to everything in _watched.
+        if self._sub_writer is not None:
+            self._sub_writer.write(_pack(command))
+
+    # -- the subscriber connection ---------------------------------------------
+
+    async def _supervise(self) -> None:
+        delay = BACKOFF_FIRST
+        while True:
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any failure of the connection: reconnect
+                reason = str(exc) or type(exc).__name__
+            else:  # pragma: no cover - a session only ends by an exception
+                reason = "subscriber stopped"
+            if self._sub_up:
+                delay = BACKOFF_FIRST
+            self._sub_up = False
+            self._confirmed.clear()
+            self._update_health(reason)
+            self._first_attempt.set()
+            log.debug("Redis subscriber reconnect in %.2f s (%s)", delay, reason)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_CAP)
+
+    async def _session(self) -> None:
+        """One subscriber connection: subscribe everything watched, then read
+        messages until the connection fails."""
+        reader, writer = await asyncio.wait_for(self._open(), CONNECT_TIMEOUT)
+        keepalive: asyncio.Task[None] | None = None
+        try:
+            replies = _RespReader(reader)
+            await asyncio.wait_for(self._handshake(replies, writer), COMMAND_TIMEOUT)
+            channels = [self.channel(s) for s in self._watched]
+            for i in range(0, len(channels), SUBSCRIBE_CHUNK):
+                writer.write(_pack(("SUBSCRIBE", *channels[i:i + SUBSCRIBE_CHUNK])))
+            self._sub_writer = writer
+            self._last_read = asyncio.get_running_loop().time()
+            self._sub_up = True
+            self._update_health()
+            self._first_attempt.set()
+            keepalive = asyncio.create_task(self._keepalive_loop(writer))
+            await self._read_loop(replies)
+        finally:
+            self._sub_writer = None
+            if keepalive is not None:
+                keepalive.cancel()
+                await asyncio.gather(keepalive, return_exceptions=True)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), COMMAND_TIMEOUT)
+
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        target = self._target
+        if "path" in target:
+            return await asyncio.open_unix_connection(str(target["path"]))
+        tls: ssl.SSLContext | None = None
+        if urlsplit(self._url).scheme == "rediss":
+            tls = ssl.create_default_context()
+            if str(target.get("ssl_cert_reqs", "")).lower() in ("none", "0"):
+                tls.check_hostname = False
+                tls.verify_mode = ssl.CERT_NONE
+        reader, writer = await asyncio.open_connection(
+            str(target.get("host", "localhost")), int(target.get("port", 6379)), ssl=tls)
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        return reader, writer
+
+    async def _handshake(self, replies: _RespReader, writer: asyncio.StreamWriter) -> None:
+        password = self._target.get("password")
+        if password:
+            username = self._target.get("username")
+            writer.write(_pack(("AUTH", str(username), str(password)) if username
+                               else ("AUTH", str(password))))
+            await replies.read()
+        writer.write(_pack(("CLIENT", "SETNAME", f"{self.name}:sub")))
+        await replies.read()
+
+    async def _read_loop(self, replies: _RespReader) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            reply = await replies.read()
+            self._last_read = loop.time()
+            if not isinstance(reply, list) or not reply:
+                continue  # +PONG before the first SUBSCRIBE
+            kind = reply[0]
+            if kind == b"message":
+                self._received(reply[2])
+            elif kind == b"subscribe":
+                self._confirmed.add(reply[1])
+            elif kind == b"unsubscribe":
+                self._confirmed.discard(reply[1])
+
+    async def _keepalive_loop(self, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._publish_ok:
+                await self._probe()
+            await asyncio.sleep(self._keepalive if self._publish_ok else FAIL_FAST)
+            if loop.time() - self._last_read > 3 * self._keepalive:
+                log.debug("Redis did not answer the keep-alive PING: reconnecting")
+                writer.transport.abort()  # the read loop ends with an error
+                return
+            writer.write(_pack(("PING",)))
+
+    async def _probe(self) -> None:
+        """Clear a publish failure once Redis answers again (ingest being refused
+        while not ready, no publish would ever clear it)."""
+        assert self._client is not None
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await asyncio.wait_for(self._client.ping(), COMMAND_TIMEOUT)
+            self._publish_ok = True
+            self._update_health()
+
+    # -- delivery --------------------------------------------------------------
+
+    def _received(self, payload: bytes) -> None:
+        header = payload.partition(b"\n")[0]
+        if header in self._recent_set:
+            return
+        self._recent.append(header)
+        self._recent_set.add(header)
+        if len(self._recent) > DEDUPE_WINDOW:
+            self._recent_set.discard(self._recent.popleft())
+        try:
+            event = _decode(payload)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            log.warning("dropped a malformed message on a %s channel: %r",
+                        self.prefix, payload[:200])
+            return
+        self._inbox.append(event)
+        if self._flush_handle is None:
+            # Messages read in one go are delivered in one call, after the read.
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        events, self._inbox = self._inbox, []
+        if self._deliver is not None and events:
+            self._deliver(events)
+
+    # -- health -------------------------------------------------------------------
+
+    def _update_health(self, reason: str = "") -> None:
+        """Log the transitions between reachable and not, once each."""
+        if self._closing:
+            return
+        now = time.monotonic()
+        if not (self._sub_up and self._publish_ok):
+            if self._down_since is None:
+                self._down_since = now
+                log.warning("Redis at %s unreachable (%s): ingest answers 503 and /readyz "
+                            "is not ready until it is back; reconnecting",
+                            _safe(self._url), reason)
+        elif self._down_since is not None:
+            log.warning("Redis at %s reachable again after %.1f s", _safe(self._url),
+                        now - self._down_since)
+            self._down_since = None
