@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import socket
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -26,6 +27,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _load(args.config)
     setup_logging(config.logging)
+    if args.workers != 1:
+        return _serve_workers(config, args.workers)
     try:
         asyncio.run(serve(config))
     except PluginError as exc:
@@ -45,6 +48,123 @@ def _plugins(config: Config, path: str) -> tuple[Authenticator, Authorizer]:
         return build_plugins(config)
     except PluginError as exc:
         raise SystemExit(f"wsgate: {path}: {exc}") from None
+
+
+#: A worker that exits sooner than this after its start stops the whole server
+#: (it would fail again: bad config, store unreachable); later it is restarted.
+WORKER_STARTUP_GRACE = 10.0
+
+
+def _serve_workers(config: Config, workers: int) -> int:
+    """``serve --workers N``: N processes sharing the port, each its own node.
+
+    The parent binds one SO_REUSEPORT socket per worker (so the kernel spreads
+    connections across workers), then forks: no event loop exists before the
+    fork. Worker i is node ``<node_id>-w<i>`` with its own audit chain and
+    journal (``<journal_path>.w<i>``) and, with ``[metrics] port`` P, metrics on
+    P+i-1. SIGTERM or SIGINT to the parent drains every worker; a worker that
+    dies later is restarted. Returns the exit status.
+    """
+    import dataclasses
+    import os
+    import signal
+    import time
+
+    import tornado.netutil
+
+    from wsgate.app import build_plugins, node_id_for, serve
+
+    if workers < 1:
+        print("wsgate: --workers must be 1 or more", file=sys.stderr)
+        return 2
+    if config.broker.url == "memory://":
+        print(f"wsgate: {config.source}: --workers {workers} needs a shared broker: with "
+              '[broker] url = "memory://" an event posted to one worker would not reach '
+              "the others. Set a redis:// url, or run one worker.", file=sys.stderr)
+        return 2
+    try:  # Report a bad plugin option once, not once per worker.
+        authenticator, _ = build_plugins(config)
+        asyncio.run(authenticator.close())
+    except PluginError as exc:
+        print(f"wsgate: {config.source}: {exc}", file=sys.stderr)
+        return 2
+    host = config.server.host
+    try:
+        first = tornado.netutil.bind_sockets(config.server.port, host, reuse_port=True)
+    except OSError as exc:
+        print(f"wsgate: cannot serve: {exc}", file=sys.stderr)
+        return 1
+    port = first[0].getsockname()[1]
+    base = node_id_for(dataclasses.replace(
+        config, server=dataclasses.replace(config.server, port=port)))
+    log = logging.getLogger("wsgate")
+    parent = os.getpid()
+    running: dict[int, tuple[int, float]] = {}
+    stopping = False
+
+    def worker_config(i: int) -> Config:
+        m = config.metrics
+        return dataclasses.replace(
+            config,
+            server=dataclasses.replace(config.server, port=port, node_id=f"{base}-w{i}"),
+            audit=dataclasses.replace(config.audit,
+                                      journal_path=f"{config.audit.journal_path}.w{i}"),
+            metrics=dataclasses.replace(m, port=m.port + i - 1) if m.port else m)
+
+    def spawn(i: int, sockets: list[socket.socket]) -> None:
+        pid = os.fork()
+        if pid == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            code = 1
+            try:
+                asyncio.run(serve(worker_config(i), sockets))
+                code = 0
+            except Exception:
+                log.exception("worker %d failed", i)
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        # The parent keeps no copy: a dead worker's socket must leave the
+        # reuse-port group, or the kernel would keep queueing connections on it.
+        for sock in sockets:
+            sock.close()
+        running[pid] = (i, time.monotonic())
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        if os.getpid() != parent:  # a signal in a worker before it reset its handlers
+            os._exit(1)
+        stopping = True
+        for pid in list(running):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for i in range(1, workers + 1):
+        spawn(i, first if i == 1 else
+              tornado.netutil.bind_sockets(port, host, reuse_port=True))
+    log.info("%d workers on port %d (nodes %s-w1..w%d)", workers, port, base, workers)
+    status = 0
+    while running:
+        pid, wait_status = os.waitpid(-1, 0)
+        if pid not in running:
+            continue
+        i, started = running.pop(pid)
+        code = os.waitstatus_to_exitcode(wait_status)
+        if stopping:
+            status = status or (0 if code == 0 else 1)
+        elif time.monotonic() - started < WORKER_STARTUP_GRACE:
+            log.error("worker %d exited (%d) while starting: stopping the others", i, code)
+            status = code or 1
+            stop(signal.SIGTERM, None)
+        else:
+            log.error("worker %d exited (%d): starting it again", i, code)
+            spawn(i, tornado.netutil.bind_sockets(port, host, reuse_port=True))
+    return status
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -97,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the gateway")
     p.add_argument("--config", required=True, help="TOML config file")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="processes sharing the port, each its own node (needs a redis broker)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("check-config", help="validate a config file and its plugin options")

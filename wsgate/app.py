@@ -186,13 +186,18 @@ def make_server(app: tornado.web.Application, config: Config) -> tornado.httpser
     )
 
 
-async def serve(config: Config) -> None:
-    """Run the gateway until SIGTERM or SIGINT, then drain and return."""
+async def serve(config: Config, sockets: list[socket.socket] | None = None) -> None:
+    """Run the gateway until SIGTERM or SIGINT, then drain and return.
+
+    ``sockets``: listening sockets to serve, bound by ``serve --workers``;
+    default: bind ``[server] host`` and ``port``.
+    """
     gateway = build_gateway(config)
     await gateway.start()
     app = make_app(gateway)
     server = make_server(app, config)
-    sockets = tornado.netutil.bind_sockets(config.server.port, config.server.host)
+    if sockets is None:
+        sockets = tornado.netutil.bind_sockets(config.server.port, config.server.host)
     server.add_sockets(sockets)
     metrics_server = serve_metrics(gateway)
     where = ", ".join("{}:{}".format(*s.getsockname()[:2]) for s in sockets)
