@@ -20,6 +20,7 @@ from wsgate.handlers.base import JSONHandler, NotFoundHandler
 from wsgate.handlers.ingest import IngestHandler, IngestState
 from wsgate.handlers.metrics import MetricsHandler, metrics_route
 from wsgate.handlers.websocket import WebSocketHandler, scrub_uri
+from wsgate.logs import IN_MESSAGE
 from wsgate.plugins import (
     AUTHENTICATOR_GROUP,
     AUTHORIZER_GROUP,
@@ -104,7 +105,8 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     path = scrub_uri(req.uri or "")
     fields: dict[str, Any] = {
         "status": status, "method": req.method, "path": path, "remote_addr": req.remote_ip,
-        "duration_ms": round(1000.0 * req.request_time(), 1)}
+        "duration_ms": round(1000.0 * req.request_time(), 1),
+        IN_MESSAGE: ("status", "method", "path")}
     own = getattr(handler, "log_fields", None)
     if callable(own):
         fields.update(own())

@@ -4,7 +4,9 @@ Secrets never reach a log line: the access log scrubs tokens from URLs, and
 no wsgate code logs credentials or keys.
 
 Fields passed with ``extra=`` (``connection_id``, ``status``...) become keys of
-the JSON object, or ``key=value`` pairs after the text message.
+the JSON object, or ``key=value`` pairs after the text message. A field the
+message already shows can be named in the extra ``in_message`` tuple: the
+text format then leaves it out, the JSON format keeps it.
 """
 
 from __future__ import annotations
@@ -21,9 +23,14 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
     "message", "asctime", "taskName"}
 
 
+#: Extra key naming the fields the text message already shows.
+IN_MESSAGE = "in_message"
+
+
 def extra_fields(record: logging.LogRecord) -> dict[str, Any]:
     """The fields a log call passed with ``extra=``, in the order given."""
-    return {k: v for k, v in vars(record).items() if k not in _STANDARD}
+    return {k: v for k, v in vars(record).items()
+            if k not in _STANDARD and k != IN_MESSAGE}
 
 
 class JSONFormatter(logging.Formatter):
@@ -50,7 +57,8 @@ class TextFormatter(logging.Formatter):
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         line = super().formatMessage(record)
-        fields = extra_fields(record)
+        shown = getattr(record, IN_MESSAGE, ())
+        fields = {k: v for k, v in extra_fields(record).items() if k not in shown}
         if not fields:
             return line
         return line + " " + " ".join(f"{k}={_text(v)}" for k, v in fields.items())

@@ -1,0 +1,150 @@
+"""Log lines as an operator reads them: fields, formats, level, and no secret ever."""
+
+import hashlib
+import hmac
+import io
+import json
+import logging
+import sys
+import time
+
+import pytest
+import tornado.httpclient
+
+from tests.conftest import CUSTOMER, INGEST_KEY, OTHER_CUSTOMER, TOKENS, event, wait_for
+from wsgate.config import LoggingConfig
+from wsgate.logs import setup_logging
+
+CALL = f"customer_id:{CUSTOMER}:call:0c4b4cf2-da9b-11ee-b3a6-5f2b4c1d2e3f"
+HMAC_SECRET = "hmac-secret-never-logged"
+AUDIT_KEY = "audit-key-never-logged"
+METRICS_KEY = "metrics-key-never-logged"
+WRONG = "wrong-token-never-logged"
+SECRETS = [*TOKENS, INGEST_KEY, HMAC_SECRET, AUDIT_KEY, METRICS_KEY, WRONG]
+
+
+@pytest.fixture
+def log_output(monkeypatch):
+    """setup_logging(level, format) writing into a buffer; the root logger is restored."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, logging.getLogger("tornado.access").level)
+    buffer = io.StringIO()
+
+    def configure(level, fmt):
+        monkeypatch.setattr(sys, "stderr", buffer)
+        setup_logging(LoggingConfig(level=level, format=fmt))
+        return buffer
+
+    yield configure
+    root.handlers[:], root.level = saved[0], saved[1]
+    logging.getLogger("tornado.access").setLevel(saved[2])
+
+
+async def session(server):
+    """A session with successes and errors of every kind the gateway logs."""
+    http = tornado.httpclient.AsyncHTTPClient()
+    client = await server.connect("admin-token", headers={"Origin": "https://app.example.com",
+                                                          "User-Agent": "log-test"})
+    await client.subscribe(CALL, f"customer_id:{OTHER_CUSTOMER}", "not-a-topic")
+    await client.send("not json")
+    assert (await client.recv())["code"] == "bad_request"
+    await server.refused(token=WRONG)
+    await server.refused(token=None, headers={"Authorization": f"Bearer {WRONG}"})
+    await server.refused(token="admin-token", headers={"Origin": "https://evil.example"})
+    assert (await server.post(event()))[0] == 202
+    assert (await client.recv())["type"] == "call_created"
+    assert (await server.post(event(), key=WRONG))[0] == 401
+    assert (await server.post(b"{", key=INGEST_KEY))[0] == 400
+    body = json.dumps(event()).encode()
+    stamp = str(int(time.time()))
+    bad_sig = hmac.new(b"another-secret", stamp.encode() + b"." + body,
+                       hashlib.sha256).hexdigest()
+    assert (await server.post(body, key=None, headers={
+        "X-Wsgate-Timestamp": stamp, "X-Wsgate-Signature": f"v1={bad_sig}"}))[0] == 401
+    good_sig = hmac.new(HMAC_SECRET.encode(), stamp.encode() + b"." + body,
+                        hashlib.sha256).hexdigest()
+    assert (await server.post(body, key=None, headers={
+        "X-Wsgate-Timestamp": stamp, "X-Wsgate-Signature": f"v1={good_sig}"}))[0] == 202
+    assert (await client.recv())["type"] == "call_created"
+    for key, code in ((WRONG, 401), (AUDIT_KEY, 200)):
+        response = await http.fetch(server.base + "/v1.0/audit", raise_error=False,
+                                    headers={"Authorization": f"Bearer {key}"})
+        assert response.code == code
+    for key, code in ((WRONG, 401), (METRICS_KEY, 200)):
+        response = await http.fetch(server.base + "/metrics", raise_error=False,
+                                    headers={"Authorization": f"Bearer {key}"})
+        assert response.code == code
+    client.ws.close(1000)
+    await wait_for(lambda: not server.gateway.connections)
+    return client
+
+
+def config_tables():
+    return {"ingest": {"keys": [INGEST_KEY], "hmac_secrets": [HMAC_SECRET]},
+            "audit": {"api_keys": [AUDIT_KEY]}, "metrics": {"keys": [METRICS_KEY]}}
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_json_lines_carry_fields_and_no_secret(make_server, log_output):
+    output = log_output("DEBUG", "json")
+    server = await make_server(**config_tables())
+    await session(server)
+    text = output.getvalue()
+    for secret in SECRETS:
+        assert secret not in text, f"{secret!r} was logged"
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
+
+    opened = [line for line in lines if line["message"] == "connection opened"]
+    closed = [line for line in lines if line["message"] == "connection closed"]
+    assert len(opened) == len(closed) == 1
+    assert {k: opened[0][k] for k in ("subject", "kind", "customer_id", "remote_addr",
+                                      "origin")} == {
+        "subject": "alice", "kind": "agent", "customer_id": CUSTOMER,
+        "remote_addr": "127.0.0.1", "origin": "https://app.example.com"}
+    end = closed[0]
+    assert end["connection_id"] == opened[0]["connection_id"]
+    assert end["close_code"] == 1000 and end["subscriptions"] == 1
+    assert end["duration_s"] >= 0
+
+    ingest = [line for line in lines if line.get("path") == "/v1.0/events"]
+    assert [(i["status"], i["events_accepted"]) for i in ingest] == [
+        (202, 1), (401, 0), (400, 0), (401, 0), (202, 1)]
+    assert ingest[0]["key_id"].startswith("key:") and ingest[-1]["key_id"].startswith("hmac:")
+    assert ingest[1]["key_id"] is None and ingest[1]["level"] == "WARNING"
+    assert all(i["duration_ms"] >= 0 and i["method"] == "POST" for i in ingest)
+    upgrades = [line for line in lines if line.get("path", "").startswith("/v1.0/ws")]
+    assert upgrades and all("token=***" in u["path"] or "token" not in u["path"]
+                            for u in upgrades)
+    # A metrics scrape is a DEBUG line: it would drown the log at INFO.
+    scrape = [line for line in lines if line.get("path") == "/metrics" and line["status"] == 200]
+    assert scrape and scrape[0]["level"] == "DEBUG"
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_text_lines_carry_fields_as_pairs(make_server, log_output):
+    output = log_output("INFO", "text")
+    server = await make_server(**config_tables())
+    await session(server)
+    text = output.getvalue()
+    for secret in SECRETS:
+        assert secret not in text, f"{secret!r} was logged"
+    closed = [line for line in text.splitlines() if "connection closed" in line]
+    assert len(closed) == 1
+    assert " INFO wsgate.gateway: connection closed connection_id=" in closed[0]
+    for pair in ("subject=alice", "kind=agent", "close_code=1000", "subscriptions=1",
+                 "remote_addr=127.0.0.1", "origin=https://app.example.com"):
+        assert pair in closed[0]
+    accepted = [line for line in text.splitlines() if "202 POST /v1.0/events" in line]
+    assert len(accepted) == 2 and all("events_accepted=1" in line for line in accepted)
+    assert "remote_addr=127.0.0.1 duration_ms=" in accepted[0]
+    assert "status=" not in accepted[0], "the message already shows the status"
+    # INFO level: the DEBUG scrape line is left out.
+    assert "200 GET /metrics" not in text
+    assert " DEBUG " not in text
+
+
+def test_text_values_with_spaces_are_quoted(log_output):
+    output = log_output("INFO", "text")
+    logging.getLogger("wsgate.test").info("hello", extra={"who": "a b", "none": None})
+    assert output.getvalue().rstrip().endswith('hello who="a b" none=-')
