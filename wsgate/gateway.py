@@ -649,7 +649,6 @@ class Gateway:
         max_buffer = self._max_buffer
         delivered = 0
         for event in events:
-            self.stats["events_received"] += 1
             mark = object()
             prefix: str | None = None
             tail = ""
@@ -668,11 +667,16 @@ class Gateway:
                             tail = protocol.event_frame_tail(event.event_id, event.published_at)
                         text = protocol.event_frame(prefix, topic.text, event.data_json, tail)
                         wire = protocol.ws_frame(text.encode())
-                    conn.transport.send_wire(wire)
+                    transport = conn.transport
+                    transport.send_wire(wire)
                     delivered += 1
-                    if conn.transport.pending_bytes() > max_buffer:
+                    # pending_bytes counts frames queued by the transport but not yet
+                    # written, so a burst cannot pass the limit unseen.
+                    if transport.pending_bytes() > max_buffer and not conn.closed:
                         self._spawn_close_slow(conn)
-        self.stats["messages_delivered"] += delivered
+        stats = self.stats
+        stats["events_received"] += len(events)
+        stats["messages_delivered"] += delivered
 
     def _spawn_close_slow(self, conn: Connection) -> None:
         # Closing mutates the index being iterated: do it after this delivery.

@@ -141,17 +141,15 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         """Queue an event frame; every frame queued for this connection during one
         loop iteration goes out in one write at the start of the next (see
         _flush_out). ``pending_bytes`` counts the queued bytes."""
-        ws = self.ws_connection
-        if ws is None or ws.is_closing():
-            return
         out = self._out
-        if out is None:
+        if out is not None:
+            out.append(frame)
+            self._out_size += len(frame)
+        elif self.ws_connection is not None:
+            # A closing connection is checked once, when the queue is written.
             self._out = [frame]
             self._out_size = len(frame)
             _flusher_for(asyncio.get_running_loop()).handlers.append(self)
-        else:
-            out.append(frame)
-            self._out_size += len(frame)
 
     def _flush_out(self) -> None:
         out = self._out
@@ -169,7 +167,8 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         # (nothing can be reordered: the stream is empty), and give only what the
         # kernel did not take to the stream, which then waits for writability.
         # Plain sockets only: TLS streams keep their own state.
-        if type(stream) is tornado.iostream.IOStream and not stream._write_buffer:
+        if type(stream) is tornado.iostream.IOStream and \
+                stream._total_write_index == stream._total_write_done_index:
             try:
                 sent = stream.socket.send(data)
             except OSError:
@@ -186,7 +185,7 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
     def pending_bytes(self) -> int:
         ws = self.ws_connection
         if ws is None:
-            return 0
+            return self._out_size
         stream: Any = ws.stream
         # Queued frames plus what the stream holds: Tornado keeps these counters
         # for write futures; their difference is what the kernel has not accepted yet.
