@@ -53,10 +53,10 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
-from redis.retry import Retry
 
 from wsgate.broker import BrokerUnavailable, Deliver
 from wsgate.config import HistoryConfig
@@ -194,6 +194,7 @@ class RedisBroker:
 
     Attributes:
         publish_failures: events that could not be published since start (for /metrics).
+        connect_failures: subscriber connections lost or not made since start.
         prefix: the key prefix.
         name: the client name of this broker's connections (``<name>:pub``,
             ``<name>:sub`` in ``CLIENT LIST``).
@@ -229,6 +230,7 @@ class RedisBroker:
         self._closing = False
         self._history_counts: dict[str, int] = {}
         self.publish_failures = 0
+        self.connect_failures = 0
 
     # -- keys ---------------------------------------------------------------
 
@@ -427,6 +429,7 @@ class RedisBroker:
                 reason = "subscriber stopped"
             if self._sub_up:
                 delay = BACKOFF_FIRST
+            self.connect_failures += 1
             self._sub_up = False
             self._confirmed.clear()
             self._update_health(reason)
