@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 CONFIG ?= config.example.toml
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck unit bench clean
+.PHONY: install run test lint typecheck unit bench soak clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "wsgate needs Python 3.11 or newer" or 0)'
@@ -36,6 +36,10 @@ test: lint typecheck unit
 
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# Larger hardening runs (more property examples, bigger storms); see docs/security.md.
+soak: $(STAMP)
+	WSGATE_SOAK=1 $(BIN)/python -m pytest -q tests/test_hardening.py tests/test_hardening_flow.py tests/test_crash.py tests/test_shutdown.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache .ruff_cache

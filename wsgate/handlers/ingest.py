@@ -13,6 +13,7 @@ header makes a retried POST publish once: the retry gets the first answer.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import time
@@ -58,6 +59,9 @@ class ExpiringSet:
         self._expire(time.monotonic())
         entry = self._items.get(key)
         return None if entry is None else entry[1]
+
+    def discard(self, key: str) -> None:
+        self._items.pop(key, None)
 
     def put(self, key: str, value: Any) -> None:
         self._items[key] = (time.monotonic(), value)
@@ -192,15 +196,37 @@ class IngestHandler(JSONHandler):
 
     async def _publish(self, body: bytes) -> dict[str, Any]:
         idem = self.request.headers.get("Idempotency-Key")
-        scoped = None
-        if idem is not None:
-            if not idem or len(idem) > MAX_IDEMPOTENCY_KEY:
-                raise HTTPFailure(400, "bad_request",
-                                  f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
-            scoped = f"{self.key_id}\x00{idem}"
+        if idem is None:
+            return await self._validate_and_publish(body)
+        if not idem or len(idem) > MAX_IDEMPOTENCY_KEY:
+            raise HTTPFailure(400, "bad_request",
+                              f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+        scoped = f"{self.key_id}\x00{idem}"
+        while True:
             earlier = self.state.idempotent.get(scoped)
-            if earlier is not None:
+            if earlier is None:
+                break
+            if not isinstance(earlier, asyncio.Future):
                 return dict(earlier)
+            # The same key is being published right now (a concurrent retry):
+            # wait for its answer instead of publishing twice.
+            answer = await asyncio.shield(earlier)
+            if answer is not None:
+                return dict(answer)
+        marker: asyncio.Future[dict[str, Any] | None] = \
+            asyncio.get_running_loop().create_future()
+        self.state.idempotent.put(scoped, marker)
+        try:
+            answer = await self._validate_and_publish(body)
+        except BaseException:
+            self.state.idempotent.discard(scoped)
+            marker.set_result(None)
+            raise
+        self.state.idempotent.put(scoped, answer)
+        marker.set_result(answer)
+        return answer
+
+    async def _validate_and_publish(self, body: bytes) -> dict[str, Any]:
         if self.gateway.draining:
             raise HTTPFailure(503, "shutting_down", "the server is shutting down; retry")
         try:
@@ -223,7 +249,4 @@ class IngestHandler(JSONHandler):
             raise HTTPFailure(503, "broker_unavailable",
                               f"events cannot be published now ({exc}); retry") from None
         self.accepted = len(events)
-        answer = {"accepted": len(events), "event_ids": [e.event_id for e in events]}
-        if scoped is not None:
-            self.state.idempotent.put(scoped, answer)
-        return answer
+        return {"accepted": len(events), "event_ids": [e.event_id for e in events]}
