@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
+from wsgate.audit.records import AuditUnavailable
 from wsgate.config import Config, ConfigError, load_config
 from wsgate.logs import setup_logging
 from wsgate.plugins import PERMISSIONS, Authenticator, Authorizer, PluginError, Principal
@@ -34,6 +35,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except PluginError as exc:
         print(f"wsgate: {args.config}: {exc}", file=sys.stderr)
         return 2
+    except AuditUnavailable as exc:
+        print(f"wsgate: the audit store cannot be opened: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"wsgate: cannot serve: {exc}", file=sys.stderr)
         return 1

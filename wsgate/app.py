@@ -53,7 +53,7 @@ def build_plugins(config: Config) -> tuple[Authenticator, Authorizer]:
 def build_audit(config: Config, node_id: str) -> AuditSink:
     from wsgate.audit.writer import AuditWriter
 
-    return AuditWriter(config.audit, node_id)
+    return AuditWriter(config.audit, node_id, retry_interval=config.audit.retry_interval)
 
 
 def build_gateway(config: Config, audit: AuditSink | None = None) -> Gateway:

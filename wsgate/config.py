@@ -101,6 +101,8 @@ class AuditConfig:
     group_commit_ms: float = 2.0
     #: Most rows in one transaction.
     group_commit_max_rows: int = 5000
+    #: Seconds between attempts to reach a failed store (subscribes are refused meanwhile).
+    retry_interval: float = 1.0
     #: Keys for GET /v1.0/audit and the review page.
     api_keys: tuple[Secret, ...] = ()
     #: Record every ingested event (id, type, topics, payload hash) for `audit recipients`.
@@ -311,6 +313,8 @@ def _check(cfg: Config) -> None:
     a = cfg.audit
     if not a.url:
         raise bad("audit", "url", "must be a SQLAlchemy URL")
+    if a.retry_interval <= 0:
+        raise bad("audit", "retry_interval", "must be greater than 0")
     if a.group_commit_ms < 0 or a.group_commit_max_rows < 1 or a.checkpoint_every < 1:
         raise bad("audit", "group_commit_ms/group_commit_max_rows/checkpoint_every",
                   "out of range")
