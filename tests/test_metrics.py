@@ -244,3 +244,25 @@ async def test_readyz_is_503_while_draining(make_server):
     await server.gateway.shutdown()
     code, body = await readiness(server)
     assert code == 503 and body["checks"]["accepting"] is False
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_readyz_recovers_without_a_new_write(tmp_path):
+    """Only subscribes failed (nothing journaled): the writer probes the store by itself."""
+    config = base_config(tmp_path)
+    server = Server(config)
+    server.gateway = build_gateway(config, audit=AuditWriter(
+        config.audit, "test-node", retry_interval=0.05, busy_timeout_ms=50))
+    await server.start()
+    lock = sqlite3.connect(str(tmp_path / "audit.db"), isolation_level=None)
+    try:
+        client = await server.connect("admin-token")
+        lock.execute("BEGIN IMMEDIATE")
+        assert (await client.subscribe(CALL))["rejected"][0]["code"] == "audit_unavailable"
+        assert (await readiness(server))[0] == 503
+        lock.execute("ROLLBACK")
+        body = await until_ready_is(server, 200)
+        assert body["checks"]["audit"] is True
+    finally:
+        lock.close()
+        await server.stop()

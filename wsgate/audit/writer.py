@@ -329,7 +329,8 @@ class AuditWriter:
             jobs: list[_Job] = []
             with self._cond:
                 if not self._queue and not self._stopping:
-                    self._cond.wait(self.retry_interval if self._journal_pending else None)
+                    idle_check = self._journal_pending or not self._healthy
+                    self._cond.wait(self.retry_interval if idle_check else None)
                 if self._queue:
                     if window > 0 and not self._stopping:
                         deadline = time.monotonic() + window
@@ -351,6 +352,23 @@ class AuditWriter:
                 self._process(jobs)
             elif self._journal_pending:
                 self._replay_journal()
+            elif not self._healthy and time.monotonic() >= self._retry_at:
+                self._probe()
+
+    def _probe(self) -> None:
+        """Try the store while it is marked unhealthy and nothing is queued, so
+        /readyz turns ready again without waiting for the next write."""
+        assert self._engine is not None
+        try:
+            # The writer engine opens its transactions as writes (SQLite: BEGIN
+            # IMMEDIATE), so a store another writer holds locked stays unhealthy.
+            with self._engine.begin() as conn:
+                conn.execute(select(1))
+        except Exception as exc:
+            self._failed(exc)
+            return
+        log.info("audit store is reachable again")
+        self._healthy = True
 
     def _process(self, jobs: list[_Job]) -> None:
         entries = [e for job in jobs for e in job.entries]
@@ -374,6 +392,10 @@ class AuditWriter:
             self._to_journal(keep)
         self._settle_jobs([j for j in jobs if j.strict], error)
         self._settle_jobs([j for j in jobs if not j.strict], None)
+
+    def queue_depth(self) -> int:
+        """Rows waiting for the writer thread (for /metrics)."""
+        return self._queued_rows
 
     def _failed(self, exc: Exception) -> None:
         if self._healthy:

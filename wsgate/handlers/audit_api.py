@@ -28,11 +28,13 @@ from wsgate.config import AuditConfig
 from wsgate.errors import UNAUTHENTICATED, HTTPFailure
 from wsgate.handlers.base import JSONHandler
 
-_FILTERS = ("customer", "agent", "subject", "topic_prefix", "connection", "outcome",
-            "since", "until")
+FILTERS = ("customer", "agent", "subject", "topic_prefix", "connection", "outcome",
+           "since", "until")
 
 
-class _AuditHandler(JSONHandler):
+class AuditKeyHandler(JSONHandler):
+    """Base of the audit endpoints: checks the audit API key (constant time)."""
+
     def initialize(self, reader: AuditReader | None, api_keys: Sequence[str]) -> None:
         """Args:
             reader: the audit reader (its queries run in worker threads); may be
@@ -68,7 +70,7 @@ class _AuditHandler(JSONHandler):
                               f"the audit store cannot be read now ({exc.__class__.__name__})"))
 
 
-class AuditAPIHandler(_AuditHandler):
+class AuditAPIHandler(AuditKeyHandler):
     """``GET /v1.0/audit``: one page of audit rows."""
 
     async def get(self) -> None:
@@ -76,7 +78,7 @@ class AuditAPIHandler(_AuditHandler):
             return
         try:
             args: dict[str, Any] = {name: self.get_query_argument(name, None) or None
-                                    for name in _FILTERS}
+                                    for name in FILTERS}
             flt = AuditFilter.parse(**args)
             raw_limit = self.get_query_argument("limit", None)
             try:
@@ -97,7 +99,7 @@ class AuditAPIHandler(_AuditHandler):
         self.write_json(200, page)
 
 
-class AuditVerifyHandler(_AuditHandler):
+class AuditVerifyHandler(AuditKeyHandler):
     """``GET /v1.0/audit/verify``: the whole-log check, as JSON."""
 
     async def get(self) -> None:

@@ -28,7 +28,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from wsgate.audit.query import MAX_PAGE, AuditFilter, AuditReader, FilterError, write_rows
 from wsgate.errors import HTTPFailure
-from wsgate.handlers.audit_api import _FILTERS, Route, _AuditHandler
+from wsgate.handlers.audit_api import FILTERS, AuditKeyHandler, Route
 
 log = logging.getLogger("wsgate.audit.review")
 
@@ -54,7 +54,7 @@ class ReviewPageHandler(tornado.web.StaticFileHandler):
             self.set_header(name, value)
 
 
-class AuditExportHandler(_AuditHandler):
+class AuditExportHandler(AuditKeyHandler):
     """``GET /v1.0/audit/export.csv``: every row matching the filters, as CSV."""
 
     async def get(self) -> None:
@@ -63,7 +63,7 @@ class AuditExportHandler(_AuditHandler):
         assert self.reader is not None
         try:
             args: dict[str, Any] = {name: self.get_query_argument(name, None) or None
-                                    for name in _FILTERS}
+                                    for name in FILTERS}
             flt = AuditFilter.parse(**args)
             # The first page is read before any byte is sent, so a store that is
             # down still gets a proper 503 instead of an empty file.
