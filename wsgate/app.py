@@ -101,6 +101,8 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     if level == logging.INFO and isinstance(handler, MetricsHandler):
         # A scrape every few seconds would drown the log; failed scrapes still show.
         level = logging.DEBUG
+    if not access_log.isEnabledFor(level):
+        return
     req = handler.request
     path = scrub_uri(req.uri or "")
     fields: dict[str, Any] = {

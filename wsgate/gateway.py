@@ -101,7 +101,8 @@ class Connection:
         self.end_reason = errors.END_DISCONNECT
         #: Last delivery this connection was given, for at-most-once per event.
         self.mark: object = None
-        self.bad_times: deque[float] = deque()
+        #: Times of recent bad messages; made on the first one (most connections send none).
+        self.bad_times: deque[float] | None = None
         self.rate_tokens = 0.0
         self.rate_at = 0.0
         self.expiry: asyncio.TimerHandle | None = None
@@ -354,6 +355,8 @@ class Gateway:
         """Answer a bad message; past the per-minute limit, close with 1008."""
         now = time.monotonic()
         times = conn.bad_times
+        if times is None:
+            times = conn.bad_times = deque()
         times.append(now)
         while times and times[0] < now - 60.0:
             times.popleft()
