@@ -134,6 +134,20 @@ async def test_each_node_gets_each_event_once_in_publish_order(redis_url, nodes)
 
 
 @pytest.mark.gen_test(timeout=20)
+async def test_ready_returns_once_redis_confirmed_the_subscriptions(redis_url, nodes,
+                                                                   admin) -> None:
+    a = await started(nodes, redis_url)
+    a.broker.watch(C)
+    a.broker.watch(A)
+    assert await a.broker.ready([C, A]) is True
+    assert numsub(admin, a.broker, C) == numsub(admin, a.broker, A) == 1
+    assert await a.broker.ready([OTHER]) is True  # not watched: nothing to wait for
+    down = await started(nodes, closed_port_url())
+    down.broker.watch(C)
+    assert await down.broker.ready([C], timeout=0.05) is False
+
+
+@pytest.mark.gen_test(timeout=20)
 async def test_the_publishing_node_also_delivers_to_itself(redis_url, nodes) -> None:
     a = await started(nodes, redis_url)
     await a.watching(C)

@@ -48,7 +48,7 @@ import ssl
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -218,6 +218,8 @@ class RedisBroker:
         self._watched: set[str] = set()
         #: Channels Redis has confirmed on the current subscriber connection.
         self._confirmed: set[bytes] = set()
+        #: Set (and replaced) whenever Redis confirms a subscription.
+        self._confirmation = asyncio.Event()
         self._last_read = 0.0
         self._recent: deque[bytes] = deque()
         self._recent_set: set[bytes] = set()
@@ -282,6 +284,24 @@ class RedisBroker:
     def subscribed(self, scope_key: str) -> bool:
         """True once Redis has confirmed this node's subscription to scope_key."""
         return self.channel(scope_key).encode() in self._confirmed
+
+    async def ready(self, scope_keys: Iterable[str], timeout: float = 1.0) -> bool:
+        """Wait until Redis confirmed this node's subscription to every watched
+        scope in scope_keys, at most timeout seconds; True when it did.
+
+        After ``watch()``, events published by other nodes reach this node
+        only once Redis confirmed the subscription. A caller that must not
+        miss any (e.g. before replying ``subscribed``) awaits this.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not all(self.subscribed(k) for k in scope_keys if k in self._watched):
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._confirmation.wait(), left)
+        return True
 
     # -- publishing ----------------------------------------------------------
 
@@ -504,6 +524,8 @@ class RedisBroker:
                 self._received(reply[2])
             elif kind == b"subscribe":
                 self._confirmed.add(reply[1])
+                self._confirmation.set()
+                self._confirmation = asyncio.Event()
             elif kind == b"unsubscribe":
                 self._confirmed.discard(reply[1])
 
