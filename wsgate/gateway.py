@@ -426,8 +426,18 @@ class Gateway:
             fresh.clear()
         self.metrics.audit_write_seconds.observe(time.perf_counter() - started)
         self.metrics.rejected(rejected)
+        # Listen to the new scopes' broker channels first and wait (bounded) until
+        # that is in effect, so an event posted to another node right after the
+        # client sees "subscribed" reaches it.
+        ahead = {t.scope_key for t in accepted if t.text in fresh} - self._scopes.keys()
+        if ahead:
+            for key in ahead:
+                self.broker.watch(key)
+            await self.broker.ready(ahead)
         if conn.closed:
             # It went away while the rows were committed: end what it just gained.
+            for key in ahead - self._scopes.keys():
+                self.broker.unwatch(key)
             ends = [self._record(conn, UNSUBSCRIBE, t, ACCEPTED, conn.end_reason) for t in fresh]
             if ends:
                 await self.audit.write_ends(ends)

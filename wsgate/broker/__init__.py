@@ -4,7 +4,7 @@ to the gateway's local delivery."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from wsgate.config import HistoryConfig
@@ -36,6 +36,10 @@ class Broker(Protocol):
 
     def unwatch(self, scope_key: str) -> None:
         """The last local subscriber of scope_key left."""
+
+    async def ready(self, scope_keys: Iterable[str], timeout: float = 1.0) -> bool:
+        """Return once events of the watched scope_keys published on any node reach
+        this node (waiting at most timeout); True when they do."""
 
     async def history_since(self, scope_key: str, event_id: str) -> list[Event] | None:
         """The events of scope_key published after event_id, oldest first.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from wsgate.broker import Deliver
 from wsgate.config import HistoryConfig
@@ -71,6 +71,10 @@ class MemoryBroker:
 
     def unwatch(self, scope_key: str) -> None:
         """Nothing to do: every event is local."""
+
+    async def ready(self, scope_keys: Iterable[str], timeout: float = 1.0) -> bool:
+        """Always: every event is local."""
+        return True
 
     def healthy(self) -> bool:
         return self._deliver is not None
