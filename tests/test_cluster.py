@@ -231,6 +231,9 @@ async def test_redis_outage_keeps_websockets_refuses_ingest_and_recovers(
         status, answer = await a.post(event())
         assert status == 503 and answer["error"]["code"] == "broker_unavailable", answer
         assert a.gateway.broker.publish_failures == 1
+        scraped = a.gateway.metrics.render(None)[0].decode()
+        assert "wsgate_broker_publish_failures_total 1.0" in scraped
+        assert "wsgate_broker_up 0.0" in scraped
         # The WebSocket stays open and answers while Redis is gone.
         assert (await client.request({"type": "ping", "id": 1})) == {"type": "pong", "id": 1}
         cut.down = False

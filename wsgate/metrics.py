@@ -166,6 +166,18 @@ class GatewayCollector:
                          "Audit rows waiting for the writer (group commit queue).", depth)
         yield _gauge("wsgate_broker_up", "1 when the broker can publish and receive.",
                      lambda: int(bool(gw.broker.healthy())))
+        for attr, name, doc in (
+                ("publish_failures", "wsgate_broker_publish_failures",
+                 "Events the broker could not publish (ingest answered 503)."),
+                ("connect_failures", "wsgate_broker_connect_failures",
+                 "Broker connections lost or not made."),
+        ):
+            # Only brokers that can fail (Redis) keep these counts.
+            value = getattr(gw.broker, attr, None)
+            if isinstance(value, int):
+                counter = CounterMetricFamily(name, doc)
+                counter.add_metric([], value)
+                yield counter
         yield _gauge("wsgate_history_events", "Events held in resume history on this node.",
                      gw.broker.history_size)
         yield _gauge("wsgate_draining", "1 while the node is shutting down.",
