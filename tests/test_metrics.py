@@ -202,15 +202,21 @@ async def until_ready_is(server, wanted, timeout=10.0):
         await asyncio.sleep(0.02)
 
 
-@pytest.mark.gen_test(timeout=30)
-async def test_readyz_follows_a_locked_audit_store(tmp_path):
+async def quick_outage_server(tmp_path):
+    """A started server whose audit writer gives up on a SQLite lock fast and retries
+    often, and a connection to its database to hold that lock."""
     config = base_config(tmp_path)
     server = Server(config)
     # Short SQLite lock wait and retry interval keep the outage quick to see.
     server.gateway = build_gateway(config, audit=AuditWriter(
         config.audit, "test-node", retry_interval=0.05, busy_timeout_ms=50))
     await server.start()
-    lock = sqlite3.connect(str(tmp_path / "audit.db"), isolation_level=None)
+    return server, sqlite3.connect(str(tmp_path / "audit.db"), isolation_level=None)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_readyz_follows_a_locked_audit_store(tmp_path):
+    server, lock = await quick_outage_server(tmp_path)
     try:
         held = await server.connect("admin-token")
         assert (await held.subscribe(CALL))["topics"] == [CALL]
@@ -249,12 +255,7 @@ async def test_readyz_is_503_while_draining(make_server):
 @pytest.mark.gen_test(timeout=30)
 async def test_readyz_recovers_without_a_new_write(tmp_path):
     """Only subscribes failed (nothing journaled): the writer probes the store by itself."""
-    config = base_config(tmp_path)
-    server = Server(config)
-    server.gateway = build_gateway(config, audit=AuditWriter(
-        config.audit, "test-node", retry_interval=0.05, busy_timeout_ms=50))
-    await server.start()
-    lock = sqlite3.connect(str(tmp_path / "audit.db"), isolation_level=None)
+    server, lock = await quick_outage_server(tmp_path)
     try:
         client = await server.connect("admin-token")
         lock.execute("BEGIN IMMEDIATE")
