@@ -70,31 +70,51 @@ class AuditKeyHandler(JSONHandler):
                               f"the audit store cannot be read now ({exc.__class__.__name__})"))
 
 
+    def parsed_filter(self) -> AuditFilter | None:
+        """The query string's filters; None after answering 400 for a bad one."""
+        args: dict[str, Any] = {name: self.get_query_argument(name, None) or None
+                                for name in FILTERS}
+        try:
+            return AuditFilter.parse(**args)
+        except FilterError as exc:
+            self.fail(HTTPFailure(400, "bad_request", str(exc)))
+            return None
+
+    async def fetch_page(self, flt: AuditFilter, cursor: str | None,
+                         limit: int) -> dict[str, Any] | None:
+        """One page of matching rows; None after answering 400 (bad cursor) or 503."""
+        assert self.reader is not None
+        try:
+            page: dict[str, Any] = await self.reader.apage(flt, cursor, limit)
+        except FilterError as exc:
+            self.fail(HTTPFailure(400, "bad_request", str(exc)))
+            return None
+        except SQLAlchemyError as exc:
+            self._store_failed(exc)
+            return None
+        return page
+
+
 class AuditAPIHandler(AuditKeyHandler):
     """``GET /v1.0/audit``: one page of audit rows."""
 
     async def get(self) -> None:
         if not self._authorized():
             return
+        raw_limit = self.get_query_argument("limit", None)
         try:
-            args: dict[str, Any] = {name: self.get_query_argument(name, None) or None
-                                    for name in FILTERS}
-            flt = AuditFilter.parse(**args)
-            raw_limit = self.get_query_argument("limit", None)
-            try:
-                limit = int(raw_limit) if raw_limit is not None else DEFAULT_PAGE
-            except ValueError:
-                raise FilterError(f"limit: must be a number from 1 to {MAX_PAGE}") from None
-            if not 1 <= limit <= MAX_PAGE:
-                raise FilterError(f"limit: must be from 1 to {MAX_PAGE}, not {limit}")
-            cursor = self.get_query_argument("cursor", None) or None
-            assert self.reader is not None
-            page = await self.reader.apage(flt, cursor, limit)
-        except FilterError as exc:
-            self.fail(HTTPFailure(400, "bad_request", str(exc)))
+            limit = int(raw_limit) if raw_limit is not None else DEFAULT_PAGE
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= MAX_PAGE:
+            self.fail(HTTPFailure(400, "bad_request",
+                                  f"limit: must be a number from 1 to {MAX_PAGE}"))
             return
-        except SQLAlchemyError as exc:
-            self._store_failed(exc)
+        flt = self.parsed_filter()
+        if flt is None:
+            return
+        page = await self.fetch_page(flt, self.get_query_argument("cursor", None) or None, limit)
+        if page is None:
             return
         self.write_json(200, page)
 

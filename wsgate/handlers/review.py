@@ -21,14 +21,12 @@ import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import tornado.web
 from sqlalchemy.exc import SQLAlchemyError
 
-from wsgate.audit.query import MAX_PAGE, AuditFilter, AuditReader, FilterError, write_rows
-from wsgate.errors import HTTPFailure
-from wsgate.handlers.audit_api import FILTERS, AuditKeyHandler, Route
+from wsgate.audit.query import MAX_PAGE, AuditReader, write_rows
+from wsgate.handlers.audit_api import AuditKeyHandler, Route
 
 log = logging.getLogger("wsgate.audit.review")
 
@@ -61,18 +59,13 @@ class AuditExportHandler(AuditKeyHandler):
         if not self._authorized():
             return
         assert self.reader is not None
-        try:
-            args: dict[str, Any] = {name: self.get_query_argument(name, None) or None
-                                    for name in FILTERS}
-            flt = AuditFilter.parse(**args)
-            # The first page is read before any byte is sent, so a store that is
-            # down still gets a proper 503 instead of an empty file.
-            page = await self.reader.apage(flt, None, MAX_PAGE)
-        except FilterError as exc:
-            self.fail(HTTPFailure(400, "bad_request", str(exc)))
+        flt = self.parsed_filter()
+        if flt is None:
             return
-        except SQLAlchemyError as exc:
-            self._store_failed(exc)
+        # The first page is read before any byte is sent, so a store that is
+        # down still gets a proper 503 instead of an empty file.
+        page = await self.fetch_page(flt, None, MAX_PAGE)
+        if page is None:
             return
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         self.set_header("Content-Type", "text/csv; charset=utf-8")
