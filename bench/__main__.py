@@ -25,16 +25,20 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from bench.common import (
+    CUSTOMER,
+    INGEST_KEY,
+    PYTHON,
+    RESULTS,
+    ROOT,
+    TOKEN,
+    WSGATE,
+    cpu_seconds,
+    free_port,
+    wsgate_config,
+)
 from bench.loadgen import agent_topics
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
-PYTHON = sys.executable
-WSGATE = str(Path(PYTHON).with_name("wsgate"))
-TOKEN = "bench-token"
-INGEST_KEY = "bench-ingest-key"
-CUSTOMER = "5013bc52-da9a-11ee-844f-2fa34248de28"
-AGENT = "8107ec3c-da9a-11ee-9a0c-5b1c1a1f4f3e"
 FANOUT_TOPIC = f"customer_id:{CUSTOMER}:bench"
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 SCENARIOS = ("index", "fanout", "targeted", "idle", "storm")
@@ -44,12 +48,6 @@ def raise_nofile() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def pinned(core: int, argv: list[str]) -> list[str]:
@@ -63,11 +61,6 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # -- servers -----------------------------------------------------------------
@@ -88,45 +81,9 @@ class Server:
         self.log = workdir / f"{kind}-{self.port}.log"
 
     def config_text(self) -> str:
-        return f"""
-[server]
-host = "127.0.0.1"
-port = {self.port}
-node_id = "bench-{self.port}-{uuid.uuid4().hex[:8]}"
-ping_interval = 600.0
-ping_timeout = 60.0
-max_subscriptions = {self.max_subscriptions}
-max_messages_per_second = 0.0
-refresh_interval = 0.0
-idle_connection_timeout = 600.0
-
-[auth]
-plugin = "static"
-[auth.options]
-[auth.options.tokens."{TOKEN}"]
-kind = "agent"
-subject = "bench"
-customer_id = "{CUSTOMER}"
-agent_id = "{AGENT}"
-permissions = ["customer_admin"]
-
-[permissions]
-plugin = "allow_all"
-
-[ingest]
-keys = ["{INGEST_KEY}"]
-
-[audit]
-url = "{self.audit_url}"
-journal_path = "{self.workdir}/audit-{self.port}.journal"
-record_events = {"true" if self.record_events else "false"}
-
-[broker]
-url = "memory://"
-
-[logging]
-level = "WARNING"
-"""
+        return wsgate_config(self.port, self.workdir, f"bench-{self.port}-{uuid.uuid4().hex[:8]}",
+                             audit_url=self.audit_url, record_events=self.record_events,
+                             max_subscriptions=self.max_subscriptions)
 
     def __enter__(self) -> Server:
         out = self.log.open("wb")

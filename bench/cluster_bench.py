@@ -34,32 +34,29 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
-PYTHON = sys.executable
-WSGATE = str(Path(PYTHON).with_name("wsgate"))
-TOKEN = "bench-token"
-INGEST_KEY = "bench-ingest-key"
-CUSTOMER = "5013bc52-da9a-11ee-844f-2fa34248de28"
-AGENT = "8107ec3c-da9a-11ee-9a0c-5b1c1a1f4f3e"
+from bench import common
+from bench.common import (
+    CUSTOMER,
+    INGEST_KEY,
+    PYTHON,
+    RESULTS,
+    ROOT,
+    TOKEN,
+    WSGATE,
+    free_port,
+    wsgate_config,
+)
+
 TOPIC = f"customer_id:{CUSTOMER}:bench"
 REDIS_URL = os.environ.get("WSGATE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def cpu_seconds(pid: int) -> float:
+    """CPU seconds of pid so far; 0 for a process that is gone."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return common.cpu_seconds(pid)
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def workers_of(pid: int) -> list[int]:
@@ -70,43 +67,9 @@ def workers_of(pid: int) -> list[int]:
 
 
 def config_text(port: int, workdir: Path, prefix: str) -> str:
-    return f"""
-[server]
-host = "127.0.0.1"
-port = {port}
-node_id = "bench-cluster-{port}"
-ping_interval = 600.0
-ping_timeout = 60.0
-max_messages_per_second = 0.0
-refresh_interval = 0.0
-idle_connection_timeout = 600.0
-
-[auth]
-plugin = "static"
-[auth.options.tokens."{TOKEN}"]
-kind = "agent"
-subject = "bench"
-customer_id = "{CUSTOMER}"
-agent_id = "{AGENT}"
-permissions = ["customer_admin"]
-
-[permissions]
-plugin = "allow_all"
-
-[ingest]
-keys = ["{INGEST_KEY}"]
-
-[audit]
-url = "sqlite:///{workdir}/audit-{port}.db"
-journal_path = "{workdir}/audit-{port}.journal"
-record_events = false
-
-[broker]
-url = "{REDIS_URL}{'&' if '?' in REDIS_URL else '?'}prefix={prefix}"
-
-[logging]
-level = "WARNING"
-"""
+    sep = "&" if "?" in REDIS_URL else "?"
+    return wsgate_config(port, workdir, f"bench-cluster-{port}",
+                         broker_url=f"{REDIS_URL}{sep}prefix={prefix}")
 
 
 def wait_ready(port: int, workers: int, proc: subprocess.Popen[bytes], log: Path) -> None:
