@@ -101,3 +101,21 @@ async def test_listen_prints_each_frame_as_a_json_line(make_server):
     assert frame["event_id"] == body["event_ids"][0]
     await server.gateway.shutdown()
     assert await asyncio.wait_for(task, 10) == 0
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_listen_since_resumes(make_server):
+    server = await make_server()
+    _, first = await server.post(event())
+    _, missed = await server.post(event(data={"n": 1}))
+    out = io.StringIO()
+    task = asyncio.ensure_future(listen(server.ws_url, "admin-token",
+                                        [f"customer_id:{CUSTOMER}"],
+                                        since=first["event_ids"][0], out=out))
+    while out.getvalue().count("\n") < 3:
+        await asyncio.sleep(0.01)
+    connected, subscribed, replayed = (json.loads(x) for x in out.getvalue().splitlines())
+    assert subscribed["recovered"] is True
+    assert replayed["event_id"] == missed["event_ids"][0]
+    await server.gateway.shutdown()
+    assert await asyncio.wait_for(task, 10) == 0
