@@ -8,6 +8,7 @@ import logging
 from typing import Any
 from urllib.parse import urlsplit
 
+import tornado.httputil
 import tornado.iostream
 import tornado.web
 import tornado.websocket
@@ -15,6 +16,7 @@ import tornado.websocket
 from wsgate.errors import HTTPFailure
 from wsgate.gateway import Connection, ConnectionRefused, Gateway
 from wsgate.plugins import Principal, Refused, Unavailable
+from wsgate.protocol import ws_frame
 
 log = logging.getLogger("wsgate.ws")
 
@@ -107,9 +109,27 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         assert self._principal is not None
         if self.ws_connection is not None:
             self.set_nodelay(True)
-        headers = self.request.headers
-        self.conn = self.gateway.open(self, self._principal, self.request.remote_ip or "",
+        request = self.request
+        headers = request.headers
+        self.conn = self.gateway.open(self, self._principal, request.remote_ip or "",
                                       headers.get("Origin"), headers.get("User-Agent"))
+        self._principal = None
+        self._drop_request_state()
+
+    def _drop_request_state(self) -> None:
+        # After the upgrade nothing reads the request's headers, cookies or
+        # arguments, nor the handler's response headers (the handshake is
+        # written): held for every idle connection, they are most of its memory
+        # after Tornado's own objects. Shared empty stand-ins keep the attributes.
+        request = self.request
+        request.headers = _NO_HEADERS
+        request.arguments = request.query_arguments = request.body_arguments = _NO_ARGUMENTS
+        request.files = _NO_FILES
+        request.body = b""
+        request.__dict__.pop("_cookies", None)
+        self._headers = _NO_HEADERS
+        self.path_args = []
+        self.path_kwargs = _NO_KWARGS
 
     async def on_message(self, message: str | bytes) -> None:
         # Tornado awaits this before reading the next frame, so a connection's
@@ -129,13 +149,16 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
     _out_size = 0
 
     def send_text(self, text: str) -> None:
-        # Queued event frames go first: a reply never overtakes earlier events.
-        if self._out is not None:
-            self._flush_out()
-        try:
-            self.write_message(text)
-        except tornado.websocket.WebSocketClosedError:
-            pass
+        # Framed here and written with the queued event frames, in one write, after
+        # them: a reply never overtakes earlier events. write_message would make a
+        # Task and two Futures per reply (its result is never awaited here).
+        frame = ws_frame(text.encode())
+        out = self._out
+        if out is None:
+            self._out = [frame]
+        else:
+            out.append(frame)
+        self._flush_out()
 
     def send_wire(self, frame: bytes) -> None:
         """Queue an event frame; every frame queued for this connection during one
@@ -193,6 +216,13 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         super().close(code, reason)
+
+
+# Shared, never written to: see WebSocketHandler._drop_request_state.
+_NO_HEADERS = tornado.httputil.HTTPHeaders()
+_NO_ARGUMENTS: dict[str, list[bytes]] = {}
+_NO_FILES: dict[str, Any] = {}
+_NO_KWARGS: dict[str, Any] = {}
 
 
 class _Flusher:
