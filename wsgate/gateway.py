@@ -366,8 +366,8 @@ class Gateway:
         conn.transport.send_text(protocol.bad_request(message))
 
     def _record(self, conn: Connection, action: str, topic: str, outcome: str,
-                code: str = "") -> AuditRecord:
-        return AuditRecord(utcnow(), conn.info, action, topic, outcome, code)
+                code: str = "", when: datetime | None = None) -> AuditRecord:
+        return AuditRecord(when or utcnow(), conn.info, action, topic, outcome, code)
 
     def _decide(self, principal: Principal, topic: Topic, action: str) -> Decision:
         try:
@@ -389,32 +389,35 @@ class Gateway:
         records: list[AuditRecord] = []
         fresh: set[str] = set()
         room = self._max_subs - len(conn.subscriptions)
+        # One time for the rows of one message: they are one request.
+        now = utcnow()
         for text in msg.topics:
             try:
                 topic = parse_topic(text)
             except TopicError as exc:
                 rejected.append(protocol.rejection(text, errors.INVALID_TOPIC, str(exc)))
                 records.append(self._record(conn, SUBSCRIBE, text, REJECTED,
-                                            errors.INVALID_TOPIC))
+                                            errors.INVALID_TOPIC, when=now))
                 continue
             if text in conn.subscriptions or text in fresh:
                 accepted.append(topic)
-                records.append(self._record(conn, SUBSCRIBE, text, ACCEPTED))
+                records.append(self._record(conn, SUBSCRIBE, text, ACCEPTED, when=now))
                 continue
             decision = self._decide(conn.principal, topic, SUBSCRIBE)
             if not decision.allowed:
                 rejected.append(protocol.rejection(text, decision.code, decision.message))
-                records.append(self._record(conn, SUBSCRIBE, text, REJECTED, decision.code))
+                records.append(self._record(conn, SUBSCRIBE, text, REJECTED, decision.code,
+                                            when=now))
             elif room <= 0:
                 message = f"this connection already holds its limit of {self._max_subs} topics"
                 rejected.append(protocol.rejection(text, errors.LIMIT_EXCEEDED, message))
                 records.append(self._record(conn, SUBSCRIBE, text, REJECTED,
-                                            errors.LIMIT_EXCEEDED))
+                                            errors.LIMIT_EXCEEDED, when=now))
             else:
                 room -= 1
                 fresh.add(text)
                 accepted.append(topic)
-                records.append(self._record(conn, SUBSCRIBE, text, ACCEPTED))
+                records.append(self._record(conn, SUBSCRIBE, text, ACCEPTED, when=now))
         started = time.perf_counter()
         try:
             await self.audit.write_subscribes(records)

@@ -75,7 +75,9 @@ def format_time(when: datetime) -> str:
     if when.tzinfo is None:
         raise ValueError("audit times must be timezone-aware")
     # isoformat is several times faster than strftime, and this runs for every row.
-    return when.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    if when.tzinfo is not UTC:
+        when = when.astimezone(UTC)
+    return when.isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def parse_stored_time(text: str) -> datetime:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import operator
 import threading
 import time
 from collections import deque
@@ -103,11 +104,27 @@ def event_row(ev: EventRecord) -> dict[str, Any]:
 
 @dataclass(eq=False)
 class _Job:
-    entries: list[Entry]
+    #: Stored rows, or the records they are made from (see entries()).
+    items: Sequence[AuditRecord] | Sequence[EventRecord] | list[Entry]
     #: Fail closed (subscribes) rather than journal (ends, events).
     strict: bool
     loop: asyncio.AbstractEventLoop | None
     future: asyncio.Future[None] | None
+    #: How items become entries; None when items are entries already.
+    kind: str | None = None
+
+    def entries(self) -> list[Entry]:
+        """The job's entries, converted on the writer thread (off the event loop).
+
+        The records' times were checked by _submit, so converting cannot fail.
+        """
+        kind = self.kind
+        if kind is None:
+            return self.items  # type: ignore[return-value]
+        convert: Any = record_row if kind == chain.CHAIN_ROWS else event_row
+        out: list[Entry] = [(kind, convert(item)) for item in self.items]
+        self.items, self.kind = out, None
+        return out
 
 
 class AuditWriter:
@@ -187,7 +204,7 @@ class AuditWriter:
             return
         if not self._running():
             raise AuditUnavailable("the audit writer is not running")
-        await self._submit([(chain.CHAIN_ROWS, record_row(r)) for r in records], strict=True)
+        await self._submit(records, strict=True, kind=chain.CHAIN_ROWS)
 
     async def write_ends(self, records: Sequence[AuditRecord]) -> None:
         """Record unsubscribe/disconnect rows: in the store, else in the journal.
@@ -196,12 +213,12 @@ class AuditWriter:
             RuntimeError: the writer is closed (close it last).
         """
         if records:
-            await self._submit([(chain.CHAIN_ROWS, record_row(r)) for r in records], strict=False)
+            await self._submit(records, strict=False, kind=chain.CHAIN_ROWS)
 
     async def write_events(self, events: Sequence[EventRecord]) -> None:
         """Record ingested events (when ``record_events`` is on); same rule as write_ends."""
         if events and self.config.record_events:
-            await self._submit([(chain.CHAIN_EVENTS, event_row(e)) for e in events], strict=False)
+            await self._submit(events, strict=False, kind=chain.CHAIN_EVENTS)
 
     def healthy(self) -> bool:
         """True when the last attempt to write reached the store."""
@@ -224,16 +241,24 @@ class AuditWriter:
     def _running(self) -> bool:
         return (not self._closed and self._thread is not None and self._thread.is_alive())
 
-    async def _submit(self, entries: list[Entry], strict: bool) -> None:
+    async def _submit(self, items: Sequence[AuditRecord] | Sequence[EventRecord], strict: bool,
+                      kind: str) -> None:
+        # The records go to the writer thread as they are: making rows of them
+        # (time formatting, text cleaning) is done there, off the event loop.
+        # Only what would make that fail is checked here, where the caller hears of it.
+        for item in items:
+            when = item.occurred_at if isinstance(item, AuditRecord) else item.published_at
+            if when.tzinfo is None:
+                raise ValueError("audit times must be timezone-aware")
         if not self._running():
             raise RuntimeError("the audit writer is not running: start it first, close it last")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        job = _Job(entries, strict, loop, future)
+        job = _Job(items, strict, loop, future, kind)
         with self._cond:
             was_idle = not self._queue
             self._queue.append(job)
-            self._queued_rows += len(entries)
+            self._queued_rows += len(items)
             # Wake the writer only when it may be idle or a full group is ready;
             # otherwise it wakes at its group deadline anyway (fewer context switches).
             if was_idle or self._queued_rows >= self.config.group_commit_max_rows:
@@ -340,11 +365,11 @@ class AuditWriter:
                                 break
                             self._cond.wait(remaining)
                     taken = 0
-                    while self._queue and (not jobs or taken + len(self._queue[0].entries)
+                    while self._queue and (not jobs or taken + len(self._queue[0].items)
                                            <= max_rows):
                         job = self._queue.popleft()
                         jobs.append(job)
-                        taken += len(job.entries)
+                        taken += len(job.items)
                     self._queued_rows -= taken
                 elif self._stopping:
                     return
@@ -371,7 +396,7 @@ class AuditWriter:
         self._healthy = True
 
     def _process(self, jobs: list[_Job]) -> None:
-        entries = [e for job in jobs for e in job.entries]
+        entries = [e for job in jobs for e in job.entries()]
         error: Exception | None = None
         if time.monotonic() < self._retry_at:
             error = AuditUnavailable("the audit store is unavailable (retrying)")
@@ -387,7 +412,7 @@ class AuditWriter:
         if error is None:
             self._settle_jobs(jobs, None)
             return
-        keep = [e for job in jobs if not job.strict for e in job.entries]
+        keep = [e for job in jobs if not job.strict for e in job.entries()]
         if keep:
             self._to_journal(keep)
         self._settle_jobs([j for j in jobs if j.strict], error)
@@ -546,7 +571,8 @@ def _insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
         return
     sql = (f"INSERT INTO {table.name} ({', '.join(cols)}) "
            f"VALUES ({', '.join(mark for _ in cols)})")
-    conn.exec_driver_sql(sql, [tuple(r[c] for c in cols) for r in rows])
+    values = operator.itemgetter(*cols)
+    conn.exec_driver_sql(sql, [values(r) for r in rows])
 
 
 def _settle(items: _Settlement) -> None:
