@@ -28,7 +28,7 @@ import resource
 import sys
 import time
 import uuid
-from typing import Any
+from typing import Any, cast
 
 MARK = b'"type":"bench_tick"'
 _TS = re.compile(rb'"ts":([0-9.]+),"seq":([0-9]+)')
@@ -107,9 +107,9 @@ class Client(asyncio.Protocol):
         self.lost = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.write(self.request)
+        # uvloop's TCPTransport is not an asyncio.Transport subclass, but has its methods.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(self.request)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.stats.closed += 1
