@@ -28,6 +28,7 @@ from wsgate.plugins import (
     Authorizer,
     build_plugin,
 )
+from wsgate.websocket import ConnectionRegistry
 
 log = logging.getLogger("wsgate")
 access_log = logging.getLogger("wsgate.access")
@@ -118,8 +119,9 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
 def make_app(gateway: Gateway) -> tornado.web.Application:
     """The Tornado application serving gateway."""
     s = gateway.config.server
+    registry = ConnectionRegistry(s.ping_interval, s.ping_timeout)
     routes: list[Any] = [
-        (r"/v1\.0/ws", WebSocketHandler, {"gateway": gateway}),
+        (r"/v1\.0/ws", WebSocketHandler, {"gateway": gateway, "registry": registry}),
         (r"/v1\.0/events", IngestHandler,
          {"gateway": gateway, "state": IngestState(gateway.config.ingest)}),
         (r"/healthz", HealthHandler),
@@ -131,10 +133,9 @@ def make_app(gateway: Gateway) -> tornado.web.Application:
         routes,
         default_handler_class=NotFoundHandler,
         log_function=log_request,
-        websocket_ping_interval=s.ping_interval,
-        websocket_ping_timeout=s.ping_timeout,
-        websocket_max_message_size=s.max_message_size,
         compress_response=False,
+        # Read by make_server only: the upgraded connections it must close too.
+        websocket_registry=registry,
     )
 
 
@@ -178,9 +179,21 @@ def serve_metrics(gateway: Gateway, sockets: list[socket.socket] | None = None
     return server
 
 
+class GatewayHTTPServer(tornado.httpserver.HTTPServer):
+    """Tornado's HTTP server, whose ``close_all_connections`` also closes the
+    WebSocket connections that left it at the upgrade."""
+
+    websockets: ConnectionRegistry | None = None
+
+    async def close_all_connections(self) -> None:
+        await super().close_all_connections()
+        if self.websockets is not None:
+            await self.websockets.close_all()
+
+
 def make_server(app: tornado.web.Application, config: Config) -> tornado.httpserver.HTTPServer:
     s = config.server
-    return tornado.httpserver.HTTPServer(
+    server = GatewayHTTPServer(
         app,
         xheaders=False,
         idle_connection_timeout=s.idle_connection_timeout,
@@ -188,6 +201,8 @@ def make_server(app: tornado.web.Application, config: Config) -> tornado.httpser
         max_body_size=config.ingest.max_body_bytes + 1,
         max_header_size=16 * 1024,
     )
+    server.websockets = app.settings.get("websocket_registry")
+    return server
 
 
 async def serve(config: Config, sockets: list[socket.socket] | None = None) -> None:

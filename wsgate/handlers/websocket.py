@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import logging
 from typing import Any
 from urllib.parse import urlsplit
 
-import tornado.httputil
 import tornado.iostream
 import tornado.web
-import tornado.websocket
 
 from wsgate.errors import HTTPFailure
-from wsgate.gateway import Connection, ConnectionRefused, Gateway
+from wsgate.gateway import ConnectionRefused, Gateway
 from wsgate.plugins import Principal, Refused, Unavailable
-from wsgate.protocol import ws_frame
+from wsgate.websocket import ConnectionRegistry, WebSocketConnection
 
 log = logging.getLogger("wsgate.ws")
 
@@ -45,13 +45,18 @@ def credential_from(handler: tornado.web.RequestHandler) -> str | None:
     return cookie or None
 
 
-class WebSocketHandler(tornado.websocket.WebSocketHandler):
-    """Checks origin and credential before the upgrade, then relays frames to the gateway."""
+class WebSocketHandler(tornado.web.RequestHandler):
+    """Checks origin, credential and limits, answers the RFC 6455 handshake, then
+    hands the socket to a :class:`wsgate.websocket.WebSocketConnection`.
 
-    def initialize(self, gateway: Gateway) -> None:
+    Tornado serves the HTTP part only: once the 101 is written (and logged) the
+    connection is detached from Tornado's HTTP server and its IOStream, and
+    driven by asyncio directly (plain TCP; TLS ends at the load balancer).
+    """
+
+    def initialize(self, gateway: Gateway, registry: ConnectionRegistry) -> None:
         self.gateway = gateway
-        self.conn: Connection | None = None
-        self._principal: Principal | None = None
+        self.registry = registry
 
     def _refuse(self, failure: HTTPFailure) -> None:
         self.set_status(failure.status)
@@ -94,170 +99,72 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         except ConnectionRefused as exc:
             self._refuse(exc.failure)
             return
-        self._principal = principal
-        await super().get(*args, **kwargs)
+        accept = self._handshake()
+        if accept is None:
+            return
+        await self._upgrade(accept, principal)
 
-    def check_origin(self, origin: str) -> bool:
-        # Checked in get(), before the authenticator is asked.
-        return True
+    def _handshake(self) -> str | None:
+        """The Sec-WebSocket-Accept value, or None after refusing a bad handshake
+        (the answers Tornado's WebSocketHandler gives: 400, or 426 for a version)."""
+        headers = self.request.headers
+        if headers.get("Upgrade", "").lower() != "websocket":
+            self._refuse(HTTPFailure(400, "bad_request", 'can "Upgrade" only to "websocket"'))
+            return None
+        if "upgrade" not in (s.strip().lower() for s in headers.get("Connection", "").split(",")):
+            self._refuse(HTTPFailure(400, "bad_request", '"Connection" must be "Upgrade"'))
+            return None
+        if headers.get("Sec-WebSocket-Version") not in ("7", "8", "13"):
+            self.set_header("Sec-WebSocket-Version", "13")
+            self._refuse(HTTPFailure(426, "upgrade_required", "WebSocket version 13 only"))
+            return None
+        key = headers.get("Sec-WebSocket-Key", "")
+        try:
+            valid = len(base64.b64decode(key, validate=True)) == 16
+        except ValueError:
+            valid = False
+        if not valid or not headers.get("Host"):
+            self._refuse(HTTPFailure(400, "bad_request", "missing or invalid WebSocket headers"))
+            return None
+        digest = hashlib.sha1(key.encode() + WEBSOCKET_GUID).digest()
+        return base64.b64encode(digest).decode()
 
-    def get_compression_options(self) -> None:
-        # No permessage-deflate: event frames are framed once and shared (protocol.ws_frame).
-        return None
-
-    def open(self, *args: Any, **kwargs: Any) -> None:
-        assert self._principal is not None
-        if self.ws_connection is not None:
-            self.set_nodelay(True)
+    async def _upgrade(self, accept: str, principal: Principal) -> None:
         request = self.request
         headers = request.headers
-        self.conn = self.gateway.open(self, self._principal, request.remote_ip or "",
-                                      headers.get("Origin"), headers.get("User-Agent"))
-        self._principal = None
-        self._drop_request_state()
-
-    def _drop_request_state(self) -> None:
-        # After the upgrade nothing reads the request's headers, cookies or
-        # arguments, nor the handler's response headers (the handshake is
-        # written): held for every idle connection, they are most of its memory
-        # after Tornado's own objects. Shared empty stand-ins keep the attributes.
-        request = self.request
-        request.headers = _NO_HEADERS
-        request.arguments = request.query_arguments = request.body_arguments = _NO_ARGUMENTS
-        request.files = _NO_FILES
-        request.body = b""
-        request.__dict__.pop("_cookies", None)
-        self._headers = _NO_HEADERS
-        self.path_args = []
-        self.path_kwargs = _NO_KWARGS
-
-    async def on_message(self, message: str | bytes) -> None:
-        # Tornado awaits this before reading the next frame, so a connection's
-        # messages are handled one at a time, in order.
-        if self.conn is not None:
-            await self.gateway.handle_message(self.conn, message)
-
-    def on_close(self) -> None:
-        if self.conn is not None:
-            # close_code: what the peer sent (None when it gave none).
-            self.gateway.disconnected(self.conn, self.close_code)
-
-    # -- Transport ---------------------------------------------------------
-
-    # Event frames queued by send_wire, written by _flush_out in one write.
-    _out: list[bytes] | None = None
-    _out_size = 0
-
-    def send_text(self, text: str) -> None:
-        # Framed here and written with the queued event frames, in one write, after
-        # them: a reply never overtakes earlier events. write_message would make a
-        # Task and two Futures per reply (its result is never awaited here).
-        frame = ws_frame(text.encode())
-        out = self._out
-        if out is None:
-            self._out = [frame]
-        else:
-            out.append(frame)
-        self._flush_out()
-
-    def send_wire(self, frame: bytes) -> None:
-        """Queue an event frame; every frame queued for this connection during one
-        loop iteration goes out in one write at the start of the next (see
-        _flush_out). ``pending_bytes`` counts the queued bytes."""
-        out = self._out
-        if out is not None:
-            out.append(frame)
-            self._out_size += len(frame)
-        elif self.ws_connection is not None:
-            # A closing connection is checked once, when the queue is written.
-            self._out = [frame]
-            self._out_size = len(frame)
-            _flusher_for(asyncio.get_running_loop()).handlers.append(self)
-
-    def _flush_out(self) -> None:
-        out = self._out
-        if out is None:
-            return
-        self._out = None
-        self._out_size = 0
-        ws = self.ws_connection
-        if ws is None or ws.is_closing():
-            return
-        data = out[0] if len(out) == 1 else b"".join(out)
-        stream: Any = ws.stream
-        # IOStream.write makes a Future and its bookkeeping on every call. When
-        # the stream has nothing buffered, hand the bytes to the socket directly
-        # (nothing can be reordered: the stream is empty), and give only what the
-        # kernel did not take to the stream, which then waits for writability.
-        # Plain sockets only: TLS streams keep their own state.
-        if type(stream) is tornado.iostream.IOStream and \
-                stream._total_write_index == stream._total_write_done_index:
+        self.clear_header("Content-Type")
+        self.set_status(101)
+        self.set_header("Upgrade", "websocket")
+        self.set_header("Connection", "Upgrade")
+        self.set_header("Sec-WebSocket-Accept", accept)
+        self.finish()  # writes the 101 and the access log line
+        connection: Any = request.connection
+        # Any: the stream's private counters and buffers are read below.
+        stream: Any = connection.detach()
+        if stream._total_write_index != stream._total_write_done_index:
+            # The 101 did not fit in the socket at once: let the stream finish it.
             try:
-                sent = stream.socket.send(data)
-            except OSError:
-                # EAGAIN, or an error that the stream reports and closes on below.
-                sent = 0
-            if sent == len(data):
+                await stream.write(b"")
+            except tornado.iostream.StreamClosedError:
                 return
-            data = data[sent:]
+        sock = stream.socket
+        if stream.closed() or sock is None:
+            return
+        # What the client sent behind its handshake, already read by the stream.
+        initial = bytes(stream._read_buffer[:stream._read_buffer_size])
+        # The socket leaves Tornado: no more IOStream callbacks on it.
+        stream.io_loop.remove_handler(sock)
+        protocol = WebSocketConnection(self.gateway, self.registry, principal,
+                                       request.remote_ip or "", headers.get("Origin"),
+                                       headers.get("User-Agent"), initial)
         try:
-            stream.write(data)
-        except tornado.iostream.StreamClosedError:
-            pass
-
-    def pending_bytes(self) -> int:
-        ws = self.ws_connection
-        if ws is None:
-            return self._out_size
-        stream: Any = ws.stream
-        # Queued frames plus what the stream holds: Tornado keeps these counters
-        # for write futures; their difference is what the kernel has not accepted yet.
-        return self._out_size + int(stream._total_write_index - stream._total_write_done_index)
-
-    def close(self, code: int | None = None, reason: str | None = None) -> None:
-        super().close(code, reason)
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: protocol, sock)
+        except OSError:
+            log.info("the client left during the upgrade")
+            sock.close()
 
 
-# Shared, never written to: see WebSocketHandler._drop_request_state.
-_NO_HEADERS = tornado.httputil.HTTPHeaders()
-_NO_ARGUMENTS: dict[str, list[bytes]] = {}
-_NO_FILES: dict[str, Any] = {}
-_NO_KWARGS: dict[str, Any] = {}
-
-
-class _Flusher:
-    """Writes the frames queued by send_wire, once per loop iteration, for every
-    connection that queued some (one per event loop: tests run several)."""
-
-    __slots__ = ("loop", "handlers")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.handlers: list[WebSocketHandler] = []
-
-    def run(self) -> None:
-        global _flusher
-        if _flusher is self:
-            _flusher = None
-        for handler in self.handlers:
-            try:
-                handler._flush_out()
-            except Exception:
-                # One broken connection must not keep the others' frames unsent.
-                log.exception("writing queued frames failed")
-
-
-_flusher: _Flusher | None = None
-
-
-def _flusher_for(loop: asyncio.AbstractEventLoop) -> _Flusher:
-    """The flusher that runs at this loop's next iteration."""
-    global _flusher
-    flusher = _flusher
-    if flusher is None or flusher.loop is not loop:
-        flusher = _flusher = _Flusher(loop)
-        loop.call_soon(flusher.run)
-    return flusher
+WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 def scrub_uri(uri: str) -> str:

@@ -1,0 +1,499 @@
+"""The WebSocket connection layer: RFC 6455 framing on a plain ``asyncio.Protocol``.
+
+The Tornado handler (wsgate/handlers/websocket.py) answers the upgrade and
+hands the socket over; from then on a connection is one
+:class:`WebSocketConnection` (a protocol object with ``__slots__``) and the
+asyncio transport under it. Compared with Tornado's WebSocket layer it keeps no
+paused coroutine, no IOStream queues and no timer per connection, and makes no
+Task per received message: frames are parsed in ``data_received``, and one
+Task exists only while a connection has messages waiting to be handled.
+
+Plain TCP only: TLS is terminated in front of wsgate (at the load balancer).
+
+Liveness is one :class:`ConnectionRegistry` per node: a single periodic timer
+pings each connection that has been silent for ``ping_interval`` and aborts
+those that have not answered ``ping_timeout`` later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+
+from wsgate import errors
+from wsgate.gateway import Connection, Gateway
+from wsgate.plugins import Principal
+from wsgate.protocol import ws_frame
+
+try:
+    # Tornado's C helper (tornado.speedups) when built; a pure Python fallback otherwise.
+    from tornado.util import _websocket_mask as websocket_mask
+except ImportError:  # pragma: no cover
+    def websocket_mask(mask: bytes, data: bytes) -> bytes:
+        n = len(data)
+        key = int.from_bytes((mask * (n // 4 + 1))[:n], "little")
+        return (int.from_bytes(data, "little") ^ key).to_bytes(n, "little")
+
+log = logging.getLogger("wsgate.ws")
+
+#: Seconds a closing connection waits for the peer's close frame (or for its
+#: unsent bytes to drain) before the socket is aborted.
+CLOSE_TIMEOUT = 2.0
+#: Messages waiting to be handled before the connection stops reading (the
+#: kernel buffers, then TCP flow control, hold the rest).
+INBOX_LIMIT = 32
+
+# _CLOSING: our close frame is sent, frames are still read for the peer's.
+# _FAILED: closed for a protocol error; what the peer sends is no longer read.
+_OPEN, _CLOSING, _FAILED, _CLOSED = 0, 1, 2, 3
+_PING = b"\x89\x00"
+# Close codes a peer may send (RFC 6455 §7.4): 1004-1006 and 1015 are reserved.
+_PEER_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013,
+                         1014))
+
+
+def close_frame(code: int | None, reason: str = "") -> bytes:
+    """A server close frame; the reason is cut to fit the 125-byte control frame limit."""
+    if code is None:
+        return b"\x88\x00"
+    raw = reason.encode()[:123].decode(errors="ignore").encode()
+    payload = code.to_bytes(2, "big") + raw
+    return bytes((0x88, len(payload))) + payload
+
+
+class WebSocketConnection(asyncio.Protocol):
+    """One upgraded client connection: the gateway's ``Transport`` for it.
+
+    Made by the upgrade handler with what ``Gateway.open`` needs; the
+    connection is opened with the gateway once the transport exists
+    (``connection_made``), and ``Gateway.disconnected`` is called exactly once,
+    with the peer's close code when it sent one.
+    """
+
+    __slots__ = ("gateway", "registry", "conn", "transport", "state", "buf", "need",
+                 "frag", "frag_opcode", "frag_size", "out", "out_size", "seen", "idle_since",
+                 "ping_at", "inbox", "task", "close_timer", "opening")
+
+    def __init__(self, gateway: Gateway, registry: ConnectionRegistry, principal: Principal,
+                 remote_addr: str, origin: str | None, user_agent: str | None,
+                 initial: bytes) -> None:
+        self.gateway = gateway
+        self.registry = registry
+        self.conn: Connection | None = None
+        self.transport: asyncio.Transport | None = None
+        self.state = _OPEN
+        # Unparsed input, and how many bytes of it the next frame needs.
+        self.buf = bytearray(initial)
+        self.need = 2
+        # The data frames of a fragmented message so far.
+        self.frag: list[bytes] | None = None
+        self.frag_opcode = 0
+        self.frag_size = 0
+        # Frames queued by send_wire, written by _flush_out in one write.
+        self.out: list[bytes] | None = None
+        self.out_size = 0
+        # Liveness, read and written by the registry's timer.
+        self.seen = False
+        self.idle_since = 0.0
+        self.ping_at = 0.0
+        self.inbox: deque[str | bytes] | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.close_timer: asyncio.TimerHandle | None = None
+        self.opening: tuple[Principal, str, str | None, str | None] | None = (
+            principal, remote_addr, origin, user_agent)
+
+    # -- asyncio.Protocol ----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.idle_since = self.registry.loop.time()
+        self.registry.add(self)
+        assert self.opening is not None
+        principal, remote_addr, origin, user_agent = self.opening
+        self.opening = None
+        self.conn = self.gateway.open(self, principal, remote_addr, origin, user_agent)
+        if self.buf:
+            # Frames the client sent right behind its handshake.
+            self.data_received(b"")
+
+    def data_received(self, data: bytes) -> None:
+        self.seen = True
+        if self.state >= _FAILED:
+            return
+        buf = self.buf
+        if buf:
+            buf += data
+            if len(buf) < self.need:
+                return
+            data = bytes(buf)
+            buf.clear()
+        elif len(data) < self.need:
+            buf += data
+            return
+        self._parse(data)
+
+    def _parse(self, data: bytes) -> None:
+        n = len(data)
+        pos = 0
+        max_size = self.gateway.config.server.max_message_size
+        while self.state < _FAILED:
+            left = n - pos
+            if left < 2:
+                self.need = 2
+                break
+            b0 = data[pos]
+            b1 = data[pos + 1]
+            opcode = b0 & 0x0F
+            if not b1 & 0x80:
+                return self._fail(errors.CLOSE_PROTOCOL_ERROR, "client frames must be masked")
+            if b0 & 0x70:
+                return self._fail(errors.CLOSE_PROTOCOL_ERROR, "no extension was negotiated")
+            length = b1 & 0x7F
+            head = 6
+            if length == 126:
+                if left < 4:
+                    self.need = 4
+                    break
+                length = int.from_bytes(data[pos + 2:pos + 4], "big")
+                head = 8
+            elif length == 127:
+                if left < 10:
+                    self.need = 10
+                    break
+                length = int.from_bytes(data[pos + 2:pos + 10], "big")
+                head = 14
+            if opcode >= 8:
+                if opcode > 10:
+                    return self._fail(errors.CLOSE_PROTOCOL_ERROR, "unknown opcode")
+                if not b0 & 0x80 or length > 125:
+                    return self._fail(errors.CLOSE_PROTOCOL_ERROR,
+                                      "control frames must be whole and at most 125 bytes")
+            elif opcode > 2:
+                return self._fail(errors.CLOSE_PROTOCOL_ERROR, "unknown opcode")
+            elif (opcode == 0) is (self.frag is None):
+                return self._fail(errors.CLOSE_PROTOCOL_ERROR,
+                                  "continuation frame without a message" if opcode == 0
+                                  else "new message inside a fragmented one")
+            elif length + self.frag_size > max_size:
+                # Checked on the header: the payload is never buffered.
+                return self._fail(errors.CLOSE_TOO_BIG, "message too big")
+            end = pos + head + length
+            if end > n:
+                self.need = end - pos
+                break
+            payload = websocket_mask(data[pos + head - 4:pos + head], data[pos + head:end])
+            pos = end
+            if opcode >= 8:
+                self._control(opcode, payload)
+            elif not b0 & 0x80:
+                if self.frag is None:
+                    self.frag = [payload]
+                    self.frag_opcode = opcode
+                else:
+                    self.frag.append(payload)
+                self.frag_size += length
+            elif self.frag is None:
+                self._message(opcode, payload)
+            else:
+                self.frag.append(payload)
+                whole = b"".join(self.frag)
+                opcode = self.frag_opcode
+                self.frag = None
+                self.frag_size = 0
+                self._message(opcode, whole)
+        if pos < n and self.state < _FAILED:
+            self.buf += data[pos:] if pos else data
+
+    def _control(self, opcode: int, payload: bytes) -> None:
+        if opcode == 9:
+            if self.state == _OPEN and self.transport is not None:
+                self.transport.write(bytes((0x8A, len(payload))) + payload)
+        elif opcode == 8:
+            self._peer_closed(payload)
+        # A pong (10) only proves the peer alive: data_received noted it.
+
+    def _message(self, opcode: int, payload: bytes) -> None:
+        if self.state != _OPEN:
+            return
+        message: str | bytes
+        if opcode == 1:
+            try:
+                message = payload.decode()
+            except UnicodeDecodeError:
+                return self._fail(errors.CLOSE_INVALID_DATA, "text frame is not valid UTF-8")
+        else:
+            message = payload
+        inbox = self.inbox
+        if inbox is None:
+            inbox = self.inbox = deque()
+        inbox.append(message)
+        if self.task is None:
+            self.task = asyncio.ensure_future(self._handle_inbox())
+        elif len(inbox) >= INBOX_LIMIT and self.transport is not None:
+            self.transport.pause_reading()
+
+    async def _handle_inbox(self) -> None:
+        # One message at a time, in order: each may wait for the audit store.
+        inbox = self.inbox
+        conn = self.conn
+        assert inbox is not None and conn is not None
+        handle = self.gateway.handle_message
+        try:
+            while inbox and not conn.closed:
+                message = inbox.popleft()
+                try:
+                    await handle(conn, message)
+                except Exception:
+                    log.exception("handling a client message failed")
+        finally:
+            self.task = None
+            inbox.clear()
+            transport = self.transport
+            if transport is not None and self.state == _OPEN and not transport.is_reading():
+                transport.resume_reading()
+
+    def _peer_closed(self, payload: bytes) -> None:
+        code: int | None = None
+        echo: int | None = None
+        if len(payload) >= 2:
+            code = echo = int.from_bytes(payload[:2], "big")
+            if code not in _PEER_CODES and not 3000 <= code <= 4999:
+                echo = errors.CLOSE_PROTOCOL_ERROR
+            else:
+                try:
+                    payload[2:].decode()
+                except UnicodeDecodeError:
+                    echo = errors.CLOSE_INVALID_DATA
+        elif payload:
+            echo = errors.CLOSE_PROTOCOL_ERROR
+        transport = self.transport
+        if self.state == _OPEN and transport is not None:
+            # Peer-initiated: echo its code, then close once the echo is written.
+            self.state = _CLOSING
+            self.out = None
+            self.out_size = 0
+            transport.write(close_frame(echo))
+            self._arm_close_timer()
+        if transport is not None:
+            transport.close()
+        self.state = _CLOSED
+        if self.conn is not None:
+            self.gateway.disconnected(self.conn, code)
+
+    def _fail(self, code: int, reason: str) -> None:
+        """A protocol error by the peer: close with code, through the gateway, and
+        read nothing more (half-close: the peer still gets the close frame)."""
+        self.buf.clear()
+        self.frag = None
+        if self.conn is not None:
+            self.gateway.close_connection(self.conn, code, reason)
+        self.close(code, reason)
+        if self.state == _CLOSING and self.transport is not None:
+            self.state = _FAILED
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+
+    def eof_received(self) -> bool | None:
+        # A half-closed peer will send nothing more, not even a close frame.
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state = _CLOSED
+        self.out = None
+        self.out_size = 0
+        if self.close_timer is not None:
+            self.close_timer.cancel()
+            self.close_timer = None
+        self.registry.discard(self)
+        if self.inbox is not None:
+            self.inbox.clear()
+        if self.conn is not None:
+            self.gateway.disconnected(self.conn, None)
+
+    # -- Transport (wsgate.gateway) -----------------------------------------
+
+    def send_text(self, text: str) -> None:
+        # Written with the queued event frames, after them: a reply never
+        # overtakes earlier events.
+        frame = ws_frame(text.encode())
+        out = self.out
+        if out is None:
+            self.out = [frame]
+        else:
+            out.append(frame)
+        self._flush_out()
+
+    def send_wire(self, frame: bytes) -> None:
+        """Queue an event frame; every frame queued for this connection during one
+        loop iteration goes out in one write at the start of the next (see
+        _flush_out). ``pending_bytes`` counts the queued bytes."""
+        out = self.out
+        if out is not None:
+            out.append(frame)
+            self.out_size += len(frame)
+        elif self.state == _OPEN:
+            self.out = [frame]
+            self.out_size = len(frame)
+            _flusher_for(self.registry.loop).connections.append(self)
+
+    def _flush_out(self) -> None:
+        out = self.out
+        if out is None:
+            return
+        self.out = None
+        self.out_size = 0
+        transport = self.transport
+        if self.state != _OPEN or transport is None:
+            return
+        transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def pending_bytes(self) -> int:
+        transport = self.transport
+        if transport is None or self.state == _CLOSED:
+            return self.out_size
+        return self.out_size + transport.get_write_buffer_size()
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        """Send a close frame and wait briefly for the peer's; the caller reports
+        the close to the gateway (see Gateway.close_connection)."""
+        if self.state != _OPEN:
+            return
+        self.state = _CLOSING
+        # Frames not yet written are dropped: the close frame follows what the
+        # transport already holds.
+        self.out = None
+        self.out_size = 0
+        if self.transport is not None:
+            self.transport.write(close_frame(code, reason or ""))
+            self._arm_close_timer()
+
+    def _arm_close_timer(self) -> None:
+        if self.close_timer is None:
+            self.close_timer = self.registry.loop.call_later(CLOSE_TIMEOUT, self.abort)
+
+    def abort(self) -> None:
+        """Drop the socket now, unsent bytes included (``connection_lost`` follows)."""
+        self.state = _CLOSED
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class ConnectionRegistry:
+    """The node's live WebSocket connections and their one shared pinger.
+
+    Every ``period`` seconds (a quarter of the shorter of ping interval and
+    timeout) one timer walks the connections: a connection that sent anything
+    since the last walk is alive; one silent for ``ping_interval`` gets a ping;
+    one that has not answered ``ping_timeout`` after its ping is aborted (a
+    dead peer would never answer a close frame either).
+    """
+
+    def __init__(self, ping_interval: float, ping_timeout: float) -> None:
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.period = max(0.05, min(ping_interval, ping_timeout) / 4)
+        self.connections: set[WebSocketConnection] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._idle: asyncio.Event | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
+    def add(self, connection: WebSocketConnection) -> None:
+        self.connections.add(connection)
+        if self._timer is None:
+            self._timer = self.loop.call_later(self.period, self._tick)
+
+    def discard(self, connection: WebSocketConnection) -> None:
+        self.connections.discard(connection)
+        if not self.connections:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if self._idle is not None:
+                self._idle.set()
+
+    def _tick(self) -> None:
+        now = self.loop.time()
+        ping_before = now - self.ping_interval
+        dead_before = now - self.ping_timeout
+        dead: list[WebSocketConnection] = []
+        for c in self.connections:
+            if c.seen:
+                c.seen = False
+                c.idle_since = now
+                c.ping_at = 0.0
+            elif c.ping_at:
+                if c.ping_at <= dead_before:
+                    dead.append(c)
+            elif c.idle_since <= ping_before and c.state == _OPEN and c.transport is not None:
+                c.ping_at = now
+                c.transport.write(_PING)
+        for c in dead:
+            log.info("ping timeout: aborting the connection")
+            c.abort()
+        self._timer = self.loop.call_later(self.period, self._tick) if self.connections else None
+
+    async def close_all(self, code: int = errors.CLOSE_GOING_AWAY,
+                        reason: str = "server shutting down") -> None:
+        """Close every connection (close frame, then the usual short wait for the
+        peer's) and return once all are gone; at most about CLOSE_TIMEOUT."""
+        for c in list(self.connections):
+            if c.conn is not None:
+                c.gateway.close_connection(c.conn, code, reason)
+            c.close(code, reason)
+        if self.connections:
+            self._idle = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._idle.wait(), CLOSE_TIMEOUT + 0.5)
+            except TimeoutError:
+                for c in list(self.connections):
+                    c.abort()
+            finally:
+                self._idle = None
+        # Let the transports' connection_lost callbacks run.
+        await asyncio.sleep(0)
+
+
+class _Flusher:
+    """Writes the frames queued by send_wire, once per loop iteration, for every
+    connection that queued some (one per event loop: tests run several)."""
+
+    __slots__ = ("loop", "connections")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.connections: list[WebSocketConnection] = []
+
+    def run(self) -> None:
+        global _flusher
+        if _flusher is self:
+            _flusher = None
+        for connection in self.connections:
+            try:
+                connection._flush_out()
+            except Exception:
+                # One broken connection must not keep the others' frames unsent.
+                log.exception("writing queued frames failed")
+
+
+_flusher: _Flusher | None = None
+
+
+def _flusher_for(loop: asyncio.AbstractEventLoop) -> _Flusher:
+    """The flusher that runs at this loop's next iteration."""
+    global _flusher
+    flusher = _flusher
+    if flusher is None or flusher.loop is not loop:
+        flusher = _flusher = _Flusher(loop)
+        loop.call_soon(flusher.run)
+    return flusher
+
+
