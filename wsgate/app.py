@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -219,6 +220,13 @@ async def serve(config: Config, sockets: list[socket.socket] | None = None) -> N
         sockets = tornado.netutil.bind_sockets(config.server.port, config.server.host)
     server.add_sockets(sockets)
     metrics_server = serve_metrics(gateway)
+    # Everything made so far (modules, plugins, SQLAlchemy, Tornado) lives as
+    # long as the process: left out of the cyclic collector, a full collection
+    # walks only the objects made while serving. Without this, each full
+    # collection walked the whole start-up heap and stalled the loop for tens
+    # of milliseconds (visible in the paced fan-out's p99; docs/performance.md).
+    gc.collect()
+    gc.freeze()
     where = ", ".join("{}:{}".format(*s.getsockname()[:2]) for s in sockets)
     log.info("wsgate serving on %s (node %s, auth %s, permissions %s, audit %s, broker %s)",
              where, gateway.node_id, config.auth.plugin, config.permissions.plugin,
