@@ -426,7 +426,9 @@ class ConnectionRegistry:
         dead_before = now - self.ping_timeout
         dead: list[WebSocketConnection] = []
         for c in self.connections:
-            if c.seen:
+            # A connection whose messages are being handled is alive, even if
+            # its reading is paused (a pong could not be read meanwhile).
+            if c.seen or c.task is not None:
                 c.seen = False
                 c.idle_since = now
                 c.ping_at = 0.0
