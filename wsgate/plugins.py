@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib.metadata import entry_points
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 from wsgate.topics import Topic
 
@@ -159,8 +159,6 @@ class Authorizer(abc.ABC):
     """Base class of authorizers: may this principal do this to this topic?"""
 
     name: str = ""
-    #: Actions the gateway asks about.
-    ACTIONS: ClassVar[tuple[str, ...]] = ("subscribe", "unsubscribe")
 
     def __init__(self, options: Mapping[str, Any]) -> None:
         self.options = options

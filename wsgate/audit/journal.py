@@ -69,13 +69,6 @@ class Journal:
                 log.warning("audit journal %s: line %d is damaged and skipped", self.path, number)
         return entries
 
-    def pending(self) -> bool:
-        """True when the journal holds anything."""
-        try:
-            return self.path.stat().st_size > 0
-        except FileNotFoundError:
-            return False
-
     def clear(self) -> None:
         """Empty the journal (after its entries are committed), durably."""
         if not self.path.exists():

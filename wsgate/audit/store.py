@@ -7,7 +7,6 @@ audit writer thread or a thread executor, the CLI directly.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -419,10 +418,3 @@ def prune(engine: Engine, before: datetime, private_key: Ed25519PrivateKey | Non
     log.info("audit prune before %s: %d rows, %d events deleted", cutoff,
              deleted[chain.CHAIN_ROWS], deleted[chain.CHAIN_EVENTS])
     return PruneResult(deleted[chain.CHAIN_ROWS], deleted[chain.CHAIN_EVENTS], made)
-
-
-def iter_node_ids(conn: Connection) -> Iterator[str]:
-    """Every node id that has written a subscription row."""
-    table = CHAIN_TABLES[chain.CHAIN_ROWS]
-    for (node_id,) in conn.execute(select(table.c.node_id).distinct()):
-        yield str(node_id)
