@@ -10,6 +10,8 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import tornado.httpclient
 import tornado.websocket
 
+from wsgate import errors
+
 
 async def listen(url: str, token: str, topics: list[str], since: str | None = None,
                  out: TextIO | None = None) -> int:
@@ -45,6 +47,6 @@ async def _print_frames(ws: tornado.websocket.WebSocketClientConnection, topics:
         if frame is None:
             print(f"wsgate listen: closed by the server: {ws.close_code} {ws.close_reason or ''}",
                   file=sys.stderr)
-            return 0 if ws.close_code in (1000, 1001) else 1
+            return 0 if ws.close_code in (errors.CLOSE_NORMAL, errors.CLOSE_GOING_AWAY) else 1
         text = frame if isinstance(frame, str) else frame.decode(errors="replace")
         print(text, file=stream, flush=True)
