@@ -128,20 +128,23 @@ class ReplayBuffer:
     by :meth:`flush` after the replay, skipping events the replay already sent.
     """
 
-    __slots__ = ("inner", "frames")
+    __slots__ = ("inner", "frames", "held")
 
     def __init__(self, inner: Transport) -> None:
         self.inner = inner
         self.frames: list[bytes] = []
+        #: Bytes in frames (deliver asks after every frame: no re-summing).
+        self.held = 0
 
     def send_text(self, text: str) -> None:
         self.inner.send_text(text)
 
     def send_wire(self, frame: bytes) -> None:
         self.frames.append(frame)
+        self.held += len(frame)
 
     def pending_bytes(self) -> int:
-        return self.inner.pending_bytes() + sum(len(f) for f in self.frames)
+        return self.inner.pending_bytes() + self.held
 
     def close(self, code: int, reason: str) -> None:
         self.inner.close(code, reason)
@@ -152,6 +155,7 @@ class ReplayBuffer:
                 continue
             self.inner.send_wire(frame)
         self.frames.clear()
+        self.held = 0
 
 
 def _event_id_of(frame: bytes) -> str | None:
