@@ -4,7 +4,7 @@ delivery, and keeps a bounded history per scope for resume."""
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 
 from wsgate.broker import Deliver
@@ -19,8 +19,9 @@ class MemoryBroker:
         self._deliver: Deliver | None = None
         self._size = history.size
         self._ttl = history.ttl
-        #: scope key -> (monotonic publish time, event), oldest first.
-        self._history: dict[str, deque[tuple[float, Event]]] = {}
+        #: scope key -> (monotonic publish time, event), oldest first; the scope
+        #: published to least recently first, so trimming stops at the first live one.
+        self._history: OrderedDict[str, deque[tuple[float, Event]]] = OrderedDict()
 
     async def start(self, deliver: Deliver) -> None:
         self._deliver = deliver
@@ -34,21 +35,27 @@ class MemoryBroker:
 
     def _remember(self, events: Sequence[Event]) -> None:
         now = time.monotonic()
+        history = self._history
         for event in events:
             for scope in {t.scope_key for t in event.topics}:
-                kept = self._history.get(scope)
+                kept = history.get(scope)
                 if kept is None:
-                    kept = self._history[scope] = deque(maxlen=self._size)
+                    kept = history[scope] = deque(maxlen=self._size)
+                else:
+                    history.move_to_end(scope)
                 kept.append((now, event))
-        # Forget scopes whose newest event is past the age limit, so memory
-        # follows the live scopes.
-        if len(self._history) > 1024:
-            self._trim(now)
+        self._trim(now)
 
     def _trim(self, now: float) -> None:
+        """Forget scopes whose newest event is past the age limit, so memory follows
+        the live scopes. The cost is the number forgotten, not the number held."""
         horizon = now - self._ttl
-        for scope in [s for s, kept in self._history.items() if kept[-1][0] < horizon]:
-            del self._history[scope]
+        history = self._history
+        while history:
+            scope, kept = next(iter(history.items()))
+            if kept[-1][0] >= horizon:
+                break
+            del history[scope]
 
     async def history_since(self, scope_key: str, event_id: str) -> list[Event] | None:
         kept = self._history.get(scope_key)
