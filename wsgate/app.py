@@ -10,18 +10,20 @@ import socket
 from typing import Any
 
 import tornado.httpserver
+import tornado.iostream
 import tornado.netutil
 import tornado.web
 
 from wsgate.audit.records import AuditSink
 from wsgate.broker import make_broker
 from wsgate.config import Config
+from wsgate.fasthttp import MAX_HEAD, FastIngestConnection
 from wsgate.gateway import Gateway
 from wsgate.handlers.base import JSONHandler, NotFoundHandler
-from wsgate.handlers.ingest import IngestHandler, IngestState
+from wsgate.handlers.ingest import IngestHandler, IngestService
 from wsgate.handlers.metrics import MetricsHandler, metrics_route
-from wsgate.handlers.websocket import WebSocketHandler, scrub_uri
-from wsgate.logs import IN_MESSAGE
+from wsgate.handlers.websocket import WebSocketHandler
+from wsgate.logs import log_access
 from wsgate.plugins import (
     AUTHENTICATOR_GROUP,
     AUTHORIZER_GROUP,
@@ -32,7 +34,6 @@ from wsgate.plugins import (
 from wsgate.websocket import ConnectionRegistry
 
 log = logging.getLogger("wsgate")
-access_log = logging.getLogger("wsgate.access")
 
 
 def node_id_for(config: Config) -> str:
@@ -92,39 +93,23 @@ class ReadyHandler(JSONHandler):
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
-    """Access log line, with any token in the URL replaced by ``***``.
-
-    Its fields (``status``, ``method``, ``path``, ``remote_addr``,
-    ``duration_ms``, plus a handler's own ``log_fields()``, e.g. ingest's
-    ``events_accepted`` and ``key_id``) are JSON keys in the JSON log format.
-    """
+    """Tornado's access log hook: one line per request (see :func:`log_access`)."""
     status = handler.get_status()
-    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
-    if level == logging.INFO and isinstance(handler, MetricsHandler):
-        # A scrape every few seconds would drown the log; failed scrapes still show.
-        level = logging.DEBUG
-    if not access_log.isEnabledFor(level):
-        return
     req = handler.request
-    path = scrub_uri(req.uri or "")
-    fields: dict[str, Any] = {
-        "status": status, "method": req.method, "path": path, "remote_addr": req.remote_ip,
-        "duration_ms": round(1000.0 * req.request_time(), 1),
-        IN_MESSAGE: ("status", "method", "path")}
     own = getattr(handler, "log_fields", None)
-    if callable(own):
-        fields.update(own())
-    access_log.log(level, "%d %s %s", status, req.method, path, extra=fields)
+    log_access(status, req.method or "", req.uri or "", req.remote_ip or "",
+               req.request_time(), own() if callable(own) else None,
+               quiet=isinstance(handler, MetricsHandler))
 
 
 def make_app(gateway: Gateway) -> tornado.web.Application:
     """The Tornado application serving gateway."""
     s = gateway.config.server
     registry = ConnectionRegistry(s.ping_interval, s.ping_timeout)
+    ingest = IngestService(gateway, gateway.config.ingest)
     routes: list[Any] = [
         (r"/v1\.0/ws", WebSocketHandler, {"gateway": gateway, "registry": registry}),
-        (r"/v1\.0/events", IngestHandler,
-         {"gateway": gateway, "state": IngestState(gateway.config.ingest)}),
+        (r"/v1\.0/events", IngestHandler, {"service": ingest}),
         (r"/healthz", HealthHandler),
         (r"/readyz", ReadyHandler, {"gateway": gateway}),
         metrics_route(gateway.metrics, gateway.config.metrics.keys),
@@ -137,6 +122,8 @@ def make_app(gateway: Gateway) -> tornado.web.Application:
         compress_response=False,
         # Read by make_server only: the upgraded connections it must close too.
         websocket_registry=registry,
+        # Read by make_server only: its keep-alive fast path answers ingest requests.
+        ingest_service=ingest,
     )
 
 
@@ -181,12 +168,49 @@ def serve_metrics(gateway: Gateway, sockets: list[socket.socket] | None = None
 
 
 class GatewayHTTPServer(tornado.httpserver.HTTPServer):
-    """Tornado's HTTP server, whose ``close_all_connections`` also closes the
-    WebSocket connections that left it at the upgrade."""
+    """Tornado's HTTP server, with the ingest fast path in front of it.
+
+    Every accepted connection starts in a :class:`wsgate.fasthttp.FastIngestConnection`,
+    which answers plain keep-alive ingest requests itself and hands the
+    connection to Tornado at the first request that is anything else.
+    ``close_all_connections`` also closes those and the WebSocket connections
+    that left Tornado at the upgrade.
+    """
 
     websockets: ConnectionRegistry | None = None
+    ingest: IngestService | None = None
+    idle_timeout = 60.0
+    body_timeout = 30.0
+
+    def initialize(self, *args: Any, **kwargs: Any) -> None:
+        super().initialize(*args, **kwargs)
+        #: The connections the fast path serves now.
+        self.fast: set[FastIngestConnection] = set()
+
+    def handle_stream(self, stream: tornado.iostream.IOStream, address: Any) -> None:
+        if self.ingest is None or stream.socket is None:
+            super().handle_stream(stream, address)
+            return
+
+        def to_tornado(data: bytes) -> None:
+            if data:
+                # Any: the stream has read nothing yet; its buffer takes what we did.
+                buffered: Any = stream
+                buffered._read_buffer += data
+                buffered._read_buffer_size += len(data)
+            super(GatewayHTTPServer, self).handle_stream(stream, address)
+
+        remote = address[0] if isinstance(address, tuple) else ""
+        conn = FastIngestConnection(stream.socket, remote, self.ingest, self.idle_timeout,
+                                    self.body_timeout, to_tornado, self.fast.discard)
+        self.fast.add(conn)
+        conn.start()
 
     async def close_all_connections(self) -> None:
+        for conn in list(self.fast):
+            conn.drain()
+        while self.fast:  # each in the middle of an answer closes once it is written
+            await asyncio.sleep(0.01)
         await super().close_all_connections()
         if self.websockets is not None:
             await self.websockets.close_all()
@@ -200,9 +224,12 @@ def make_server(app: tornado.web.Application, config: Config) -> tornado.httpser
         idle_connection_timeout=s.idle_connection_timeout,
         body_timeout=s.body_timeout,
         max_body_size=config.ingest.max_body_bytes + 1,
-        max_header_size=16 * 1024,
+        max_header_size=MAX_HEAD,
     )
     server.websockets = app.settings.get("websocket_registry")
+    server.ingest = app.settings.get("ingest_service")
+    server.idle_timeout = s.idle_connection_timeout
+    server.body_timeout = s.body_timeout
     return server
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from wsgate.protocol import CONTROL_TYPES, dumps
@@ -55,9 +55,21 @@ class InvalidEvents(Exception):
         self.details = details
 
 
+class _Stamp:
+    """The date and time part of ``now_rfc3339``, formatted once a second."""
+
+    second = -1
+    text = ""
+
+
 def now_rfc3339() -> str:
     """Current UTC time, RFC 3339 with milliseconds: 2026-11-27T20:43:45.123Z."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    now = time.time()
+    second = int(now)
+    if second != _Stamp.second:
+        _Stamp.text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _Stamp.second = second
+    return f"{_Stamp.text}.{int((now - second) * 1000):03d}Z"
 
 
 def parse_body(body: Any, max_batch: int) -> list[dict[str, Any]]:
@@ -182,17 +194,22 @@ def _validate_one(raw: Any, published_at: str,
     return Event(etype, data_json, tuple(topics), event_id, published_at)
 
 
+def _reject(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+#: One decoder for every body (``json.loads`` with options builds one per call).
+_DECODER = json.JSONDecoder(parse_constant=_reject)
+
+
 def decode_json(body: bytes) -> Any:
     """Decode a request body as strict JSON (no NaN/Infinity).
 
     Raises:
         ValueError: not UTF-8 JSON, or nested too deeply.
     """
-    def reject(name: str) -> Any:
-        raise ValueError(f"{name} is not valid JSON")
-
     try:
-        return json.loads(body.decode("utf-8"), parse_constant=reject)
+        return _DECODER.decode(body.decode("utf-8"))
     except RecursionError:
         raise ValueError("nested too deeply") from None
     except UnicodeDecodeError as exc:

@@ -15,6 +15,7 @@ import json
 import logging
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from wsgate.config import LoggingConfig
 
@@ -22,6 +23,8 @@ from wsgate.config import LoggingConfig
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
     "message", "asctime", "taskName"}
 
+
+access_log = logging.getLogger("wsgate.access")
 
 #: Extra key naming the fields the text message already shows.
 IN_MESSAGE = "in_message"
@@ -83,3 +86,39 @@ def setup_logging(config: LoggingConfig) -> None:
     root.setLevel(config.level)
     # Tornado's own access log would print raw URLs (tokens); ours scrubs them.
     logging.getLogger("tornado.access").setLevel(logging.WARNING)
+
+
+def log_access(status: int, method: str, uri: str, remote: str, seconds: float,
+               own: dict[str, Any] | None = None, quiet: bool = False) -> None:
+    """Access log line, with any token in the URL replaced by ``***``.
+
+    Its fields (``status``, ``method``, ``path``, ``remote_addr``,
+    ``duration_ms``, plus a handler's own fields, e.g. ingest's
+    ``events_accepted`` and ``key_id``) are JSON keys in the JSON log format.
+    ``quiet`` logs a success at DEBUG (metrics scrapes, which would drown the log).
+    """
+    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    if level == logging.INFO and quiet:
+        level = logging.DEBUG
+    if not access_log.isEnabledFor(level):
+        return
+    path = scrub_uri(uri)
+    fields: dict[str, Any] = {
+        "status": status, "method": method, "path": path, "remote_addr": remote,
+        "duration_ms": round(1000.0 * seconds, 1),
+        IN_MESSAGE: ("status", "method", "path")}
+    if own:
+        fields.update(own)
+    access_log.log(level, "%d %s %s", status, method, path, extra=fields)
+
+
+def scrub_uri(uri: str) -> str:
+    """The request URI with the token query value replaced by ``***`` (for logs)."""
+    parts = urlsplit(uri)
+    if not parts.query:
+        return uri
+    pairs = []
+    for pair in parts.query.split("&"):
+        name, sep, _ = pair.partition("=")
+        pairs.append(f"{name}=***" if name == "token" and sep else pair)
+    return parts.path + "?" + "&".join(pairs)

@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -74,6 +74,8 @@ class GatewayMetrics:
             "per node (published_at has millisecond resolution).",
             buckets=LATENCY_BUCKETS, registry=r)
         self._parsed_at = ("", 0.0)
+        #: ``ingest_requests`` children by status (``labels()`` takes a lock per call).
+        self._ingest_by_status: dict[int, Any] = {}
 
     def watch(self, gateway: Gateway) -> None:
         """Serve gateway's state (connections, stats, health) at scrape time."""
@@ -93,7 +95,10 @@ class GatewayMetrics:
     def ingested(self, status: int, accepted: int, seconds: float) -> None:
         """Record one answered ingest request."""
         self.ingest_seconds.observe(seconds)
-        self.ingest_requests.labels(str(status)).inc()
+        counter = self._ingest_by_status.get(status)
+        if counter is None:
+            counter = self._ingest_by_status[status] = self.ingest_requests.labels(str(status))
+        counter.inc()
         if accepted:
             self.ingest_events.inc(accepted)
 

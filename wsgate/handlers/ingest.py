@@ -9,6 +9,10 @@ signature::
 A signed request must be within ``[ingest] signature_window`` seconds of the
 server clock and is accepted once (a replay gets 409). An ``Idempotency-Key``
 header makes a retried POST publish once: the retry gets the first answer.
+
+What an ingest request means lives in :class:`IngestService`, which knows no
+HTTP server: Tornado's :class:`IngestHandler` and the keep-alive fast path in
+:mod:`wsgate.fasthttp` both call it, so both give the same answers.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import hashlib
 import hmac
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any
 
 import tornado.web
@@ -37,6 +42,11 @@ _UNLIMITED = 1 << 62
 def key_id(secret: str, kind: str) -> str:
     """A stable, non-secret name for an ingest key: its kind and a hash prefix."""
     return f"{kind}:{hashlib.sha256(secret.encode()).hexdigest()[:12]}"
+
+
+#: Request headers looked up by lower-case name (Tornado's ``HTTPHeaders``
+#: ignores the case; the fast path's dict holds lower-case names).
+Headers = Mapping[str, str]
 
 
 class ExpiringSet:
@@ -68,25 +78,162 @@ class ExpiringSet:
         self._expire(time.monotonic())
 
 
-class IngestState:
-    """What the ingest endpoint remembers between requests (one per gateway)."""
+class IngestService:
+    """What an ingest request does, whichever HTTP layer read it (one per gateway).
 
-    def __init__(self, config: IngestConfig) -> None:
+    It also remembers what must outlive a request: signatures seen (replays)
+    and answers by ``Idempotency-Key``.
+    """
+
+    def __init__(self, gateway: Gateway, config: IngestConfig) -> None:
+        self.gateway = gateway
         self.config = config
+        self.limit = config.max_body_bytes
         self.bearer = [(k.encode(), key_id(k, "key")) for k in config.keys]
         self.hmac = [(k.encode(), key_id(k, "hmac")) for k in config.hmac_secrets]
         self.seen_signatures = ExpiringSet(2 * config.signature_window)
         self.idempotent = ExpiringSet(24 * 3600.0, max_items=50_000)
 
+    def precheck(self, headers: Headers) -> tuple[HTTPFailure | None, str | None]:
+        """The checks made from the headers alone, before the body is read.
+
+        Returns a failure to answer with (or None), and the Bearer key's id
+        when the request carries a valid one (None for a signed request).
+        """
+        ctype = headers.get("content-type", "")
+        if ctype.split(";")[0].strip().lower() != "application/json":
+            return HTTPFailure(415, "unsupported_media_type",
+                               "send the events as Content-Type: application/json"), None
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return HTTPFailure(413, "payload_too_large",
+                               f"the body is {length} bytes; at most {self.limit} "
+                               "are accepted"), None
+        auth = headers.get("authorization")
+        if auth is not None:
+            scheme, _, value = auth.partition(" ")
+            if scheme.lower() != "bearer" or not value.strip():
+                return HTTPFailure(401, "unauthenticated",
+                                   "the Authorization header must be 'Bearer <ingest key>'"), None
+            given = value.strip().encode()
+            found = None
+            for secret, kid in self.bearer:
+                if hmac.compare_digest(given, secret):
+                    found = kid
+            if found is None:
+                return HTTPFailure(401, "unauthenticated", "the ingest key is not valid"), None
+            return None, found
+        if headers.get("x-wsgate-signature") is None:
+            return HTTPFailure(
+                401, "unauthenticated",
+                "no credentials: send 'Authorization: Bearer <ingest key>' or an "
+                "X-Wsgate-Timestamp and X-Wsgate-Signature header"), None
+        return None, None
+
+    async def complete(self, headers: Headers, body: bytes,
+                       kid: str | None) -> tuple[dict[str, Any], str, int]:
+        """Check a signature (when ``kid`` is None), then publish the body.
+
+        Returns the 202 answer, the key id and the number of events published
+        by this request (0 for an idempotent retry).
+
+        Raises:
+            HTTPFailure: the answer to give instead; nothing was published.
+        """
+        if kid is None:
+            kid = self._check_signature(headers, body)
+        idem = headers.get("idempotency-key")
+        if idem is None:
+            answer = await self._validate_and_publish(body, kid)
+            return answer, kid, answer["accepted"]
+        if not idem or len(idem) > MAX_IDEMPOTENCY_KEY:
+            raise HTTPFailure(400, "bad_request",
+                              f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+        scoped = f"{kid}\x00{idem}"
+        while True:
+            earlier = self.idempotent.get(scoped)
+            if earlier is None:
+                break
+            if not isinstance(earlier, asyncio.Future):
+                return dict(earlier), kid, 0
+            # The same key is being published right now (a concurrent retry):
+            # wait for its answer instead of publishing twice.
+            answer = await asyncio.shield(earlier)
+            if answer is not None:
+                return dict(answer), kid, 0
+        marker: asyncio.Future[dict[str, Any] | None] = \
+            asyncio.get_running_loop().create_future()
+        self.idempotent.put(scoped, marker)
+        try:
+            answer = await self._validate_and_publish(body, kid)
+        except BaseException:
+            self.idempotent.discard(scoped)
+            marker.set_result(None)
+            raise
+        self.idempotent.put(scoped, answer)
+        marker.set_result(answer)
+        return answer, kid, answer["accepted"]
+
+    def _check_signature(self, headers: Headers, body: bytes) -> str:
+        stamp = headers.get("x-wsgate-timestamp", "")
+        signature = headers.get("x-wsgate-signature", "")
+        if not stamp.isdigit() or not signature.startswith("v1="):
+            raise HTTPFailure(401, "unauthenticated",
+                              "X-Wsgate-Timestamp must be unix seconds and X-Wsgate-Signature "
+                              "'v1=<hex HMAC-SHA256>'")
+        window = self.config.signature_window
+        if abs(time.time() - int(stamp)) > window:
+            raise HTTPFailure(401, "unauthenticated",
+                              f"the signature timestamp is more than {window} s from the "
+                              "server's clock")
+        given = signature[3:].strip().lower().encode()
+        message = stamp.encode() + b"." + body
+        found = None
+        for secret, kid in self.hmac:
+            expected = hmac.new(secret, message, hashlib.sha256).hexdigest().encode()
+            if hmac.compare_digest(given, expected):
+                found = kid
+        if found is None:
+            raise HTTPFailure(401, "unauthenticated", "the signature does not match")
+        if self.seen_signatures.get(signature) is not None:
+            raise HTTPFailure(409, "replayed", "this signed request was already received")
+        self.seen_signatures.put(signature, True)
+        return found
+
+    async def _validate_and_publish(self, body: bytes, kid: str) -> dict[str, Any]:
+        if self.gateway.draining:
+            raise HTTPFailure(503, "shutting_down", "the server is shutting down; retry")
+        try:
+            parsed = decode_json(body)
+        except ValueError as exc:
+            raise HTTPFailure(400, "bad_json", f"the body is not valid JSON: {exc}") from None
+        try:
+            raw_events = parse_body(parsed, self.config.max_batch)
+            events = validate_events(raw_events)
+        except OverflowError as exc:
+            raise HTTPFailure(413, "batch_too_large", str(exc)) from None
+        except InvalidEvents as exc:
+            raise HTTPFailure(422, "invalid_event",
+                              f"{len(exc.details)} problem(s); nothing was published",
+                              details=exc.details) from None
+        hashes = [hashlib.sha256(e.data_json.encode()).hexdigest() for e in events]
+        try:
+            await self.gateway.publish(events, kid, hashes)
+        except BrokerUnavailable as exc:
+            raise HTTPFailure(503, "broker_unavailable",
+                              f"events cannot be published now ({exc}); retry") from None
+        return {"accepted": len(events), "event_ids": [e.event_id for e in events]}
+
 
 @tornado.web.stream_request_body
 class IngestHandler(JSONHandler):
-    """Validates, authenticates and publishes a POSTed event or batch."""
+    """Tornado's side of the ingest endpoint: reads the body (chunked, or after
+    ``Expect: 100-continue``, or whatever the fast path leaves to Tornado)
+    and answers what :class:`IngestService` says."""
 
-    def initialize(self, gateway: Gateway, state: IngestState) -> None:
-        self.gateway = gateway
-        self.state = state
-        self.limit = state.config.max_body_bytes
+    def initialize(self, service: IngestService) -> None:
+        self.service = service
+        self.limit = service.limit
         self.chunks: list[bytes] = []
         self.size = 0
         self.key_id: str | None = None
@@ -95,15 +242,9 @@ class IngestHandler(JSONHandler):
         self.accepted = 0
 
     def prepare(self) -> None:
-        ctype = self.request.headers.get("Content-Type", "")
-        if ctype.split(";")[0].strip().lower() != "application/json":
-            self.fail(HTTPFailure(415, "unsupported_media_type",
-                                  "send the events as Content-Type: application/json"))
-            return
-        length = self.request.headers.get("Content-Length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            self.fail(HTTPFailure(413, "payload_too_large",
-                                  f"the body is {length} bytes; at most {self.limit} are accepted"))
+        failure, self.key_id = self.service.precheck(self.request.headers)
+        if failure is not None:
+            self.fail(failure)
             return
         connection: Any = self.request.connection
         if connection is not None:
@@ -112,29 +253,10 @@ class IngestHandler(JSONHandler):
             # first chunk header past its limit, so data_received counts it instead.
             chunked = "Content-Length" not in self.request.headers
             connection.set_max_body_size(_UNLIMITED if chunked else self.limit + 1)
-        auth = self.request.headers.get("Authorization")
-        if auth is not None:
-            scheme, _, value = auth.partition(" ")
-            if scheme.lower() != "bearer" or not value.strip():
-                self.fail(HTTPFailure(401, "unauthenticated",
-                                      "the Authorization header must be 'Bearer <ingest key>'"))
-                return
-            given = value.strip().encode()
-            for secret, kid in self.state.bearer:
-                if hmac.compare_digest(given, secret):
-                    self.key_id = kid
-            if self.key_id is None:
-                self.fail(HTTPFailure(401, "unauthenticated", "the ingest key is not valid"))
-            return
-        if "X-Wsgate-Signature" not in self.request.headers:
-            self.fail(HTTPFailure(
-                401, "unauthenticated",
-                "no credentials: send 'Authorization: Bearer <ingest key>' or an "
-                "X-Wsgate-Timestamp and X-Wsgate-Signature header"))
 
     def on_finish(self) -> None:
-        self.gateway.metrics.ingested(self.get_status(), self.accepted,
-                                      self.request.request_time())
+        self.service.gateway.metrics.ingested(self.get_status(), self.accepted,
+                                              self.request.request_time())
 
     def log_fields(self) -> dict[str, Any]:
         """Fields for this request's access log line (never the key itself)."""
@@ -154,99 +276,15 @@ class IngestHandler(JSONHandler):
             return
         self.chunks.append(chunk)
 
-    def _check_signature(self, body: bytes) -> None:
-        headers = self.request.headers
-        stamp = headers.get("X-Wsgate-Timestamp", "")
-        signature = headers.get("X-Wsgate-Signature", "")
-        if not stamp.isdigit() or not signature.startswith("v1="):
-            raise HTTPFailure(401, "unauthenticated",
-                              "X-Wsgate-Timestamp must be unix seconds and X-Wsgate-Signature "
-                              "'v1=<hex HMAC-SHA256>'")
-        window = self.state.config.signature_window
-        if abs(time.time() - int(stamp)) > window:
-            raise HTTPFailure(401, "unauthenticated",
-                              f"the signature timestamp is more than {window} s from the "
-                              "server's clock")
-        given = signature[3:].strip().lower().encode()
-        message = stamp.encode() + b"." + body
-        for secret, kid in self.state.hmac:
-            expected = hmac.new(secret, message, hashlib.sha256).hexdigest().encode()
-            if hmac.compare_digest(given, expected):
-                self.key_id = kid
-        if self.key_id is None:
-            raise HTTPFailure(401, "unauthenticated", "the signature does not match")
-        if self.state.seen_signatures.get(signature) is not None:
-            raise HTTPFailure(409, "replayed", "this signed request was already received")
-        self.state.seen_signatures.put(signature, True)
-
     async def post(self) -> None:
         if self.too_big:
             self.fail(HTTPFailure(413, "payload_too_large",
                                   f"the body is over {self.limit} bytes"))
             return
-        body = b"".join(self.chunks)
         try:
-            if self.key_id is None:
-                self._check_signature(body)
-            answer = await self._publish(body)
+            answer, self.key_id, self.accepted = await self.service.complete(
+                self.request.headers, b"".join(self.chunks), self.key_id)
         except HTTPFailure as failure:
             self.fail(failure)
             return
         self.write_json(202, answer)
-
-    async def _publish(self, body: bytes) -> dict[str, Any]:
-        idem = self.request.headers.get("Idempotency-Key")
-        if idem is None:
-            return await self._validate_and_publish(body)
-        if not idem or len(idem) > MAX_IDEMPOTENCY_KEY:
-            raise HTTPFailure(400, "bad_request",
-                              f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
-        scoped = f"{self.key_id}\x00{idem}"
-        while True:
-            earlier = self.state.idempotent.get(scoped)
-            if earlier is None:
-                break
-            if not isinstance(earlier, asyncio.Future):
-                return dict(earlier)
-            # The same key is being published right now (a concurrent retry):
-            # wait for its answer instead of publishing twice.
-            answer = await asyncio.shield(earlier)
-            if answer is not None:
-                return dict(answer)
-        marker: asyncio.Future[dict[str, Any] | None] = \
-            asyncio.get_running_loop().create_future()
-        self.state.idempotent.put(scoped, marker)
-        try:
-            answer = await self._validate_and_publish(body)
-        except BaseException:
-            self.state.idempotent.discard(scoped)
-            marker.set_result(None)
-            raise
-        self.state.idempotent.put(scoped, answer)
-        marker.set_result(answer)
-        return answer
-
-    async def _validate_and_publish(self, body: bytes) -> dict[str, Any]:
-        if self.gateway.draining:
-            raise HTTPFailure(503, "shutting_down", "the server is shutting down; retry")
-        try:
-            parsed = decode_json(body)
-        except ValueError as exc:
-            raise HTTPFailure(400, "bad_json", f"the body is not valid JSON: {exc}") from None
-        try:
-            raw_events = parse_body(parsed, self.state.config.max_batch)
-            events = validate_events(raw_events)
-        except OverflowError as exc:
-            raise HTTPFailure(413, "batch_too_large", str(exc)) from None
-        except InvalidEvents as exc:
-            raise HTTPFailure(422, "invalid_event",
-                              f"{len(exc.details)} problem(s); nothing was published",
-                              details=exc.details) from None
-        hashes = [hashlib.sha256(e.data_json.encode()).hexdigest() for e in events]
-        try:
-            await self.gateway.publish(events, self.key_id or "", hashes)
-        except BrokerUnavailable as exc:
-            raise HTTPFailure(503, "broker_unavailable",
-                              f"events cannot be published now ({exc}); retry") from None
-        self.accepted = len(events)
-        return {"accepted": len(events), "event_ids": [e.event_id for e in events]}

@@ -8,7 +8,6 @@ import hashlib
 import json
 import logging
 from typing import Any
-from urllib.parse import urlsplit
 
 import tornado.iostream
 import tornado.web
@@ -165,15 +164,3 @@ class WebSocketHandler(tornado.web.RequestHandler):
 
 
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-
-
-def scrub_uri(uri: str) -> str:
-    """The request URI with the token query value replaced by ``***`` (for logs)."""
-    parts = urlsplit(uri)
-    if not parts.query:
-        return uri
-    pairs = []
-    for pair in parts.query.split("&"):
-        name, sep, _ = pair.partition("=")
-        pairs.append(f"{name}=***" if name == "token" and sep else pair)
-    return parts.path + "?" + "&".join(pairs)
