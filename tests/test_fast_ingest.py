@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import time
 from typing import Any
 
 import pytest
 
-from tests.conftest import CUSTOMER, INGEST_KEY, event
+from tests.conftest import CUSTOMER, INGEST_KEY, event, wait_for
 from tests.test_ingest import SECRET, signed
 
 TOPIC = f"customer_id:{CUSTOMER}"
@@ -292,3 +293,28 @@ async def test_closing_the_server_closes_idle_fast_path_connections(make_server)
         assert fast_count(server) == 0
     finally:
         raw.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_requests_split_anywhere_are_answered_whole_and_in_order(make_server):
+    server = await make_server()
+    client = await server.connect()
+    await client.subscribe(TOPIC)
+    rng = random.Random(7)
+    stream = b"".join(Raw.request(event(data={"id": f"s{i}"})) for i in range(3))
+    for _ in range(15):
+        cuts = sorted(rng.sample(range(1, len(stream)), 4))
+        pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+        raw = await Raw.open(server.port)
+        try:
+            for piece in pieces:  # each piece its own segment: the server reads parts
+                raw.writer.write(piece)
+                await raw.writer.drain()
+                await asyncio.sleep(0.005)
+            answers = [await raw.response() for _ in range(3)]
+            assert [a[0] for a in answers] == [202, 202, 202], (cuts, answers)
+            assert fast_count(server) == 1
+        finally:
+            raw.close()
+        assert [(await client.recv())["data"]["id"] for _ in range(3)] == ["s0", "s1", "s2"]
+        await wait_for(lambda: fast_count(server) == 0)
