@@ -29,20 +29,26 @@ PER_CUSTOMER = 100  # subscriptions per customer: 4 whole, 80 exact, 16 wildcard
 def build(n: int, rng: random.Random) -> tuple[SubscriptionIndex[int], list[tuple[str, ...]]]:
     index: SubscriptionIndex[int] = SubscriptionIndex()
     events: list[tuple[str, ...]] = []
+
+    def add(text: str, sub: int) -> None:
+        # Parsed per subscription, as the server does: every held topic has
+        # its own segment strings, not ones shared with other subscriptions.
+        index.add(tuple(text.split(":")), sub)
+
     sub = 0
     while sub < n:
         customer = str(uuid.UUID(int=rng.getrandbits(128), version=4))
         calls = [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(20)]
         for _ in range(4):
-            index.add(("customer_id", customer), sub)
+            add(f"customer_id:{customer}", sub)
             sub += 1
         for call in calls:
             for _ in range(4):
-                index.add(("customer_id", customer, "call", call), sub)
+                add(f"customer_id:{customer}:call:{call}", sub)
                 sub += 1
             events.append(("customer_id", customer, "call", call))
         for call in calls[:16]:
-            index.add(("customer_id", customer, "*", call), sub)
+            add(f"customer_id:{customer}:*:{call}", sub)
             sub += 1
     return index, events
 
