@@ -169,3 +169,18 @@ def test_any_adds_and_removes_agree_with_a_plain_set_of_pairs(ops, events):
         assert index.remove(topic, subscriber) is True
     # Nothing is left behind once every subscription is gone.
     assert shape(index) == {"subs": None, "star": None}
+
+
+def test_stored_segments_repeated_across_topics_are_one_string():
+    index = SubscriptionIndex()
+    other = "6013bc52-da9a-11ee-844f-2fa34248de28"
+    index.add(tuple(f"customer_id:{C}:call:x1".split(":")), 1)
+    index.add(tuple(f"customer_id:{other}:call:x1".split(":")), 2)
+    index.add(tuple(f"customer_id:{C}:*:x1".split(":")), 3)
+    scope = index._root["customer_id"]
+    (call_a,) = scope[C].keys() - {"*"}
+    (call_b,) = scope[other].keys()
+    assert call_a is call_b
+    (x_exact,) = scope[C]["call"].keys()
+    (x_star,) = scope[C].star.keys()
+    assert x_exact is x_star

@@ -27,6 +27,7 @@ subscriber. Subscribers are hashable, so one is never a ``dict`` or a ``set``:
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable
+from sys import intern
 from typing import Any, Generic, TypeVar
 
 from wsgate.topics import WILDCARD
@@ -84,8 +85,14 @@ def _put(parent: _Node, seg: str, value: Any) -> None:
         parent.star = value
     elif value is None:
         del parent[seg]
-    else:
+    elif seg in parent:
         parent[seg] = value
+    else:
+        # A lookup compares the event's fresh segment with the stored key, so
+        # the key is read on every match: interned, the keys that repeat
+        # across topics ("call", a call id under both "call" and "*") are one
+        # string, which the cache keeps, rather than one per subscription.
+        parent[intern(seg)] = value
 
 
 class SubscriptionIndex(Generic[S]):
