@@ -184,3 +184,14 @@ def test_stored_segments_repeated_across_topics_are_one_string():
     (x_exact,) = scope[C]["call"].keys()
     (x_star,) = scope[C].star.keys()
     assert x_exact is x_star
+
+
+def test_segments_that_cannot_be_interned_are_stored_as_given():
+    class Seg(str):
+        pass
+
+    index = SubscriptionIndex()
+    topic = ("customer_id", C, Seg("call"))
+    index.add(topic, 1)
+    assert list(index.match(("customer_id", C, "call", "x"))) == [1]
+    assert index.remove(topic, 1) is True

@@ -8,7 +8,7 @@ exist.
 
 At a million subscriptions nearly every object a lookup touches is out of the
 CPU caches, so the layout keeps the objects per level few (docs/performance.md,
-"Index"):
+"Index pass"):
 
 - an inner node *is* its children dict (a ``dict`` subclass whose two slots
   hold the ``*`` child and the subscribers ending there), so one object holds
@@ -92,7 +92,7 @@ def _put(parent: _Node, seg: str, value: Any) -> None:
         # the key is read on every match: interned, the keys that repeat
         # across topics ("call", a call id under both "call" and "*") are one
         # string, which the cache keeps, rather than one per subscription.
-        parent[intern(seg)] = value
+        parent[intern(seg) if type(seg) is str else seg] = value
 
 
 class SubscriptionIndex(Generic[S]):
