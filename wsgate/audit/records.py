@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from wsgate.plugins import Principal
 
@@ -38,9 +38,9 @@ class ConnectionInfo:
     user_agent: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class AuditRecord:
-    """One audit row before it is chained and stored.
+class AuditRecord(NamedTuple):
+    """One audit row before it is chained and stored (a named tuple: one is made
+    for every topic of every subscribe, faster than a frozen dataclass).
 
     ``code`` is the reject code of a rejected row, the end reason (``client``,
     ``disconnect``, ``expired``...) of an accepted unsubscribe, and empty for
