@@ -44,8 +44,6 @@ CLOSE_TIMEOUT = 2.0
 #: Messages waiting to be handled before the connection stops reading (the
 #: kernel buffers, then TCP flow control, hold the rest).
 INBOX_LIMIT = 32
-#: Bytes read from a socket at a time.
-READ_BUFFER_SIZE = 65536
 
 # _CLOSING: our close frame is sent, frames are still read for the peer's.
 # _FAILED: closed for a protocol error; what the peer sends is no longer read.
@@ -65,7 +63,7 @@ def close_frame(code: int | None, reason: str = "") -> bytes:
     return bytes((0x88, len(payload))) + payload
 
 
-class WebSocketConnection(asyncio.BufferedProtocol):
+class WebSocketConnection(asyncio.Protocol):
     """One upgraded client connection: the gateway's ``Transport`` for it.
 
     Made by the upgrade handler with what ``Gateway.open`` needs; the
@@ -121,16 +119,6 @@ class WebSocketConnection(asyncio.BufferedProtocol):
         if self.buf:
             # Frames the client sent right behind its handshake.
             self.data_received(b"")
-
-    def get_buffer(self, sizehint: int) -> bytearray:
-        # A buffered protocol, so the transport reads with recv_into into the
-        # registry's buffer: asyncio's plain Protocol path calls recv(256 KiB),
-        # whose allocation (an mmap, a page fault, a munmap per read) costs more
-        # than handling a small message.
-        return self.registry.read_buffer
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(self.registry.read_view[:nbytes].tobytes())
 
     def data_received(self, data: bytes) -> None:
         self.seen = True
@@ -417,10 +405,6 @@ class ConnectionRegistry:
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle: asyncio.Event | None = None
-        #: What every connection's socket is read into (see get_buffer); its bytes
-        #: are copied out before the next read.
-        self.read_buffer = bytearray(READ_BUFFER_SIZE)
-        self.read_view = memoryview(self.read_buffer)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
