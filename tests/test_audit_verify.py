@@ -194,3 +194,29 @@ def test_time_format_is_fixed() -> None:
     assert chain.parse_stored_time("2024-05-01T12:00:00.123456Z") == T0
     with pytest.raises(ValueError):
         chain.format_time(T0.replace(tzinfo=None))
+
+
+def test_row_template_hashes_rows_as_row_hash_does() -> None:
+    # The writer hashes through a template of each connection's fields; it must
+    # give exactly the documented hash, whatever the fields hold.
+    base: dict[str, Any] = {
+            "seq": 7, "occurred_at": "2024-05-01T12:00:00.123456Z", "node_id": "node-a",
+            "connection_id": "c1", "action": "subscribe", "topic": "customer_id:x:call",
+            "outcome": "accepted", "code": "", "kind": "agent", "subject": "alice",
+            "customer_id": "5013bc52-da9a-11ee-844f-2fa34248de28", "agent_id": None,
+            "authenticator": "static", "remote_addr": "10.0.0.1", "origin": None,
+            "user_agent": "pytest/1.0", "prev_hash": chain.GENESIS}
+    variants: list[dict[str, Any]] = [
+        {},
+        {"subject": "100% \"quoted\" \\ back%sslash", "user_agent": "%d %(x)s"},
+        {"origin": "https://é.example", "topic": "bad topic \ufffd é %s", "code": "forbidden"},
+        {"customer_id": None, "agent_id": None, "seq": 2**40, "prev_hash": "ab" * 32},
+    ]
+    fixed_fields = ("connection_id", "kind", "subject", "customer_id", "agent_id",
+                    "authenticator", "remote_addr", "origin", "user_agent", "node_id")
+    for change in variants:
+        row = dict(base, **change)
+        template = chain.RowTemplate(chain.CHAIN_ROWS, {f: row[f] for f in fixed_fields})
+        doc = chain.canonical({f: row[f] for f in chain.ROW_FIELDS})
+        assert template.hash(row) == hashlib.sha256(doc).hexdigest() == \
+            chain.row_hash(chain.CHAIN_ROWS, row)

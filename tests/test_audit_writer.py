@@ -258,3 +258,65 @@ async def test_checkpoints_are_signed_every_n_rows_and_at_close(backend: Backend
             "SELECT chain, seq, kind FROM audit_checkpoints ORDER BY id"))]
     assert cps == [("rows", 5, "periodic"), ("rows", 10, "periodic"), ("rows", 12, "close")]
     assert store.verify(backend.engine(), backend.key.public_key()).checkpoints_checked == 3
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_submitted_subscribes_are_answered_by_callback_once_each(
+        backend: Backend) -> None:
+    w = AuditWriter(backend.config(url=backend.outage_url()), "node-a",
+                    retry_interval=0.05, busy_timeout_ms=50)
+    await w.start()
+    answers: dict[str, list[Exception | None]] = {}
+    settled = asyncio.Event()
+
+    def submit(name: str) -> None:
+        def done(error: Exception | None) -> None:
+            answers.setdefault(name, []).append(error)
+            settled.set()
+        w.submit_subscribes([rec(topic(name))], done)
+        assert name not in answers  # never answered before submit returns
+
+    async def answered(*names: str) -> None:
+        while not all(n in answers for n in names):
+            settled.clear()
+            await asyncio.wait_for(settled.wait(), 20)
+
+    try:
+        for name in ("a", "b", "c"):  # one group commit, three callbacks
+            submit(name)
+        await answered("a", "b", "c")
+        with backend.outage():
+            submit("d")  # its commit fails: only d is refused
+            await answered("d")
+        await wait_until(w.healthy)
+        submit("e")
+        await answered("e")
+    finally:
+        await w.close()
+    assert answers["a"] == answers["b"] == answers["c"] == answers["e"] == [None]
+    assert len(answers["d"]) == 1 and isinstance(answers["d"][0], AuditUnavailable)
+    assert [r["topic"].rsplit(":", 1)[1] for r in rows(backend)] == ["a", "b", "c", "e"]
+    assert store.verify(backend.engine(), backend.key.public_key()).ok
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_submit_to_a_closed_writer_is_refused_by_callback(backend: Backend) -> None:
+    w = AuditWriter(backend.config(), "node-a")
+    await w.start()
+    await w.close()
+    answer: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+    w.submit_subscribes([rec(topic("a"))], answer.set_result)
+    assert not answer.done()
+    assert isinstance(await answer, AuditUnavailable)
+
+
+def test_sqlite_writer_keeps_wal_and_full_sync(tmp_path: Path) -> None:
+    engine = store.make_engine(f"sqlite:///{tmp_path}/audit.db", writer=True)
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+            assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == \
+                store.WAL_CHECKPOINT_PAGES
+    finally:
+        engine.dispose()

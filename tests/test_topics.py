@@ -89,3 +89,19 @@ def test_spec_match_examples(sub, event, expected):
     s, e = parse_topic(sub), parse_topic(event, wildcard=False)
     assert s.matches(e) is expected
     assert matches(s.segments, e.segments) is expected
+
+
+def test_valid_topics_parse_the_same_by_the_fast_and_the_detailed_path() -> None:
+    class Text(str):
+        pass  # not exactly str: parse_topic takes its detailed path
+
+    for text in (f"customer_id:{C}", f"agent_id:{C}:call", f"customer_id:{C}:*:x.y-z_1",
+                 f"customer_id:{C}:" + ":".join("abcdef"), f"customer_id:{C}:" + "a" * 128):
+        fast, slow = parse_topic(text), parse_topic(Text(text))
+        assert fast == slow == (text, tuple(text.split(":")))
+    for text in (f"customer_id:{C}:" + ":".join("abcdefg"), f"customer_id:{C}:" + "a" * 129,
+                 "customer_id:00000000-0000-0000-0000-000000000000", f"customer_id:{C}:"):
+        with pytest.raises(TopicError):
+            parse_topic(text)
+    with pytest.raises(TopicError, match="wildcards are for subscriptions only"):
+        parse_topic(f"customer_id:{C}:call:*", wildcard=False)

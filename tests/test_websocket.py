@@ -296,6 +296,36 @@ async def test_subscribe_reply_comes_after_commit(make_server):
 
 
 @pytest.mark.gen_test(timeout=30)
+async def test_pipelined_messages_are_answered_in_order_on_every_connection(make_server):
+    # Subscribes sent back to back, on several connections at once, are committed
+    # in shared group commits; each connection still gets one reply per message,
+    # in the order sent, each after its rows are committed.
+    server = await make_server()
+    clients = [await server.connect() for _ in range(4)]
+    sent: list[list[tuple[str, int]]] = [[] for _ in clients]
+    for k in range(12):
+        for i, client in enumerate(clients):
+            if k == 5:
+                message = {"type": "ping", "id": k}
+                sent[i].append(("pong", k))
+            elif k == 8:
+                message = {"type": "unsubscribe", "topics": [f"{CALL}:{i}-0"], "id": k}
+                sent[i].append(("unsubscribed", k))
+            else:
+                message = {"type": "subscribe", "topics": [f"{CALL}:{i}-{k}"], "id": k}
+                sent[i].append(("subscribed", k))
+            await client.send(message)
+    for i, client in enumerate(clients):
+        got = [await client.recv() for _ in sent[i]]
+        assert [(r["type"], r["id"]) for r in got] == sent[i]
+        assert all(r.get("rejected", []) == [] for r in got), got
+    rows = audit_rows(server)
+    subscribed = {r["topic"] for r in rows if r["action"] == "subscribe"}
+    assert subscribed == {f"{CALL}:{i}-{k}" for i in range(4) for k in range(12)
+                          if k not in (5, 8)}
+
+
+@pytest.mark.gen_test(timeout=30)
 async def test_audit_unavailable_fails_closed(make_server, tmp_path):
     server = await make_server()
     client = await server.connect()

@@ -16,7 +16,7 @@ import time
 import traceback
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -29,7 +29,6 @@ from wsgate.audit.records import (
     UNSUBSCRIBE,
     AuditRecord,
     AuditSink,
-    AuditUnavailable,
     ConnectionInfo,
     EventRecord,
 )
@@ -244,6 +243,15 @@ class Gateway:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    def _spawn_then(self, coro: Awaitable[Any], done: Callable[[], None]) -> None:
+        """Run coro in a task, then call done (after logging what it raised)."""
+        def finished(task: asyncio.Task[Any]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("handling a client message failed", exc_info=task.exception())
+            done()
+
+        self._spawn(coro).add_done_callback(finished)
+
     # -- admission -----------------------------------------------------------
 
     async def authenticate(self, credential: str) -> Principal:
@@ -325,26 +333,43 @@ class Gateway:
 
     # -- client messages ----------------------------------------------------
 
-    async def handle_message(self, conn: Connection, raw: str | bytes) -> None:
-        """Handle one client frame; every outcome is a reply or an error frame."""
+    def receive(self, conn: Connection, raw: str | bytes, done: Callable[[], None]) -> bool:
+        """Handle one client frame; every outcome is a reply or an error frame.
+
+        The WebSocket layer's entry point: it hands a connection's messages over
+        one at a time, so replies keep their order.
+
+        Returns:
+            False when the message is handled already (``done`` is not called);
+            True when handling goes on (the audit commit, the broker, a plugin):
+            ``done()`` is then called once, on the event loop, after the reply.
+        """
         if conn.closed:
-            return
+            return False
         if self._rate and not self._take_token(conn):
             self.close_connection(conn, errors.CLOSE_POLICY, "too many messages")
-            return
+            return False
         try:
             msg = protocol.parse_client_message(raw)
         except protocol.BadRequest as exc:
             self.bad_message(conn, str(exc))
-            return
+            return False
         if msg.type == "subscribe":
-            await self.subscribe(conn, msg)
-        elif msg.type == "unsubscribe":
-            await self.unsubscribe(conn, msg)
-        elif msg.type == "ping":
+            # No coroutine: the audit writer calls back once the rows are committed.
+            self._subscribe(conn, msg, done)
+            return True
+        if msg.type == "ping":
             conn.transport.send_text(protocol.pong(msg))
-        else:
-            await self.renew(conn, msg)
+            return False
+        coro = self.unsubscribe(conn, msg) if msg.type == "unsubscribe" else self.renew(conn, msg)
+        self._spawn_then(coro, done)
+        return True
+
+    async def handle_message(self, conn: Connection, raw: str | bytes) -> None:
+        """:meth:`receive`, returning once the message is handled."""
+        finished = asyncio.get_running_loop().create_future()
+        if self.receive(conn, raw, lambda: finished.set_result(None)):
+            await finished
 
     def _take_token(self, conn: Connection) -> bool:
         now = time.monotonic()
@@ -386,8 +411,10 @@ class Gateway:
             return Decision.deny(decision.message or "refused by the permission plugin")
         return decision
 
-    async def subscribe(self, conn: Connection, msg: protocol.ClientMessage) -> None:
-        """Check, audit (committed before anything else), index, then reply."""
+    def _subscribe(self, conn: Connection, msg: protocol.ClientMessage,
+                   done: Callable[[], None]) -> None:
+        """Check, audit (committed before anything else), index, then reply; done()
+        after the reply (see :meth:`receive`)."""
         accepted: list[Topic] = []
         rejected: list[dict[str, str]] = []
         records: list[AuditRecord] = []
@@ -423,21 +450,56 @@ class Gateway:
                 accepted.append(topic)
                 records.append(self._record(conn, SUBSCRIBE, text, ACCEPTED, when=now))
         started = time.perf_counter()
-        try:
-            await self.audit.write_subscribes(records)
-        except AuditUnavailable:
+
+        def committed(error: Exception | None) -> None:
+            try:
+                finished = self._subscribe_committed(conn, msg, accepted, rejected, fresh,
+                                                     started, error)
+            except BaseException:
+                done()
+                raise
+            if finished is None:
+                done()
+            else:
+                self._spawn_then(finished, done)
+
+        self.audit.submit_subscribes(records, committed)
+
+    def _subscribe_committed(self, conn: Connection, msg: protocol.ClientMessage,
+                             accepted: list[Topic], rejected: list[dict[str, str]],
+                             fresh: set[str], started: float,
+                             error: Exception | None) -> Awaitable[None] | None:
+        """The rest of a subscribe once its rows are committed (error None) or refused.
+
+        Replies at once in the common case; returns a coroutine that finishes the
+        subscribe when it must wait (the broker, history, end rows).
+        """
+        if error is not None:
             message = "the audit log cannot record this subscription now; nothing was subscribed"
             rejected.extend(protocol.rejection(t.text, errors.AUDIT_UNAVAILABLE, message)
                             for t in accepted)
             accepted = []
             fresh.clear()
         self.metrics.audit_write_seconds.observe(time.perf_counter() - started)
-        self.metrics.rejected(rejected)
-        # Listen to the new scopes' broker channels first and wait (bounded) until
-        # that is in effect, so an event posted to another node right after the
-        # client sees "subscribed" reaches it.
-        ahead = {t.scope_key for t in accepted if t.text in fresh} - self._scopes.keys()
+        if rejected:
+            self.metrics.rejected(rejected)
+        new_topics = [t for t in accepted if t.text in fresh]
+        ahead = {t.scope_key for t in new_topics} - self._scopes.keys()
+        if ahead or conn.closed or msg.since is not None:
+            return self._subscribe_wait(conn, msg, accepted, rejected, new_topics, ahead)
+        for topic in new_topics:
+            self._add(conn, topic)
+        # Nothing between indexing and the reply: no event can overtake the reply.
+        conn.transport.send_text(protocol.reply(msg, [t.text for t in accepted], rejected))
+        return None
+
+    async def _subscribe_wait(self, conn: Connection, msg: protocol.ClientMessage,
+                              accepted: list[Topic], rejected: list[dict[str, str]],
+                              new_topics: list[Topic], ahead: set[str]) -> None:
         if ahead:
+            # Listen to the new scopes' broker channels first and wait (bounded) until
+            # that is in effect, so an event posted to another node right after the
+            # client sees "subscribed" reaches it.
             for key in ahead:
                 self.broker.watch(key)
             await self.broker.ready(ahead)
@@ -445,13 +507,13 @@ class Gateway:
             # It went away while the rows were committed: end what it just gained.
             for key in ahead - self._scopes.keys():
                 self.broker.unwatch(key)
-            ends = [self._record(conn, UNSUBSCRIBE, t, ACCEPTED, conn.end_reason) for t in fresh]
+            ends = [self._record(conn, UNSUBSCRIBE, t.text, ACCEPTED, conn.end_reason)
+                    for t in new_topics]
             if ends:
                 await self.audit.write_ends(ends)
             return
-        held = list(conn.subscriptions.values())
-        new_topics = [t for t in accepted if t.text in fresh]
         if msg.since is not None:
+            held = list(conn.subscriptions.values())
             await self._resume(conn, msg, accepted, rejected, new_topics, held, msg.since)
             return
         for topic in new_topics:

@@ -8,8 +8,7 @@ error frame.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from wsgate import errors
 
@@ -25,13 +24,13 @@ class BadRequest(Exception):
     """A client message that cannot be handled; the message goes into the error frame."""
 
 
-@dataclass(frozen=True, slots=True)
-class ClientMessage:
+class ClientMessage(NamedTuple):
     """A well-formed client message.
 
     ``topics`` is set for subscribe/unsubscribe, ``token`` for authenticate,
     ``since`` for a subscribe that resumes; ``id`` is echoed back as given
-    (``has_id`` tells whether the client sent one).
+    (``has_id`` tells whether the client sent one). A named tuple: one is made
+    for every client message, several times faster than a frozen dataclass.
     """
 
     type: str
@@ -46,6 +45,12 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# Made once: json.loads and json.dumps with options build a new decoder or
+# encoder on every call, which costs more than a small message itself.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
+
+
 def parse_client_message(raw: str | bytes,
                          max_topics: int = MAX_TOPICS_PER_MESSAGE) -> ClientMessage:
     """Parse one client text frame.
@@ -56,7 +61,7 @@ def parse_client_message(raw: str | bytes,
     if isinstance(raw, bytes):
         raise BadRequest("binary frames are not accepted; send JSON in a text frame")
     try:
-        msg = json.loads(raw, parse_constant=_reject_constant)
+        msg = _DECODER.decode(raw)
     except RecursionError:
         raise BadRequest("the message is nested too deeply") from None
     except ValueError as exc:
@@ -119,7 +124,7 @@ def dumps(obj: Any) -> str:
     ASCII-only on purpose: a lone surrogate from a client's JSON (echoed in a
     rejection or an id) cannot then produce invalid UTF-8 on the wire.
     """
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=True)
+    return _ENCODER.encode(obj)
 
 
 def _with_id(frame: dict[str, Any], msg: ClientMessage) -> dict[str, Any]:

@@ -5,8 +5,9 @@ hands the socket over; from then on a connection is one
 :class:`WebSocketConnection` (a protocol object with ``__slots__``) and the
 asyncio transport under it. Compared with Tornado's WebSocket layer it keeps no
 paused coroutine, no IOStream queues and no timer per connection, and makes no
-Task per received message: frames are parsed in ``data_received``, and one
-Task exists only while a connection has messages waiting to be handled.
+Task per received message: frames are parsed and handed to the gateway in
+``data_received``; a message that waits (for the audit commit) calls back when
+its reply is sent, and the connection's next message goes on then.
 
 Plain TCP only: TLS is terminated in front of wsgate (at the load balancer).
 
@@ -73,7 +74,7 @@ class WebSocketConnection(asyncio.Protocol):
 
     __slots__ = ("gateway", "registry", "conn", "transport", "state", "buf", "need",
                  "frag", "frag_opcode", "frag_size", "out", "out_size", "seen", "idle_since",
-                 "ping_at", "inbox", "task", "close_timer", "opening")
+                 "ping_at", "inbox", "busy", "close_timer", "opening")
 
     def __init__(self, gateway: Gateway, registry: ConnectionRegistry, principal: Principal,
                  remote_addr: str, origin: str | None, user_agent: str | None,
@@ -98,7 +99,8 @@ class WebSocketConnection(asyncio.Protocol):
         self.idle_since = 0.0
         self.ping_at = 0.0
         self.inbox: deque[str | bytes] | None = None
-        self.task: asyncio.Task[None] | None = None
+        # A message is being handled (its reply not yet sent); the rest wait in inbox.
+        self.busy = False
         self.close_timer: asyncio.TimerHandle | None = None
         self.opening: tuple[Principal, str, str | None, str | None] | None = (
             principal, remote_addr, origin, user_agent)
@@ -229,30 +231,35 @@ class WebSocketConnection(asyncio.Protocol):
         if inbox is None:
             inbox = self.inbox = deque()
         inbox.append(message)
-        if self.task is None:
-            self.task = asyncio.ensure_future(self._handle_inbox())
+        if not self.busy:
+            self._handle_inbox()
         elif len(inbox) >= INBOX_LIMIT and self.transport is not None:
             self.transport.pause_reading()
 
-    async def _handle_inbox(self) -> None:
-        # One message at a time, in order: each may wait for the audit store.
+    def _handle_inbox(self) -> None:
+        # One message at a time, in order: one that waits (for the audit store,
+        # say) calls _handled when its reply is sent, and the next one goes on.
         inbox = self.inbox
         conn = self.conn
         assert inbox is not None and conn is not None
-        handle = self.gateway.handle_message
-        try:
-            while inbox and not conn.closed:
-                message = inbox.popleft()
-                try:
-                    await handle(conn, message)
-                except Exception:
-                    log.exception("handling a client message failed")
-        finally:
-            self.task = None
-            inbox.clear()
-            transport = self.transport
-            if transport is not None and self.state == _OPEN and not transport.is_reading():
-                transport.resume_reading()
+        receive = self.gateway.receive
+        while inbox and not conn.closed:
+            message = inbox.popleft()
+            try:
+                if receive(conn, message, self._handled):
+                    self.busy = True
+                    return
+            except Exception:
+                log.exception("handling a client message failed")
+        self.busy = False
+        inbox.clear()
+        transport = self.transport
+        if transport is not None and self.state == _OPEN and not transport.is_reading():
+            transport.resume_reading()
+
+    def _handled(self) -> None:
+        self.busy = False
+        self._handle_inbox()
 
     def _peer_closed(self, payload: bytes) -> None:
         code: int | None = None
@@ -428,7 +435,7 @@ class ConnectionRegistry:
         for c in self.connections:
             # A connection whose messages are being handled is alive, even if
             # its reading is paused (a pong could not be read meanwhile).
-            if c.seen or c.task is not None:
+            if c.seen or c.busy:
                 c.seen = False
                 c.idle_since = now
                 c.ping_at = 0.0

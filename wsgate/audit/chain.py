@@ -74,10 +74,12 @@ def format_time(when: datetime) -> str:
     """
     if when.tzinfo is None:
         raise ValueError("audit times must be timezone-aware")
-    # isoformat is several times faster than strftime, and this runs for every row.
+    # %-formatting the fields is twice as fast as isoformat and several times
+    # faster than strftime, and this runs for every row.
     if when.tzinfo is not UTC:
         when = when.astimezone(UTC)
-    return when.isoformat(timespec="microseconds")[:-6] + "Z"
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ" % (  # noqa: UP031 (faster than f-strings)
+        when.year, when.month, when.day, when.hour, when.minute, when.second, when.microsecond)
 
 
 def parse_stored_time(text: str) -> datetime:
@@ -148,6 +150,52 @@ def _canonical_row(chain: str, row: Mapping[str, Any]) -> str:
             text = _ENCODER.encode(value)
         parts.append(prefix + text)
     return "".join(parts) + "}"
+
+
+def _json_text(value: Any) -> str:
+    """The canonical JSON text of one field value (as _canonical_row writes it)."""
+    if type(value) is str:
+        return _encode_str(value)
+    if value is None:
+        return "null"
+    if type(value) is int:
+        return str(value)
+    return _ENCODER.encode(value)
+
+
+class RowTemplate:
+    """The canonical text of a chain's rows that share some field values, as a template.
+
+    The writer hashes thousands of rows a second whose fields are mostly those of
+    their connection. A template holds the JSON of those fixed fields once;
+    :meth:`hash` fills in the others. ``template.hash(row)`` equals
+    ``row_hash(chain, row)`` for every row whose fixed fields have the values given
+    here (a test checks it).
+
+    Args:
+        chain: CHAIN_ROWS or CHAIN_EVENTS.
+        fixed: field -> value of the fields every row hashed with this template has.
+    """
+
+    __slots__ = ("varying", "_text")
+
+    def __init__(self, chain: str, fixed: Mapping[str, Any]) -> None:
+        varying = []
+        parts = []
+        for name, prefix in _SORTED[chain]:
+            if name in fixed:
+                parts.append((prefix + _json_text(fixed[name])).replace("%", "%%"))
+            else:
+                varying.append(name)
+                parts.append(prefix.replace("%", "%%") + "%s")
+        #: The fields hash() reads from a row, in the order they appear in the text.
+        self.varying: tuple[str, ...] = tuple(varying)
+        self._text = "".join(parts) + "}"
+
+    def hash(self, row: Mapping[str, Any]) -> str:
+        """The row's hex SHA-256, as row_hash computes it."""
+        text = self._text % tuple([_json_text(row[name]) for name in self.varying])
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def row_hash(chain: str, row: Mapping[str, Any]) -> str:

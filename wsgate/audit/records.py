@@ -7,10 +7,10 @@ The gateway builds :class:`AuditRecord` values and gives them to an
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from wsgate.plugins import Principal
 
@@ -38,9 +38,9 @@ class ConnectionInfo:
     user_agent: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class AuditRecord:
-    """One audit row before it is chained and stored.
+class AuditRecord(NamedTuple):
+    """One audit row before it is chained and stored (a named tuple: one is made
+    for every topic of every subscribe, faster than a frozen dataclass).
 
     ``code`` is the reject code of a rejected row, the end reason (``client``,
     ``disconnect``, ``expired``...) of an accepted unsubscribe, and empty for
@@ -87,6 +87,16 @@ class AuditSink(Protocol):
 
         Raises:
             AuditUnavailable: the store cannot write now; nothing was recorded.
+        """
+
+    def submit_subscribes(self, records: Sequence[AuditRecord],
+                          done: Callable[[Exception | None], None]) -> None:
+        """Commit records like write_subscribes, without a coroutine per caller.
+
+        ``done`` is called once, on the caller's event loop and never before this
+        returns: with None once the records are committed, or with the
+        :class:`AuditUnavailable` error when nothing was recorded. The gateway's
+        hot subscribe path uses this, one callback per subscribe message.
         """
 
     async def write_ends(self, records: Sequence[AuditRecord]) -> None:

@@ -27,10 +27,10 @@ import operator
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import Connection, Engine, Table, and_, exists, insert, select
 from sqlalchemy.exc import SQLAlchemyError
@@ -45,6 +45,7 @@ from wsgate.audit.records import (
     UNSUBSCRIBE,
     AuditRecord,
     AuditUnavailable,
+    ConnectionInfo,
     EventRecord,
 )
 from wsgate.config import AuditConfig
@@ -59,10 +60,16 @@ _ROW_LIMITS = {
     "kind": 32, "subject": 512, "customer_id": 64, "agent_id": 64, "authenticator": 200,
     "remote_addr": 128, "origin": 1024, "user_agent": 1024,
 }
+_CONNECTION_FIELDS = ("connection_id", "kind", "subject", "customer_id", "agent_id",
+                      "authenticator", "remote_addr", "origin", "user_agent")
+# The fields of an audit_rows row that are the same for all rows of a connection
+# on this node: the key of a chain.RowTemplate.
+_FIXED_FIELDS = (*_CONNECTION_FIELDS, "node_id")
+_fixed_of = operator.itemgetter(*_FIXED_FIELDS)
 _EVENT_LIMITS = {"event_id": 64, "type": 200, "ingest_key_id": 200, "payload_sha256": 64}
 
 Entry = tuple[str, dict[str, Any]]  # (chain name, row without node_id/seq/hashes)
-_Settlement = list[tuple["asyncio.Future[None]", "Exception | None"]]
+_Settlement = list[tuple["Done", "Exception | None"]]
 
 
 def record_row(rec: AuditRecord) -> dict[str, Any]:
@@ -71,18 +78,53 @@ def record_row(rec: AuditRecord) -> dict[str, Any]:
     Raises:
         ValueError: ``occurred_at`` is naive.
     """
-    c = rec.connection
+    return _row_of(rec, _connection_fields(rec.connection))
+
+
+def _connection_fields(c: ConnectionInfo) -> dict[str, Any]:
+    """The stored fields a connection gives each of its rows, cleaned."""
     p = c.principal
     row: dict[str, Any] = {
-        "occurred_at": chain.format_time(rec.occurred_at), "connection_id": c.connection_id,
-        "action": rec.action, "topic": rec.topic, "outcome": rec.outcome, "code": rec.code,
-        "kind": p.kind, "subject": p.subject, "customer_id": p.customer_id,
-        "agent_id": p.agent_id, "authenticator": c.authenticator, "remote_addr": c.remote_addr,
-        "origin": c.origin, "user_agent": c.user_agent,
+        "connection_id": c.connection_id, "kind": p.kind, "subject": p.subject,
+        "customer_id": p.customer_id, "agent_id": p.agent_id, "authenticator": c.authenticator,
+        "remote_addr": c.remote_addr, "origin": c.origin, "user_agent": c.user_agent,
     }
-    for name, limit in _ROW_LIMITS.items():
-        row[name] = chain.clean_text(row[name], limit)
+    for name in _CONNECTION_FIELDS:
+        row[name] = chain.clean_text(row[name], _ROW_LIMITS[name])
     return row
+
+
+def _row_of(rec: AuditRecord, connection_fields: dict[str, Any]) -> dict[str, Any]:
+    clean = chain.clean_text
+    row = connection_fields.copy()
+    row["occurred_at"] = chain.format_time(rec.occurred_at)
+    row["action"] = clean(rec.action, 32)
+    row["topic"] = clean(rec.topic, chain.MAX_TEXT)
+    row["outcome"] = clean(rec.outcome, 16)
+    row["code"] = clean(rec.code, 64)
+    return row
+
+
+class _RowMaker:
+    """record_row for the writer thread: each connection's fields are cleaned once.
+
+    Keeps the ConnectionInfo it cached (so its id is not reused while cached);
+    forgets everything past a few thousand connections.
+    """
+
+    _LIMIT = 4096
+
+    def __init__(self) -> None:
+        self._fields: dict[int, tuple[ConnectionInfo, dict[str, Any]]] = {}
+
+    def __call__(self, rec: AuditRecord) -> dict[str, Any]:
+        c = rec.connection
+        hit = self._fields.get(id(c))
+        if hit is None or hit[0] is not c:
+            if len(self._fields) >= self._LIMIT:
+                self._fields.clear()
+            hit = self._fields[id(c)] = (c, _connection_fields(c))
+        return _row_of(rec, hit[1])
 
 
 def event_row(ev: EventRecord) -> dict[str, Any]:
@@ -102,26 +144,32 @@ def event_row(ev: EventRecord) -> dict[str, Any]:
     return row
 
 
-@dataclass(eq=False)
+Done = Callable[["Exception | None"], None]
+
+
+@dataclass(eq=False, slots=True)
 class _Job:
     #: Stored rows, or the records they are made from (see entries()).
     items: Sequence[AuditRecord] | Sequence[EventRecord] | list[Entry]
     #: Fail closed (subscribes) rather than journal (ends, events).
     strict: bool
+    #: Where done runs; None for jobs nobody waits for.
     loop: asyncio.AbstractEventLoop | None
-    future: asyncio.Future[None] | None
+    #: Called on loop with None once the rows are committed (or journaled, for
+    #: jobs that are not strict), else with the AuditUnavailable error.
+    done: Done | None
     #: How items become entries; None when items are entries already.
     kind: str | None = None
 
-    def entries(self) -> list[Entry]:
+    def entries(self, make_row: Callable[[AuditRecord], dict[str, Any]]) -> list[Entry]:
         """The job's entries, converted on the writer thread (off the event loop).
 
-        The records' times were checked by _submit, so converting cannot fail.
+        The records' times were checked by _enqueue, so converting cannot fail.
         """
         kind = self.kind
         if kind is None:
             return self.items  # type: ignore[return-value]
-        convert: Any = record_row if kind == chain.CHAIN_ROWS else event_row
+        convert: Any = make_row if kind == chain.CHAIN_ROWS else event_row
         out: list[Entry] = [(kind, convert(item)) for item in self.items]
         self.items, self.kind = out, None
         return out
@@ -165,6 +213,8 @@ class AuditWriter:
         # Owned by the writer thread once started.
         self._heads: dict[str, tuple[int, str]] = {}
         self._signed_seq: dict[str, int] = {}
+        self._make_row = _RowMaker()
+        self._templates: dict[tuple[Any, ...], chain.RowTemplate] = {}
         self._journal_pending = False
         self._retry_at = 0.0
         self._healthy = False
@@ -206,6 +256,22 @@ class AuditWriter:
             raise AuditUnavailable("the audit writer is not running")
         await self._submit(records, strict=True, kind=chain.CHAIN_ROWS)
 
+    def submit_subscribes(self, records: Sequence[AuditRecord], done: Done) -> None:
+        """Commit subscribe rows and call ``done`` on this event loop afterwards;
+        see AuditSink.submit_subscribes.
+
+        Raises:
+            ValueError: a record's time is naive (nothing was queued).
+        """
+        loop = asyncio.get_running_loop()
+        if not self._running():
+            loop.call_soon(done, AuditUnavailable("the audit writer is not running"))
+            return
+        if not records:
+            loop.call_soon(done, None)
+            return
+        self._enqueue(_Job(records, True, loop, done, chain.CHAIN_ROWS))
+
     async def write_ends(self, records: Sequence[AuditRecord]) -> None:
         """Record unsubscribe/disconnect rows: in the store, else in the journal.
 
@@ -243,18 +309,22 @@ class AuditWriter:
 
     async def _submit(self, items: Sequence[AuditRecord] | Sequence[EventRecord], strict: bool,
                       kind: str) -> None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._enqueue(_Job(items, strict, loop, _resolver(future), kind))
+        await future
+
+    def _enqueue(self, job: _Job) -> None:
         # The records go to the writer thread as they are: making rows of them
         # (time formatting, text cleaning) is done there, off the event loop.
         # Only what would make that fail is checked here, where the caller hears of it.
+        items = cast(Sequence[AuditRecord] | Sequence[EventRecord], job.items)
         for item in items:
             when = item.occurred_at if isinstance(item, AuditRecord) else item.published_at
             if when.tzinfo is None:
                 raise ValueError("audit times must be timezone-aware")
         if not self._running():
             raise RuntimeError("the audit writer is not running: start it first, close it last")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        job = _Job(items, strict, loop, future, kind)
         with self._cond:
             was_idle = not self._queue
             self._queue.append(job)
@@ -263,7 +333,6 @@ class AuditWriter:
             # otherwise it wakes at its group deadline anyway (fewer context switches).
             if was_idle or self._queued_rows >= self.config.group_commit_max_rows:
                 self._cond.notify()
-        await future
 
     # --- writer thread ----------------------------------------------------------------
 
@@ -276,10 +345,10 @@ class AuditWriter:
                 self._engine.dispose()
             err = AuditUnavailable(f"the audit store cannot be opened: {exc}")
             self._closed = True
-            failed: _Settlement = [(started, err)]
+            failed: _Settlement = [(_resolver(started), err)]
             loop.call_soon_threadsafe(_settle, failed)
             return
-        ok: _Settlement = [(started, None)]
+        ok: _Settlement = [(_resolver(started), None)]
         loop.call_soon_threadsafe(_settle, ok)
         try:
             self._loop()
@@ -396,7 +465,8 @@ class AuditWriter:
         self._healthy = True
 
     def _process(self, jobs: list[_Job]) -> None:
-        entries = [e for job in jobs for e in job.entries()]
+        make_row = self._make_row
+        entries = [e for job in jobs for e in job.entries(make_row)]
         error: Exception | None = None
         if time.monotonic() < self._retry_at:
             error = AuditUnavailable("the audit store is unavailable (retrying)")
@@ -412,7 +482,7 @@ class AuditWriter:
         if error is None:
             self._settle_jobs(jobs, None)
             return
-        keep = [e for job in jobs if not job.strict for e in job.entries()]
+        keep = [e for job in jobs if not job.strict for e in job.entries(make_row)]
         if keep:
             self._to_journal(keep)
         self._settle_jobs([j for j in jobs if j.strict], error)
@@ -432,11 +502,27 @@ class AuditWriter:
                                                     dict[str, tuple[int, str]]]:
         heads = dict(self._heads)
         out: dict[str, list[dict[str, Any]]] = {name: [] for name in CHAIN_TABLES}
+        templates = self._templates
+        node_id = self.node_id
         for name, fields in entries:
             seq, prev = heads[name]
-            row = dict(fields, node_id=self.node_id, seq=seq + 1, prev_hash=prev)
-            row["row_hash"] = chain.row_hash(name, row)
-            heads[name] = (seq + 1, row["row_hash"])
+            row = fields.copy()
+            row["node_id"] = node_id
+            row["seq"] = seq = seq + 1
+            row["prev_hash"] = prev
+            if name == chain.CHAIN_ROWS:
+                # A connection's rows differ in a few fields only (see chain.RowTemplate).
+                key = _fixed_of(row)
+                template = templates.get(key)
+                if template is None:
+                    if len(templates) >= _RowMaker._LIMIT:
+                        templates.clear()
+                    template = templates[key] = chain.RowTemplate(
+                        name, dict(zip(_FIXED_FIELDS, key, strict=True)))
+                row["row_hash"] = digest = template.hash(row)
+            else:
+                row["row_hash"] = digest = chain.row_hash(name, row)
+            heads[name] = (seq, digest)
             out[name].append(row)
         return out, heads
 
@@ -531,8 +617,8 @@ class AuditWriter:
     def _settle_jobs(self, jobs: list[_Job], error: Exception | None) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, _Settlement] = {}
         for job in jobs:
-            if job.loop is not None and job.future is not None:
-                by_loop.setdefault(job.loop, []).append((job.future, error))
+            if job.loop is not None and job.done is not None:
+                by_loop.setdefault(job.loop, []).append((job.done, error))
         for loop, items in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_settle, items)
@@ -576,10 +662,20 @@ def _insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
 
 
 def _settle(items: _Settlement) -> None:
-    for future, error in items:
+    for done, error in items:
+        try:
+            done(error)
+        except Exception:
+            log.exception("audit: a completion callback failed")
+
+
+def _resolver(future: asyncio.Future[None]) -> Done:
+    """A job's done callback that settles future."""
+    def done(error: Exception | None) -> None:
         if future.done():
-            continue  # the caller was cancelled; its rows are written all the same
+            return  # the caller was cancelled; its rows are written all the same
         if error is None:
             future.set_result(None)
         else:
             future.set_exception(error)
+    return done
