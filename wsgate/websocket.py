@@ -381,11 +381,9 @@ class WebSocketConnection(asyncio.Protocol):
         if not self.backlog and self.fd >= 0:
             try:
                 n = os.write(self.fd, data)
-            except (BlockingIOError, InterruptedError):
-                n = 0
             except OSError:
-                # Reset or broken pipe: the transport meets the same error and
-                # closes the connection the usual way.
+                # Full (or reset, or a broken pipe: then the transport meets the
+                # same error and closes the connection the usual way).
                 n = 0
             if n == len(data):
                 return
@@ -463,8 +461,16 @@ class ConnectionRegistry:
         if self.flushing is flushing:
             self.flushing = None
         for connection in flushing:
+            # connection._flush_out(), inlined: this runs once per connection per event.
+            out = connection.out
+            if out is None:
+                continue
+            connection.out = None
+            connection.out_size = 0
+            if connection.state != _OPEN:
+                continue
             try:
-                connection._flush_out()
+                connection._write(out[0] if len(out) == 1 else b"".join(out))
             except Exception:
                 # One broken connection must not keep the others' frames unsent.
                 log.exception("writing queued frames failed")
