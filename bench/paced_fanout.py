@@ -27,9 +27,10 @@ def main() -> None:
     duration = float(sys.argv[2]) if len(sys.argv) > 2 else 8
     kind = sys.argv[3] if len(sys.argv) > 3 else "wsgate"
     n = 1000
-    spec: dict[str, object] = {"mode": "publish", "connections": n, "topic": FANOUT_TOPIC, "duration": duration,
-            "recipients_per_event": n, "window": 50 * n, "publishers": 4,
-            "sample_every": 5 if rate else 20, "rate": rate or None}
+    spec: dict[str, object] = {
+        "mode": "publish", "connections": n, "topic": FANOUT_TOPIC, "duration": duration,
+        "recipients_per_event": n, "window": 50 * n, "publishers": 4,
+        "sample_every": 5 if rate else 20, "rate": rate or None}
     if kind == "floor":
         spec["topics_of"] = [[] for _ in range(n)]  # it sends every event to everyone
     raise_nofile()
