@@ -172,7 +172,7 @@ def fanout(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             out[kind] = run_generator(spec, srv, duration + 120)
     rate = out["wsgate"]["events_per_s"] / 2
     out["paced_events_per_s"] = round(rate, 1)
-    paced = dict(spec, rate=rate, sample_every=5)
+    paced = dict(spec, rate=rate)
     for kind in ("wsgate", "naive"):
         with Server(kind, work) as srv:
             out[kind + "_paced"] = run_generator(paced, srv, duration + 120)

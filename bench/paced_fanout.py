@@ -30,7 +30,7 @@ def main() -> None:
     spec: dict[str, object] = {
         "mode": "publish", "connections": n, "topic": FANOUT_TOPIC, "duration": duration,
         "recipients_per_event": n, "window": 50 * n, "publishers": 4,
-        "sample_every": 5 if rate else 20, "rate": rate or None}
+        "sample_every": 20, "rate": rate or None}
     if kind == "floor":
         spec["topics_of"] = [[] for _ in range(n)]  # it sends every event to everyone
     raise_nofile()
