@@ -367,7 +367,9 @@ async def open_clients(spec: dict[str, Any], stats: Stats) -> list[Client]:
     # connection order, and a fixed stride could still line up with it.
     sampled = set(random.Random(spec.get("sample_seed", 2)).sample(range(n), n // sample_every)
                   if sample_every > 1 else range(n))
-    stamped = spec.get("rx_timestamps", True)
+    # Kernel receive stamps where latency is measured (publish runs): storm and
+    # idle clients stay on the cheaper asyncio transport.
+    stamped = spec.get("rx_timestamps", spec.get("mode") == "publish")
     clients: list[Client | None] = [None] * n
     sem = asyncio.Semaphore(spec.get("connect_concurrency", 200))
 
