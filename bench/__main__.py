@@ -67,11 +67,13 @@ def rss_kib(pid: int) -> int:
 
 
 class Server:
-    """A server process under test; use as a context manager."""
+    """A server process under test (kind: wsgate, naive or floor); a context manager."""
 
     def __init__(self, kind: str, workdir: Path, audit_url: str | None = None,
-                 record_events: bool = False, max_subscriptions: int = 1000) -> None:
+                 record_events: bool = False, max_subscriptions: int = 1000,
+                 args: tuple[str, ...] = ()) -> None:
         self.kind = kind
+        self.args = args
         self.port = free_port()
         self.workdir = workdir
         self.audit_url = audit_url or f"sqlite:///{workdir}/audit-{self.port}.db"
@@ -92,7 +94,7 @@ class Server:
             cfg.write_text(self.config_text())
             argv = [WSGATE, "serve", "--config", str(cfg)]
         else:
-            argv = [PYTHON, "-m", "bench.naive_server", str(self.port)]
+            argv = [PYTHON, "-m", f"bench.{self.kind}_server", str(self.port), *self.args]
         self.proc = subprocess.Popen(pinned(0, argv), stdout=out, stderr=subprocess.STDOUT,
                                      cwd=ROOT, preexec_fn=raise_nofile)
         deadline = time.monotonic() + 30
@@ -170,7 +172,7 @@ def fanout(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             out[kind] = run_generator(spec, srv, duration + 120)
     rate = out["wsgate"]["events_per_s"] / 2
     out["paced_events_per_s"] = round(rate, 1)
-    paced = dict(spec, rate=rate, sample_every=5)
+    paced = dict(spec, rate=rate)
     for kind in ("wsgate", "naive"):
         with Server(kind, work) as srv:
             out[kind + "_paced"] = run_generator(paced, srv, duration + 120)

@@ -6,10 +6,17 @@ over ``asyncio.Protocol`` keeps the generator cheap:
 
 - every connection counts event frames with ``bytes.count`` of a marker that
   only event frames carry (C speed, no per-frame Python work);
-- a sample of the connections parses every frame fully, reading the send time
-  each event's ``data`` carries (``"ts"``, ``time.monotonic()`` of the sender:
-  CLOCK_MONOTONIC is system-wide on Linux), for end-to-end latency, and checks
-  that each connection sees every sequence number at most once and in order.
+- a uniformly random sample of the connections parses every frame fully and
+  checks that each connection sees every sequence number at most once. These
+  are read with ``recvmsg`` and ``SO_TIMESTAMPNS``: each read carries the
+  kernel's receive timestamp (CLOCK_REALTIME, taken when the data reached the
+  socket), and the latency of a frame is that timestamp minus the send time
+  the event's ``data`` carries (``"ts"``, ``time.time_ns()`` of the publisher
+  just before the POST is written). So the figure does not include how long
+  the generator itself took to get to the frame; that figure is reported
+  beside it (``read_latency_ms``: the time the frame was parsed instead).
+  A TCP read carries the timestamp of the last segment it took, so these
+  connections read one frame at a time (see ``StampedClient._readable``).
 
 The generator measures its own CPU time over the measured window; above 80%
 of a core the result says so (``generator_saturated``), because then the
@@ -25,14 +32,37 @@ import os
 import random
 import re
 import resource
+import socket
+import struct
 import sys
 import time
 import uuid
 from typing import Any, cast
 
 MARK = b'"type":"bench_tick"'
-_TS = re.compile(rb'"ts":([0-9.]+),"seq":([0-9]+)')
+_TS = re.compile(rb'"ts":([0-9]+),"seq":([0-9]+)')
 _MARKLEN = len(MARK) - 1
+# Linux: SO_TIMESTAMPNS = SCM_TIMESTAMPNS = 35 (Python 3.11 does not name it).
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+_ANCILLARY = socket.CMSG_SPACE(16)
+_RECV_SIZE = 1 << 18
+
+
+def rx_timestamps(sock: socket.socket) -> None:
+    """Ask the kernel to stamp data received on sock (see recv_stamped)."""
+    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+
+
+def recv_stamped(sock: socket.socket, size: int = _RECV_SIZE) -> tuple[bytes, int]:
+    """One ``recvmsg`` on a socket with rx_timestamps on: the data and the kernel's
+    receive time of it in CLOCK_REALTIME nanoseconds (for TCP: the time the last
+    segment read reached the socket), 0 when the kernel gave none."""
+    data, ancillary, _flags, _addr = sock.recvmsg(size, _ANCILLARY)
+    for level, kind, raw in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(raw) >= 16:
+            sec, nsec = struct.unpack_from("qq", raw)
+            return data, sec * 1_000_000_000 + nsec
+    return data, 0
 
 
 def proc_cpu(pid: int | None) -> float:
@@ -73,12 +103,25 @@ def mask_frame(payload: bytes, opcode: int = 0x1) -> bytes:
     return header + key + masked
 
 
+#: CPU to waste per read (bench/rx_check.py: a deliberately slow generator).
+_burn_ns = 0
+
+
+def _burn(ns: int) -> None:
+    end = time.thread_time_ns() + ns
+    while time.thread_time_ns() < end:
+        pass
+
+
 class Stats:
     """Counters shared by every client of the run."""
 
     def __init__(self) -> None:
         self.frames = 0
+        #: Kernel receive time - send time, and parse time - send time, in seconds.
         self.latencies: list[float] = []
+        self.read_latencies: list[float] = []
+        self.unstamped = 0
         self.dupes = 0
         self.out_of_order = 0
         self.closed = 0
@@ -105,6 +148,8 @@ class Client(asyncio.Protocol):
         self.seen: set[int] | None = None
         self.messages: asyncio.Queue[Any] = asyncio.Queue()
         self.lost = asyncio.get_running_loop().create_future()
+        #: Kernel receive time of the data being parsed (StampedClient), else 0.
+        self.rx_ns = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TCPTransport is not an asyncio.Transport subclass, but has its methods.
@@ -122,6 +167,8 @@ class Client(asyncio.Protocol):
         self.transport.write(mask_frame(json.dumps(obj).encode()))
 
     def data_received(self, data: bytes) -> None:
+        if _burn_ns:
+            _burn(_burn_ns)
         if self.fast:
             # Count event frames; a marker split across two reads is found in tail + data.
             chunk = self.tail + data
@@ -147,7 +194,8 @@ class Client(asyncio.Protocol):
         buf = self.buf
         pos = 0
         size = len(buf)
-        now = time.monotonic()
+        parsed_ns = time.time_ns()
+        rx_ns = self.rx_ns or parsed_ns
         stats = self.stats
         while size - pos >= 2:
             b0 = buf[pos]
@@ -173,7 +221,9 @@ class Client(asyncio.Protocol):
                     stats.frames += 1
                     m = _TS.search(payload)
                     if m is not None:
-                        stats.latencies.append(now - float(m.group(1)))
+                        sent_ns = int(m.group(1))
+                        stats.latencies.append((rx_ns - sent_ns) / 1e9)
+                        stats.read_latencies.append((parsed_ns - sent_ns) / 1e9)
                         seq = int(m.group(2))
                         if self.seen is not None:
                             if seq in self.seen:
@@ -205,20 +255,134 @@ class Client(asyncio.Protocol):
                 raise RuntimeError(f"server error: {msg}")
 
 
+class StampedClient(Client):
+    """A sampled connection on a plain non-blocking socket, read with recv_stamped
+    (an asyncio transport gives no ancillary data), so every parsed frame has
+    the kernel's receive time."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.sock: socket.socket | None = None
+        self.pending = bytearray()
+
+    async def open(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        rx_timestamps(sock)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            await loop.sock_connect(sock, (host, port))
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        loop.add_reader(sock.fileno(), self._readable)
+        self.connection_made(cast(asyncio.Transport, self))
+
+    # The transport methods Client uses, on the socket itself.
+
+    def write(self, data: bytes) -> None:
+        if self.sock is None:
+            return
+        if self.pending:
+            self.pending += data
+            return
+        try:
+            n = self.sock.send(data)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            return self.close()
+        if n < len(data):
+            self.pending += data[n:]
+            asyncio.get_running_loop().add_writer(self.sock.fileno(), self._writable)
+
+    def _writable(self) -> None:
+        assert self.sock is not None
+        try:
+            n = self.sock.send(self.pending)
+        except BlockingIOError:
+            return
+        except OSError:
+            return self.close()
+        del self.pending[:n]
+        if not self.pending:
+            asyncio.get_running_loop().remove_writer(self.sock.fileno())
+
+    def close(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        self.sock = None
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(sock.fileno())
+        loop.remove_writer(sock.fileno())
+        sock.close()
+        self.connection_lost(None)
+
+    def _readable(self) -> None:
+        # A TCP read carries one timestamp, the one of the last segment it took:
+        # after the handshake, each read stops at the end of the frame being
+        # read (header first, then the rest), so each frame gets the receive
+        # time of its own last byte, however far behind the generator is.
+        sock = self.sock
+        while sock is not None:
+            try:
+                data, rx_ns = recv_stamped(sock, self._want() if self.upgraded else _RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return self.close()
+            if not data:
+                return self.close()
+            if not rx_ns:
+                self.stats.unstamped += 1
+            self.rx_ns = rx_ns
+            self.data_received(data)
+            sock = self.sock
+
+    def _want(self) -> int:
+        """Bytes that complete the header, or else the frame, begun in self.buf."""
+        buf = self.buf
+        have = len(buf)
+        if have < 2:
+            return 2 - have
+        n = buf[1] & 0x7F
+        head = 2 if n < 126 else 4 if n == 126 else 10
+        if have < head:
+            return head - have
+        if n >= 126:
+            n = int.from_bytes(buf[2:head], "big")
+        return head + n - have
+
+
 async def open_clients(spec: dict[str, Any], stats: Stats) -> list[Client]:
     """Open, upgrade and subscribe spec['connections'] clients, a few hundred at a time."""
     loop = asyncio.get_running_loop()
     host, port = spec["host"], spec["port"]
     n = spec["connections"]
     sample_every = max(1, spec.get("sample_every", 1))
+    # A uniformly random sample: the server's delivery order is unrelated to the
+    # connection order, and a fixed stride could still line up with it.
+    sampled = set(random.Random(spec.get("sample_seed", 2)).sample(range(n), n // sample_every)
+                  if sample_every > 1 else range(n))
+    # Kernel receive stamps where latency is measured (publish runs): storm and
+    # idle clients stay on the cheaper asyncio transport.
+    stamped = spec.get("rx_timestamps", spec.get("mode") == "publish")
     clients: list[Client | None] = [None] * n
     sem = asyncio.Semaphore(spec.get("connect_concurrency", 200))
 
     async def one(i: int) -> None:
         async with sem:
             path = f"/v1.0/ws?token={spec['token']}"
-            client = Client(stats, host, port, path, sampled=i % sample_every == 0)
-            await loop.create_connection(lambda: client, host, port)
+            client: Client
+            if i in sampled and stamped:
+                client = StampedClient(stats, host, port, path, True)
+                await client.open(host, port)
+            else:
+                client = Client(stats, host, port, path, sampled=i in sampled)
+                await loop.create_connection(lambda: client, host, port)
             await client.expect("connected")
             topics = spec["topics_of"][i] if "topics_of" in spec else [spec["topic"]]
             if topics:
@@ -281,6 +445,7 @@ def event_body(events: list[dict[str, Any]], batch: bool) -> bytes:
 
 async def run_publish(spec: dict[str, Any]) -> dict[str, Any]:
     """Connect the clients, then post events for spec['duration'] seconds."""
+    global _burn_ns
     stats = Stats()
     t_setup = time.monotonic()
     clients = await open_clients(spec, stats)
@@ -304,18 +469,20 @@ async def run_publish(spec: dict[str, Any]) -> dict[str, Any]:
         for _ in range(per_post):
             topic = targets[rng.randrange(len(targets))] if targets else spec["topic"]
             out.append({"type": "bench_tick", "topics": [topic],
-                        "data": {"ts": time.monotonic(), "seq": seq, "pad": spec.get("pad", "")}})
+                        "data": {"ts": time.time_ns(), "seq": seq, "pad": spec.get("pad", "")}})
             seq += 1
         expected += per_post * recipients
         return out
 
     stop = False
     server_pid = spec.get("server_pid")
+    _burn_ns = int(spec.get("burn_us", 0) * 1000)
     usage0 = resource.getrusage(resource.RUSAGE_SELF)
     server0 = proc_cpu(server_pid)
     t0 = time.monotonic()
     frames0 = stats.frames
     lat0 = len(stats.latencies)
+    unstamped0 = stats.unstamped
     next_at = t0
 
     async def worker(conn: Any, idx: int) -> None:
@@ -343,6 +510,7 @@ async def run_publish(spec: dict[str, Any]) -> dict[str, Any]:
     server1 = proc_cpu(server_pid)
     frames1 = stats.frames
     lat1 = len(stats.latencies)
+    unstamped1 = stats.unstamped
     await asyncio.gather(*tasks, return_exceptions=True)
     # Drain: wait until every expected frame arrived (or nothing moves for 2 s).
     last, still = stats.frames, time.monotonic()
@@ -353,6 +521,7 @@ async def run_publish(spec: dict[str, Any]) -> dict[str, Any]:
     wall = t1 - t0
     cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
     lat = sorted(stats.latencies[lat0:lat1])
+    read_lat = sorted(stats.read_latencies[lat0:lat1])
     for c in clients:
         if c.transport is not None:
             c.transport.close()
@@ -366,6 +535,7 @@ async def run_publish(spec: dict[str, Any]) -> dict[str, Any]:
         "delivered_per_s": (frames1 - frames0) / wall,
         "events_per_s": (frames1 - frames0) / wall / recipients,
         "latency_ms": percentiles(lat), "latency_samples": len(lat),
+        "read_latency_ms": percentiles(read_lat), "reads_unstamped": unstamped1 - unstamped0,
         "dupes": stats.dupes, "out_of_order": stats.out_of_order,
         "server_closes": stats.close_codes,
         "generator_cpu": round(cpu / wall, 3),

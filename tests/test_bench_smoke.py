@@ -20,3 +20,65 @@ def test_percentiles():
     values = sorted(i / 1000 for i in range(100))
     assert loadgen.percentiles(values)["p50"] == 50.0
     assert loadgen.percentiles([]) == {}
+
+
+def test_kernel_receive_timestamp_is_the_arrival_not_the_read():
+    import select
+    import socket
+    import time
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+        with client, server:
+            loadgen.rx_timestamps(client)
+            before = time.time_ns()
+            server.sendall(b"x" * 200)
+            assert select.select([client], [], [], 30)[0]
+            readable = time.time_ns()
+            time.sleep(0.01)  # the data waits in the socket: its stamp must not move
+            data, stamp = loadgen.recv_stamped(client)
+    assert data == b"x" * 200
+    assert before <= stamp <= readable
+
+
+def test_stamped_client_reads_one_frame_at_a_time():
+    import asyncio
+    import socket
+
+    async def main() -> tuple[int, list[int], int]:
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.setblocking(False)
+        loop = asyncio.get_running_loop()
+        stats = loadgen.Stats()
+        host, port = listener.getsockname()
+        client = loadgen.StampedClient(stats, host, port, "/", True)
+        opening = asyncio.ensure_future(client.open(host, port))
+        peer, _ = await loop.sock_accept(listener)
+        await opening
+        request = await loop.sock_recv(peer, 4096)
+        assert request.startswith(b"GET / HTTP/1.1")
+        ticks = b"".join(
+            bytes((0x81, len(p))) + p for p in (
+                b'{"type":"bench_tick","data":{"ts":%d,"seq":%d}}' % (10**18, i)
+                for i in range(3)))
+        reads: list[int] = []
+        real = client.data_received
+        client.data_received = lambda data: (reads.append(len(data)), real(data))
+        await loop.sock_sendall(peer, b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+        while not client.upgraded:
+            await asyncio.sleep(0.01)
+        reads.clear()
+        client.seen = set()
+        await loop.sock_sendall(peer, ticks)  # one write: three frames in one segment
+        while stats.frames < 3:
+            await asyncio.sleep(0.01)
+        client.close()
+        peer.close()
+        listener.close()
+        return stats.frames, reads, stats.dupes
+
+    frames, reads, dupes = asyncio.run(asyncio.wait_for(main(), 30))
+    assert frames == 3 and dupes == 0
+    # Header, then the rest, for each frame: each frame's stamp is its own.
+    assert len(reads) == 6 and reads[0] == 2

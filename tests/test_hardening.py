@@ -395,8 +395,9 @@ class CollectingTransport:
     def send_text(self, text: str) -> None:
         self.texts.append(text)
 
-    def send_wire(self, frame: bytes) -> None:
+    def send_wire(self, frame: bytes) -> int:
         self.wires.append(frame)
+        return 0
 
     def pending_bytes(self) -> int:
         return 0

@@ -33,11 +33,12 @@ class PendingMeter:
         self.inner.send_text(text)
         self._measure()
 
-    def send_wire(self, frame: bytes) -> None:
+    def send_wire(self, frame: bytes) -> int:
         if self.closed:
             self.after_close += len(frame)
-        self.inner.send_wire(frame)
+        pending = int(self.inner.send_wire(frame))
         self._measure()
+        return pending
 
     def pending_bytes(self) -> int:
         return int(self.inner.pending_bytes())

@@ -368,6 +368,56 @@ async def test_messages_are_handled_one_at_a_time_in_order(make_server):
         peer.close()
 
 
+@pytest.mark.gen_test(timeout=60)
+async def test_a_peer_that_stops_reading_gets_every_frame_in_order_once_it_reads(make_server):
+    from tests.conftest import event
+    from tests.test_hardening import RawWebSocket
+    from wsgate.websocket import WebSocketConnection
+
+    every = f"customer_id:{CUSTOMER}"
+    server = await make_server(server={"max_output_buffer": 64 * 1024 * 1024})
+    slow = await RawWebSocket.connect(server.port, rcvbuf=4096)
+    try:
+        hello = await slow.recv_json()
+        await slow.send_text(json.dumps({"type": "subscribe", "topics": [every]}))
+        assert (await slow.recv_json())["topics"] == [every]
+        ws = server.gateway.connections[hello["connection_id"]].transport
+        assert isinstance(ws, WebSocketConnection) and ws.backlog == 0
+        pad = "x" * 4096
+        sent = 0
+
+        async def post(n: int) -> None:
+            nonlocal sent
+            batch = [event(data={"id": "r", "n": sent + i, "pad": pad}) for i in range(n)]
+            assert (await server.post({"events": batch}))[0] == 202
+            sent += n
+
+        # Frames go straight to the socket until a write is cut short; its rest,
+        # and everything after it, waits in the transport.
+        while not ws.backlog:
+            assert sent < 4000, "the socket never filled"
+            await post(8)
+        await post(8)
+        assert ws.transport is not None
+        assert ws.pending_bytes() == ws.transport.get_write_buffer_size() >= 8 * 4096
+        # A control reply made now goes behind those frames, not around them.
+        await slow.send_text(json.dumps({"type": "ping"}))
+        got = []
+        while len(got) < sent:
+            msg = await slow.recv_json(timeout=10)
+            assert msg["type"] == "call_created", msg
+            got.append(msg["data"]["n"])
+        assert got == list(range(sent))
+        assert (await slow.recv_json(timeout=10)) == {"type": "pong"}
+        # Drained: the next frame goes straight to the socket again.
+        await wait_for(lambda: ws.transport.get_write_buffer_size() == 0)
+        await post(1)
+        assert (await slow.recv_json(timeout=10))["data"]["n"] == sent - 1
+        assert ws.backlog == 0
+    finally:
+        slow.close()
+
+
 def test_close_frame_reason_fits_a_control_frame():
     from wsgate.websocket import close_frame
 

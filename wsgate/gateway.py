@@ -53,8 +53,9 @@ class Transport(Protocol):
     def send_text(self, text: str) -> None:
         """Send one text message (control replies)."""
 
-    def send_wire(self, frame: bytes) -> None:
-        """Write an already framed WebSocket message (see protocol.ws_frame)."""
+    def send_wire(self, frame: bytes) -> int:
+        """Write an already framed WebSocket message (see protocol.ws_frame);
+        returns ``pending_bytes()`` with the frame counted."""
 
     def pending_bytes(self) -> int:
         """Bytes written but not yet sent to the peer."""
@@ -138,9 +139,10 @@ class ReplayBuffer:
     def send_text(self, text: str) -> None:
         self.inner.send_text(text)
 
-    def send_wire(self, frame: bytes) -> None:
+    def send_wire(self, frame: bytes) -> int:
         self.frames.append(frame)
         self.held += len(frame)
+        return self.inner.pending_bytes() + self.held
 
     def pending_bytes(self) -> int:
         return self.inner.pending_bytes() + self.held
@@ -749,12 +751,10 @@ class Gateway:
                             tail = protocol.event_frame_tail(event.event_id, event.published_at)
                         text = protocol.event_frame(prefix, topic.text, event.data_json, tail)
                         wire = protocol.ws_frame(text.encode())
-                    transport = conn.transport
-                    transport.send_wire(wire)
                     delivered += 1
-                    # pending_bytes counts frames queued by the transport but not yet
-                    # written, so a burst cannot pass the limit unseen.
-                    if transport.pending_bytes() > max_buffer and not conn.closed:
+                    # The pending bytes count frames queued by the transport but not
+                    # yet written, so a burst cannot pass the limit unseen.
+                    if conn.transport.send_wire(wire) > max_buffer and not conn.closed:
                         self._spawn_close_slow(conn)
         stats = self.stats
         stats["events_received"] += len(events)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections import deque
 
 from wsgate import errors
@@ -72,9 +73,9 @@ class WebSocketConnection(asyncio.Protocol):
     with the peer's close code when it sent one.
     """
 
-    __slots__ = ("gateway", "registry", "conn", "transport", "state", "buf", "need",
-                 "frag", "frag_opcode", "frag_size", "out", "out_size", "seen", "idle_since",
-                 "ping_at", "inbox", "busy", "close_timer", "opening")
+    __slots__ = ("gateway", "registry", "conn", "transport", "fd", "backlog", "state", "buf",
+                 "need", "frag", "frag_opcode", "frag_size", "out", "out_size", "seen",
+                 "idle_since", "ping_at", "inbox", "busy", "close_timer", "opening")
 
     def __init__(self, gateway: Gateway, registry: ConnectionRegistry, principal: Principal,
                  remote_addr: str, origin: str | None, user_agent: str | None,
@@ -83,6 +84,11 @@ class WebSocketConnection(asyncio.Protocol):
         self.registry = registry
         self.conn: Connection | None = None
         self.transport: asyncio.Transport | None = None
+        # The socket's descriptor, for writes straight to it (see _write), and the
+        # bytes the transport held after the last write through it: while that
+        # is 0 the transport holds nothing and _write may bypass it.
+        self.fd = -1
+        self.backlog = 0
         self.state = _OPEN
         # Unparsed input, and how many bytes of it the next frame needs.
         self.buf = bytearray(initial)
@@ -110,6 +116,9 @@ class WebSocketConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self.fd = sock.fileno()
         self.idle_since = self.registry.loop.time()
         self.registry.add(self)
         assert self.opening is not None
@@ -211,7 +220,7 @@ class WebSocketConnection(asyncio.Protocol):
     def _control(self, opcode: int, payload: bytes) -> None:
         if opcode == 9:
             if self.state == _OPEN and self.transport is not None:
-                self.transport.write(bytes((0x8A, len(payload))) + payload)
+                self._write(bytes((0x8A, len(payload))) + payload)
         elif opcode == 8:
             self._peer_closed(payload)
         # A pong (10) only proves the peer alive: data_received noted it.
@@ -332,18 +341,30 @@ class WebSocketConnection(asyncio.Protocol):
             out.append(frame)
         self._flush_out()
 
-    def send_wire(self, frame: bytes) -> None:
+    def send_wire(self, frame: bytes) -> int:
         """Queue an event frame; every frame queued for this connection during one
         loop iteration goes out in one write at the start of the next (see
-        _flush_out). ``pending_bytes`` counts the queued bytes."""
+        ConnectionRegistry.flush_soon). Returns ``pending_bytes()``."""
         out = self.out
         if out is not None:
             out.append(frame)
-            self.out_size += len(frame)
+            size = self.out_size = self.out_size + len(frame)
         elif self.state == _OPEN:
             self.out = [frame]
-            self.out_size = len(frame)
-            _flusher_for(self.registry.loop).connections.append(self)
+            size = self.out_size = len(frame)
+            flushing = self.registry.flushing
+            if flushing is None:
+                flushing = self.registry.flush_soon()
+            flushing.append(self)
+        else:
+            return self.out_size
+        backlog = self.backlog
+        if backlog:
+            # Only a slow peer leaves bytes in the transport: read the exact
+            # figure (it drains on its own between our writes).
+            assert self.transport is not None
+            backlog = self.backlog = self.transport.get_write_buffer_size()
+        return size + backlog
 
     def _flush_out(self) -> None:
         out = self.out
@@ -351,10 +372,31 @@ class WebSocketConnection(asyncio.Protocol):
             return
         self.out = None
         self.out_size = 0
+        if self.state == _OPEN:
+            self._write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _write(self, data: bytes) -> None:
+        """Write data now, behind whatever the transport still holds.
+
+        While the transport holds nothing (``backlog`` 0) the bytes go straight
+        to the socket, as ``transport.write`` would do but without its checks;
+        what the socket does not take is handed to the transport, which queues
+        it and writes it when the socket drains. Only called while open.
+        """
         transport = self.transport
-        if self.state != _OPEN or transport is None:
-            return
-        transport.write(out[0] if len(out) == 1 else b"".join(out))
+        assert transport is not None
+        if not self.backlog and self.fd >= 0:
+            try:
+                n = os.write(self.fd, data)
+            except OSError:
+                # Full (or reset, or a broken pipe: then the transport meets the
+                # same error and closes the connection the usual way).
+                n = 0
+            if n == len(data):
+                return
+            data = data[n:]
+        transport.write(data)
+        self.backlog = transport.get_write_buffer_size()
 
     def pending_bytes(self) -> int:
         transport = self.transport
@@ -402,6 +444,8 @@ class ConnectionRegistry:
         self.ping_timeout = ping_timeout
         self.period = max(0.05, min(ping_interval, ping_timeout) / 4)
         self.connections: set[WebSocketConnection] = set()
+        #: Connections with frames queued in this loop iteration (see flush_soon).
+        self.flushing: list[WebSocketConnection] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle: asyncio.Event | None = None
@@ -412,6 +456,31 @@ class ConnectionRegistry:
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         return loop
+
+    def flush_soon(self) -> list[WebSocketConnection]:
+        """Start the list of connections to flush at the next loop iteration: each
+        one's queued frames go out in one write (send_wire appends to it)."""
+        flushing = self.flushing = []
+        self.loop.call_soon(self._flush, flushing)
+        return flushing
+
+    def _flush(self, flushing: list[WebSocketConnection]) -> None:
+        if self.flushing is flushing:
+            self.flushing = None
+        for connection in flushing:
+            # connection._flush_out(), inlined: this runs once per connection per event.
+            out = connection.out
+            if out is None:
+                continue
+            connection.out = None
+            connection.out_size = 0
+            if connection.state != _OPEN:
+                continue
+            try:
+                connection._write(out[0] if len(out) == 1 else b"".join(out))
+            except Exception:
+                # One broken connection must not keep the others' frames unsent.
+                log.exception("writing queued frames failed")
 
     def add(self, connection: WebSocketConnection) -> None:
         self.connections.add(connection)
@@ -444,7 +513,7 @@ class ConnectionRegistry:
                     dead.append(c)
             elif c.idle_since <= ping_before and c.state == _OPEN and c.transport is not None:
                 c.ping_at = now
-                c.transport.write(_PING)
+                c._write(_PING)
         for c in dead:
             log.info("ping timeout: aborting the connection")
             c.abort()
@@ -469,40 +538,3 @@ class ConnectionRegistry:
                 self._idle = None
         # Let the transports' connection_lost callbacks run.
         await asyncio.sleep(0)
-
-
-class _Flusher:
-    """Writes the frames queued by send_wire, once per loop iteration, for every
-    connection that queued some (one per event loop: tests run several)."""
-
-    __slots__ = ("loop", "connections")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.connections: list[WebSocketConnection] = []
-
-    def run(self) -> None:
-        global _flusher
-        if _flusher is self:
-            _flusher = None
-        for connection in self.connections:
-            try:
-                connection._flush_out()
-            except Exception:
-                # One broken connection must not keep the others' frames unsent.
-                log.exception("writing queued frames failed")
-
-
-_flusher: _Flusher | None = None
-
-
-def _flusher_for(loop: asyncio.AbstractEventLoop) -> _Flusher:
-    """The flusher that runs at this loop's next iteration."""
-    global _flusher
-    flusher = _flusher
-    if flusher is None or flusher.loop is not loop:
-        flusher = _flusher = _Flusher(loop)
-        loop.call_soon(flusher.run)
-    return flusher
-
-
