@@ -318,3 +318,25 @@ async def test_requests_split_anywhere_are_answered_whole_and_in_order(make_serv
             raw.close()
         assert [(await client.recv())["data"]["id"] for _ in range(3)] == ["s0", "s1", "s2"]
         await wait_for(lambda: fast_count(server) == 0)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_signed_request_refused_after_its_signature_logs_its_key(make_server, caplog):
+    server = await make_server(ingest={"hmac_secrets": [SECRET]})
+    caplog.set_level(logging.INFO, logger="wsgate.access")
+    invalid = json.dumps({"type": "Bad", "data": {}}).encode()
+    for chunked in (False, True):  # the fast path, then Tornado's handler
+        caplog.clear()
+        good = json.dumps(event(data={"id": f"c{int(chunked)}"})).encode()
+        headers = signed(good)
+        raw = await Raw.open(server.port)
+        try:
+            assert (await raw.post(good, headers, key=None, chunked=chunked))[0] == 202
+            assert (await raw.post(good, headers, key=None, chunked=chunked))[0] == 409
+            assert (await raw.post(invalid, signed(invalid), key=None,
+                                   chunked=chunked))[0] == 422
+        finally:
+            raw.close()
+        lines = [(r.status, r.key_id) for r in caplog.records if r.name == "wsgate.access"]
+        assert [status for status, _ in lines] == [202, 409, 422]
+        assert all(kid and kid.startswith("hmac:") for _, kid in lines), lines

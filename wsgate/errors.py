@@ -59,6 +59,8 @@ class HTTPFailure(Exception):
         self.code = code
         self.message = message
         self.details = details
+        #: The ingest key that authenticated the request, when one did (for the log).
+        self.key_id: str | None = None
 
     def body(self) -> dict[str, Any]:
         """The JSON body of the answer."""

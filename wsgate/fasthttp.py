@@ -311,7 +311,7 @@ class FastIngestConnection:
         try:
             answer, kid, accepted = await self._service.complete(headers, body, kid)
         except HTTPFailure as failure:
-            self._answer(failure.status, failure.body(), kid, 0)
+            self._answer(failure.status, failure.body(), failure.key_id or kid, 0)
             return
         except Exception:
             log.exception("uncaught exception answering POST %s", PATH)

@@ -142,6 +142,15 @@ class IngestService:
         """
         if kid is None:
             kid = self._check_signature(headers, body)
+        try:
+            return await self._publish_once(headers, body, kid)
+        except HTTPFailure as failure:
+            failure.key_id = kid
+            raise
+
+    async def _publish_once(self, headers: Headers, body: bytes,
+                            kid: str) -> tuple[dict[str, Any], str, int]:
+        """Publish, or give the earlier answer for a repeated ``Idempotency-Key``."""
         idem = headers.get("idempotency-key")
         if idem is None:
             answer = await self._validate_and_publish(body, kid)
@@ -196,7 +205,9 @@ class IngestService:
         if found is None:
             raise HTTPFailure(401, "unauthenticated", "the signature does not match")
         if self.seen_signatures.get(signature) is not None:
-            raise HTTPFailure(409, "replayed", "this signed request was already received")
+            replayed = HTTPFailure(409, "replayed", "this signed request was already received")
+            replayed.key_id = found
+            raise replayed
         self.seen_signatures.put(signature, True)
         return found
 
@@ -285,6 +296,7 @@ class IngestHandler(JSONHandler):
             answer, self.key_id, self.accepted = await self.service.complete(
                 self.request.headers, b"".join(self.chunks), self.key_id)
         except HTTPFailure as failure:
+            self.key_id = failure.key_id or self.key_id
             self.fail(failure)
             return
         self.write_json(202, answer)
