@@ -324,9 +324,10 @@ async def test_requests_split_anywhere_are_answered_whole_and_in_order(make_serv
 async def test_a_signed_request_refused_after_its_signature_logs_its_key(make_server, caplog):
     server = await make_server(ingest={"hmac_secrets": [SECRET]})
     caplog.set_level(logging.INFO, logger="wsgate.access")
-    invalid = json.dumps({"type": "Bad", "data": {}}).encode()
     for chunked in (False, True):  # the fast path, then Tornado's handler
         caplog.clear()
+        # Distinct bodies per path: the same body signed in the same second is a replay.
+        invalid = json.dumps({"type": "Bad", "data": {"path": int(chunked)}}).encode()
         good = json.dumps(event(data={"id": f"c{int(chunked)}"})).encode()
         headers = signed(good)
         raw = await Raw.open(server.port)
