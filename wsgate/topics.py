@@ -20,15 +20,18 @@ MAX_SEGMENTS = 8
 MAX_SEGMENT_CHARS = 128
 
 # ASCII only: str.isdigit-style classes would admit other scripts' digits.
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z", re.ASCII)
-_SEGMENT = re.compile(r"[A-Za-z0-9_.\-]{1,128}\Z", re.ASCII)
+_UUID_PATTERN = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+_SEGMENT_PATTERN = rf"[A-Za-z0-9_.\-]{{1,{MAX_SEGMENT_CHARS}}}"
+_UUID = re.compile(_UUID_PATTERN + r"\Z", re.ASCII)
+_SEGMENT = re.compile(_SEGMENT_PATTERN + r"\Z", re.ASCII)
 NIL_UUID = "00000000-0000-0000-0000-000000000000"
 # A whole valid topic in one match, for parse_topic's common case (the nil UUID
 # and the byte limit are checked apart); anything else takes the slow path,
 # which says what is wrong.
-_VALID = re.compile(r"(?:customer_id|agent_id):[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-"
-                    r"[0-9a-f]{4}-[0-9a-f]{12}(?::(?:\*|[A-Za-z0-9_.\-]{1,128})){0,6}",
-                    re.ASCII)
+_VALID = re.compile(
+    rf"(?:{'|'.join(SCOPES)}):{_UUID_PATTERN}"
+    rf"(?::(?:{re.escape(WILDCARD)}|{_SEGMENT_PATTERN})){{0,{MAX_SEGMENTS - MIN_SEGMENTS}}}",
+    re.ASCII)
 
 
 class TopicError(ValueError):
