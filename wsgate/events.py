@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import re
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from wsgate.protocol import CONTROL_TYPES, dumps
+from wsgate.protocol import CONTROL_TYPES, STRICT_DECODER, dumps
 from wsgate.topics import Topic, TopicError, is_uuid, parse_topic
 
 _TYPE = re.compile(r"[a-z][a-z0-9]*(_[a-z0-9]+)+\Z", re.ASCII)
@@ -194,14 +193,6 @@ def _validate_one(raw: Any, published_at: str,
     return Event(etype, data_json, tuple(topics), event_id, published_at)
 
 
-def _reject(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-#: One decoder for every body (``json.loads`` with options builds one per call).
-_DECODER = json.JSONDecoder(parse_constant=_reject)
-
-
 def decode_json(body: bytes) -> Any:
     """Decode a request body as strict JSON (no NaN/Infinity).
 
@@ -209,7 +200,7 @@ def decode_json(body: bytes) -> Any:
         ValueError: not UTF-8 JSON, or nested too deeply.
     """
     try:
-        return _DECODER.decode(body.decode("utf-8"))
+        return STRICT_DECODER.decode(body.decode("utf-8"))
     except RecursionError:
         raise ValueError("nested too deeply") from None
     except UnicodeDecodeError as exc:

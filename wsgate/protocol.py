@@ -47,7 +47,8 @@ def _reject_constant(name: str) -> Any:
 
 # Made once: json.loads and json.dumps with options build a new decoder or
 # encoder on every call, which costs more than a small message itself.
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+#: Strict JSON (NaN and Infinity refused): client messages and ingest bodies.
+STRICT_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
 
 
@@ -61,7 +62,7 @@ def parse_client_message(raw: str | bytes,
     if isinstance(raw, bytes):
         raise BadRequest("binary frames are not accepted; send JSON in a text frame")
     try:
-        msg = _DECODER.decode(raw)
+        msg = STRICT_DECODER.decode(raw)
     except RecursionError:
         raise BadRequest("the message is nested too deeply") from None
     except ValueError as exc:
