@@ -179,8 +179,6 @@ class GatewayHTTPServer(tornado.httpserver.HTTPServer):
 
     websockets: ConnectionRegistry | None = None
     ingest: IngestService | None = None
-    idle_timeout = 60.0
-    body_timeout = 30.0
 
     def initialize(self, *args: Any, **kwargs: Any) -> None:
         super().initialize(*args, **kwargs)
@@ -201,8 +199,12 @@ class GatewayHTTPServer(tornado.httpserver.HTTPServer):
             super(GatewayHTTPServer, self).handle_stream(stream, address)
 
         remote = address[0] if isinstance(address, tuple) else ""
-        conn = FastIngestConnection(stream.socket, remote, self.ingest, self.idle_timeout,
-                                    self.body_timeout, to_tornado, self.fast.discard)
+        # The same limits as Tornado's own (idle_connection_timeout is its header
+        # timeout); make_server always sets both from [server].
+        params = self.conn_params
+        assert params.header_timeout is not None and params.body_timeout is not None
+        conn = FastIngestConnection(stream.socket, remote, self.ingest, params.header_timeout,
+                                    params.body_timeout, to_tornado, self.fast.discard)
         self.fast.add(conn)
         conn.start()
 
@@ -228,8 +230,6 @@ def make_server(app: tornado.web.Application, config: Config) -> tornado.httpser
     )
     server.websockets = app.settings.get("websocket_registry")
     server.ingest = app.settings.get("ingest_service")
-    server.idle_timeout = s.idle_connection_timeout
-    server.body_timeout = s.body_timeout
     return server
 
 
