@@ -341,3 +341,24 @@ async def test_a_signed_request_refused_after_its_signature_logs_its_key(make_se
         lines = [(r.status, r.key_id) for r in caplog.records if r.name == "wsgate.access"]
         assert [status for status, _ in lines] == [202, 409, 422]
         assert all(kid and kid.startswith("hmac:") for _, kid in lines), lines
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_an_unexpected_failure_is_the_same_500_on_both_paths(make_server, monkeypatch):
+    server = await make_server()
+
+    async def broken(*args: Any) -> None:
+        raise RuntimeError("a bug while publishing")
+
+    monkeypatch.setattr(server.gateway, "publish", broken)
+    answers = []
+    for chunked in (False, True):
+        raw = await Raw.open(server.port)
+        try:
+            status, head, body = await raw.post(event(), chunked=chunked)
+            answers.append((status, body, sorted(head)))
+        finally:
+            raw.close()
+    assert answers[0] == answers[1]
+    assert answers[0][:2] == (500, {"error": {"code": "internal_error",
+                                              "message": "the server failed; the error is logged"}})

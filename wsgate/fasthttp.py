@@ -38,6 +38,7 @@ from typing import Any
 import tornado
 
 from wsgate.errors import HTTPFailure
+from wsgate.handlers.base import GENERIC_ERRORS
 from wsgate.handlers.ingest import IngestService
 from wsgate.logs import log_access
 
@@ -54,7 +55,7 @@ _CTL = bytes(range(0, 9)) + bytes(range(11, 13)) + bytes(range(14, 32)) + b"\x7f
 #: Headers whose presence means the request is not the plain shape.
 _NOT_PLAIN = ("transfer-encoding", "expect", "upgrade")
 _SERVER = f"TornadoServer/{tornado.version}"
-_INTERNAL = HTTPFailure(500, "internal_error", "the server failed; the error is logged")
+_INTERNAL = HTTPFailure(500, *GENERIC_ERRORS[500])
 
 
 def parse_head(head: bytes) -> dict[str, str] | None:
@@ -123,7 +124,7 @@ class FastIngestConnection:
     """One accepted connection, served here until a request needs Tornado.
 
     ``handover(buffer)`` gives the connection to Tornado with the bytes read
-    so far; ``on_close()`` is called once the connection has ended here
+    so far; ``on_close(connection)`` is called once the connection has ended here
     (closed, or handed over).
     """
 

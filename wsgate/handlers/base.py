@@ -9,7 +9,8 @@ import tornado.web
 
 from wsgate.errors import HTTPFailure
 
-_GENERIC = {
+#: The code and message of a bare HTTP error answer, by status.
+GENERIC_ERRORS = {
     400: ("bad_request", "the request is malformed"),
     404: ("not_found", "no such endpoint"),
     405: ("method_not_allowed", "this endpoint does not take that method"),
@@ -33,7 +34,7 @@ class JSONHandler(tornado.web.RequestHandler):
         self.finish(json.dumps(body))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
-        code, message = _GENERIC.get(status_code, ("error", self._reason))
+        code, message = GENERIC_ERRORS.get(status_code, ("error", self._reason))
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps({"error": {"code": code, "message": message}}))
 
