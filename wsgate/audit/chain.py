@@ -137,19 +137,8 @@ def _canonical_row(chain: str, row: Mapping[str, Any]) -> str:
     (a test checks it); values other than str, int and None go through the
     general encoder.
     """
-    parts = []
-    for name, prefix in _SORTED[chain]:
-        value = row.get(name)
-        if value is None:
-            text = "null"
-        elif type(value) is str:
-            text = _encode_str(value)
-        elif type(value) is int:
-            text = str(value)
-        else:
-            text = _ENCODER.encode(value)
-        parts.append(prefix + text)
-    return "".join(parts) + "}"
+    return "".join([prefix + _json_text(row.get(name))
+                    for name, prefix in _SORTED[chain]]) + "}"
 
 
 def _json_text(value: Any) -> str:
