@@ -70,7 +70,8 @@ class EventRecord:
 class AuditSink(Protocol):
     """How the gateway writes to the audit log.
 
-    The database work happens off the event loop; these coroutines only wait for it.
+    The database work happens off the event loop; these methods only hand it over
+    and wait for it (or, for subscribes, are called back when it is done).
     """
 
     node_id: str
@@ -79,24 +80,15 @@ class AuditSink(Protocol):
         """Open the store (running migrations), replay the journal and close the
         subscriptions a crash left open (code ``unclean_shutdown``)."""
 
-    async def write_subscribes(self, records: Sequence[AuditRecord]) -> None:
-        """Commit records (subscribe rows, accepted or rejected) durably.
-
-        Returns once they are committed; rows arriving within a few ms share
-        one transaction (group commit).
-
-        Raises:
-            AuditUnavailable: the store cannot write now; nothing was recorded.
-        """
-
     def submit_subscribes(self, records: Sequence[AuditRecord],
                           done: Callable[[Exception | None], None]) -> None:
-        """Commit records like write_subscribes, without a coroutine per caller.
+        """Commit records (subscribe rows, accepted or rejected) durably, then call done.
 
+        Rows arriving within a few ms share one transaction (group commit).
         ``done`` is called once, on the caller's event loop and never before this
         returns: with None once the records are committed, or with the
-        :class:`AuditUnavailable` error when nothing was recorded. The gateway's
-        hot subscribe path uses this, one callback per subscribe message.
+        :class:`AuditUnavailable` error when nothing was recorded. No coroutine per
+        caller: the gateway's hot subscribe path makes one call per message.
         """
 
     async def write_ends(self, records: Sequence[AuditRecord]) -> None:

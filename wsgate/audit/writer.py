@@ -245,16 +245,14 @@ class AuditWriter:
         await started
 
     async def write_subscribes(self, records: Sequence[AuditRecord]) -> None:
-        """Commit subscribe rows; see AuditSink.write_subscribes.
+        """submit_subscribes, awaited (for tests and bench/audit_bench.py).
 
         Raises:
             AuditUnavailable: not committed (store down, or the writer closed).
         """
-        if not records:
-            return
-        if not self._running():
-            raise AuditUnavailable("the audit writer is not running")
-        await self._submit(records, strict=True, kind=chain.CHAIN_ROWS)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.submit_subscribes(records, _resolver(future))
+        await future
 
     def submit_subscribes(self, records: Sequence[AuditRecord], done: Done) -> None:
         """Commit subscribe rows and call ``done`` on this event loop afterwards;
