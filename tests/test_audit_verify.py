@@ -35,7 +35,7 @@ def test_untouched_log_verifies(backend: Backend) -> None:
     twelve_rows(backend)
     result = check(backend)
     assert result.ok and result.first is None
-    assert (result.rows_checked, result.checkpoints_checked, result.nodes) == (12, 3, ["node-a"])
+    assert (result.rows_checked, result.checkpoints_checked, result.nodes) == (12, 6, ["node-a"])
     assert result.signatures_checked
 
 
@@ -45,8 +45,9 @@ def test_hash_and_signature_follow_the_documented_scheme(backend: Backend) -> No
     with backend.engine().connect() as conn:
         row = dict(conn.execute(text("SELECT * FROM audit_rows WHERE seq = 2"))
                    .mappings().one())
-        cp = dict(conn.execute(text("SELECT * FROM audit_checkpoints ORDER BY seq LIMIT 1"))
-                  .mappings().one())
+        cps = [dict(r) for r in conn.execute(text(
+            "SELECT * FROM audit_checkpoints WHERE chain = 'rows' ORDER BY seq, id LIMIT 2"))
+            .mappings()]
     fields = ["seq", "occurred_at", "node_id", "connection_id", "action", "topic", "outcome",
               "code", "kind", "subject", "customer_id", "agent_id", "authenticator",
               "remote_addr", "origin", "user_agent", "prev_hash"]
@@ -54,10 +55,18 @@ def test_hash_and_signature_follow_the_documented_scheme(backend: Backend) -> No
                      ensure_ascii=False).encode("utf-8")
     assert hashlib.sha256(doc).hexdigest() == row["row_hash"]
     assert row["occurred_at"] == "2024-05-01T12:01:00.123456Z"
-    signed = json.dumps({f: cp[f] for f in ("chain", "node_id", "seq", "head_hash",
-                                            "signed_at", "kind", "key_id")},
-                        sort_keys=True, separators=(",", ":")).encode("utf-8")
-    backend.key.public_key().verify(base64.b64decode(cp["signature"]), signed)  # no raise
+    previous = "0" * 64
+    for cp in cps:  # the start checkpoint at seq 0, then the periodic one at seq 5
+        signed = json.dumps({f: cp[f] for f in ("chain", "node_id", "seq", "head_hash",
+                                                "signed_at", "kind", "key_id", "prev_hash",
+                                                "policy")},
+                            sort_keys=True, separators=(",", ":")).encode("utf-8")
+        backend.key.public_key().verify(base64.b64decode(cp["signature"]), signed)  # no raise
+        assert cp["prev_hash"] == previous
+        previous = hashlib.sha256(signed).hexdigest()
+    assert [(cp["seq"], cp["kind"]) for cp in cps] == [(0, "start"), (5, "periodic")]
+    assert json.loads(cps[1]["policy"]) == {"checkpoint_every": 5,
+                                            "checkpoint_interval": 60.0, "slack": 0}
     first = backend.scalar("SELECT prev_hash FROM audit_rows WHERE seq = 1")
     assert first == "0" * 64
 
@@ -123,7 +132,9 @@ def test_tampered_checkpoint_signature_is_reported(backend: Backend) -> None:
     backend.execute("UPDATE audit_checkpoints SET signed_at = '2030-01-01T00:00:00.000000Z'"
                     " WHERE seq = 10")
     result = check(backend)
-    assert [(p.kind, p.seq) for p in result.problems] == [("bad_signature", 10)]
+    # The changed field also changes the checkpoint's hash, which the next one names.
+    assert [(p.kind, p.seq) for p in result.problems] == [
+        ("bad_signature", 10), ("broken_checkpoint_chain", 12)]
 
 
 def test_checkpoint_signed_by_another_key_is_reported(backend: Backend) -> None:

@@ -22,6 +22,7 @@ from tests.audit_helpers import (
     rec,
     topic,
 )
+from tests.conftest import wait_for
 from wsgate.audit import store
 from wsgate.audit.records import REJECTED, AuditUnavailable, EventRecord
 from wsgate.audit.writer import AuditWriter
@@ -256,8 +257,55 @@ async def test_checkpoints_are_signed_every_n_rows_and_at_close(backend: Backend
 
         cps = [tuple(r) for r in conn.execute(text(
             "SELECT chain, seq, kind FROM audit_checkpoints ORDER BY id"))]
-    assert cps == [("rows", 5, "periodic"), ("rows", 10, "periodic"), ("rows", 12, "close")]
-    assert store.verify(backend.engine(), backend.key.public_key()).checkpoints_checked == 3
+    assert cps == [("rows", 0, "start"), ("events", 0, "start"), ("rows", 5, "periodic"),
+                   ("rows", 10, "periodic"), ("rows", 12, "close"), ("events", 0, "close")]
+    assert store.verify(backend.engine(), backend.key.public_key()).checkpoints_checked == 6
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_one_big_group_commit_is_signed_at_the_exact_rows(backend: Backend) -> None:
+    """A checkpoint lands on every 5th row even when 12 rows share one transaction,
+    so checkpoints are never further apart than the signed policy says."""
+    w = AuditWriter(backend.config(checkpoint_every=5, group_commit_ms=0), "node-a")
+    await w.start()
+    try:
+        await w.write_subscribes([rec(topic("call", str(i))) for i in range(12)])
+        with backend.engine().connect() as conn:
+            from sqlalchemy import text
+
+            cps = [tuple(r) for r in conn.execute(text(
+                "SELECT chain, seq, kind, policy FROM audit_checkpoints "
+                "WHERE kind = 'periodic' ORDER BY id"))]
+    finally:
+        await w.close()
+    policy = '{"checkpoint_every":5,"checkpoint_interval":60.0,"slack":0}'
+    assert cps == [("rows", 5, "periodic", policy), ("rows", 10, "periodic", policy)]
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_rows_left_unsealed_are_signed_after_checkpoint_interval(backend: Backend) -> None:
+    w = AuditWriter(backend.config(checkpoint_every=1000, checkpoint_interval=0.2,
+                                   group_commit_ms=0), "node-a")
+    await w.start()
+    try:
+        await w.write_subscribes([rec(topic("call", str(i))) for i in range(3)])
+
+        def kinds() -> list[tuple[str, int, str]]:
+            with backend.engine().connect() as conn:
+                from sqlalchemy import text
+
+                return [tuple(r) for r in conn.execute(text(
+                    "SELECT chain, seq, kind FROM audit_checkpoints ORDER BY id"))]
+
+        await wait_for(lambda: ("rows", 3, "interval") in kinds(), timeout=10)
+        # Nothing new to seal: no further interval checkpoint, and the events chain
+        # (no events) was never sealed by one.
+        await asyncio.sleep(0.5)
+        assert [k for k in kinds() if k[2] == "interval"] == [("rows", 3, "interval")]
+    finally:
+        await w.close()
+    result = store.verify(backend.engine(), backend.key.public_key())
+    assert result.ok and not result.unsealed
 
 
 @pytest.mark.gen_test(timeout=60)

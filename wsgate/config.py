@@ -95,6 +95,8 @@ class AuditConfig:
     verify_key_file: str = ""
     #: Rows between signed checkpoints.
     checkpoint_every: int = 1000
+    #: Seconds rows may stay unsealed (after the last checkpoint) before one is signed.
+    checkpoint_interval: float = 60.0
     #: Where unsubscribe rows wait while the store is down.
     journal_path: str = "wsgate-audit.journal"
     #: Milliseconds a group commit waits to gather more rows.
@@ -315,6 +317,8 @@ def _check(cfg: Config) -> None:
         raise bad("audit", "url", "must be a SQLAlchemy URL")
     if a.retry_interval <= 0:
         raise bad("audit", "retry_interval", "must be greater than 0")
+    if a.checkpoint_interval <= 0:
+        raise bad("audit", "checkpoint_interval", "must be greater than 0 (seconds)")
     if a.group_commit_ms < 0 or a.group_commit_max_rows < 1 or a.checkpoint_every < 1:
         raise bad("audit", "group_commit_ms/group_commit_max_rows/checkpoint_every",
                   "out of range")

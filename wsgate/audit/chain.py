@@ -12,7 +12,10 @@ where ``canonical`` is JSON with sorted keys, no whitespace, UTF-8, non-ASCII
 characters written as themselves, ``null`` for a missing value, integers as
 JSON numbers. The first row of a node's chain has ``prev_hash = GENESIS``.
 
-Checkpoint signature: Ed25519 over ``canonical(checkpoint fields)``.
+Checkpoint signature: Ed25519 over ``canonical(checkpoint fields)``. Each
+chained checkpoint also names the hash of the node's previous one
+(``prev_hash``) and the signing policy it was made under, so checkpoints form
+a chain of their own.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import hashlib
 import json
 import json.encoder
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -52,10 +56,14 @@ EVENT_FIELDS: tuple[str, ...] = (
     "ingest_key_id", "payload_sha256", "prev_hash",
 )
 
-#: Fields of a checkpoint covered by its signature.
+#: Fields of a checkpoint covered by its signature: a chained checkpoint (one
+#: with a ``prev_hash``) signs all of them; an unchained one (``prune``, and
+#: those written before checkpoints chained) signs the first seven.
 CHECKPOINT_FIELDS: tuple[str, ...] = (
     "chain", "node_id", "seq", "head_hash", "signed_at", "kind", "key_id",
+    "prev_hash", "policy",
 )
+UNCHAINED_CHECKPOINT_FIELDS = CHECKPOINT_FIELDS[:7]
 
 CHAIN_FIELDS = {CHAIN_ROWS: ROW_FIELDS, CHAIN_EVENTS: EVENT_FIELDS}
 
@@ -261,18 +269,79 @@ def private_pem(private: Ed25519PrivateKey) -> str:
     ).decode()
 
 
+def checkpoint_doc(checkpoint: Mapping[str, Any]) -> bytes:
+    """The canonical bytes a checkpoint's signature and hash cover.
+
+    A chained checkpoint (``prev_hash`` set) covers every CHECKPOINT_FIELDS
+    field; an unchained one the UNCHAINED_CHECKPOINT_FIELDS. Nulling a chained
+    checkpoint's ``prev_hash`` therefore breaks its signature.
+    """
+    fields = (CHECKPOINT_FIELDS if checkpoint.get("prev_hash") is not None
+              else UNCHAINED_CHECKPOINT_FIELDS)
+    return canonical({f: checkpoint.get(f) for f in fields})
+
+
+def checkpoint_hash(checkpoint: Mapping[str, Any]) -> str:
+    """The hex SHA-256 of :func:`checkpoint_doc`: what the node's next checkpoint
+    names as its ``prev_hash``."""
+    return hashlib.sha256(checkpoint_doc(checkpoint)).hexdigest()
+
+
 def sign_checkpoint(private: Ed25519PrivateKey, checkpoint: Mapping[str, Any]) -> str:
-    """Base64 Ed25519 signature over the canonical checkpoint fields."""
-    doc = {f: checkpoint.get(f) for f in CHECKPOINT_FIELDS}
-    return base64.b64encode(private.sign(canonical(doc))).decode()
+    """Base64 Ed25519 signature over :func:`checkpoint_doc`."""
+    return base64.b64encode(private.sign(checkpoint_doc(checkpoint))).decode()
 
 
 def checkpoint_signature_ok(public: Ed25519PublicKey, checkpoint: Mapping[str, Any]) -> bool:
     """True when ``checkpoint["signature"]`` signs its fields under ``public``."""
-    doc = {f: checkpoint.get(f) for f in CHECKPOINT_FIELDS}
     try:
         sig = base64.b64decode(str(checkpoint.get("signature") or ""), validate=True)
-        public.verify(sig, canonical(doc))
+        public.verify(sig, checkpoint_doc(checkpoint))
     except (InvalidSignature, ValueError):
         return False
     return True
+
+
+# --- checkpoint policy -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Policy:
+    """When a node signs: the rules a chained checkpoint states it was signed under.
+
+    ``every``: the node signs when this many rows follow its last checkpoint;
+    ``interval``: ...or when rows have stayed unsealed this many seconds;
+    ``slack``: rows a checkpoint may lag behind ``every`` (0: wsgate signs at
+    the exact row). So two consecutive checkpoints of a node and chain are at
+    most ``every + slack`` rows apart, and so is the unsealed tail, crash or not.
+    """
+
+    every: int
+    interval: float
+    slack: int = 0
+
+    def text(self) -> str:
+        """The canonical JSON text stored (and signed) in a checkpoint's ``policy``."""
+        return canonical({"checkpoint_every": self.every,
+                          "checkpoint_interval": self.interval,
+                          "slack": self.slack}).decode()
+
+    @property
+    def max_gap(self) -> int:
+        """The most rows allowed between two checkpoints, and in the unsealed tail."""
+        return self.every + self.slack
+
+    @classmethod
+    def parse(cls, text: str | None) -> Policy | None:
+        """The policy of a stored ``policy`` text; None when absent or malformed."""
+        if not text:
+            return None
+        try:
+            doc = json.loads(text)
+            every, interval, slack = (doc["checkpoint_every"], doc["checkpoint_interval"],
+                                      doc["slack"])
+        except (ValueError, TypeError, KeyError):
+            return None
+        if (type(every) is not int or type(slack) is not int or every < 1 or slack < 0
+                or type(interval) not in (int, float) or interval < 0):
+            return None
+        return cls(every, float(interval), slack)

@@ -95,9 +95,16 @@ class AuditEvent(Base):
 class AuditCheckpoint(Base):
     """A signed statement "the head of this node's chain was head_hash at seq".
 
-    ``kind`` is ``periodic`` (every checkpoint_every rows), ``close`` (clean
-    shutdown) or ``prune`` (rows up to seq were deleted on purpose; the
-    retained chain starts after it).
+    ``kind`` is ``start`` (the node started), ``periodic`` (checkpoint_every
+    rows), ``interval`` (rows stayed unsealed checkpoint_interval seconds),
+    ``close`` (clean shutdown), or ``prune`` (rows up to seq were deleted on
+    purpose; the retained chain starts after it).
+
+    A chained checkpoint names the hash of the node's previous chained
+    checkpoint of the same chain in ``prev_hash`` (64 zeros for its first) and
+    the policy it was signed under in ``policy``; both are signed. ``prune``
+    checkpoints, written by ``wsgate audit prune`` beside a running node, and
+    those written before migration 0002 have neither.
     """
 
     __tablename__ = "audit_checkpoints"
@@ -111,6 +118,8 @@ class AuditCheckpoint(Base):
     kind: Mapped[str] = mapped_column(String(16))
     key_id: Mapped[str] = mapped_column(String(64))
     signature: Mapped[str] = mapped_column(String(200))
+    prev_hash: Mapped[str | None] = mapped_column(HASH)
+    policy: Mapped[str | None] = mapped_column(String(200))
 
     __table_args__ = (
         Index("ix_audit_checkpoints_node", "chain", "node_id", "seq"),

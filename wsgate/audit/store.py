@@ -7,6 +7,7 @@ audit writer thread or a thread executor, the CLI directly.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from sqlalchemy import Connection, Engine, create_engine, delete, event, func, insert, select, text
 from sqlalchemy.engine import make_url
 
-from wsgate.audit import chain
+from wsgate.audit import chain, proof
 from wsgate.audit.orm import CHAIN_TABLES, CHECKPOINTS
 from wsgate.config import AuditConfig
 
@@ -30,7 +31,9 @@ log = logging.getLogger("wsgate.audit")
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 #: Checkpoint kinds (see orm.AuditCheckpoint).
+CHECKPOINT_START = "start"
 CHECKPOINT_PERIODIC = "periodic"
+CHECKPOINT_INTERVAL = "interval"
 CHECKPOINT_CLOSE = "close"
 CHECKPOINT_PRUNE = "prune"
 
@@ -172,45 +175,68 @@ def load_head(conn: Connection, chain_name: str, node_id: str) -> tuple[int, str
 
 
 def make_checkpoint(private: Ed25519PrivateKey, chain_name: str, node_id: str, seq: int,
-                    head_hash: str, kind: str) -> dict[str, Any]:
-    """A signed checkpoint row, ready to insert into audit_checkpoints."""
+                    head_hash: str, kind: str, *, prev_hash: str | None = None,
+                    policy: chain.Policy | None = None) -> dict[str, Any]:
+    """A signed checkpoint row, ready to insert into audit_checkpoints.
+
+    With ``prev_hash`` (the hash of the node's previous chained checkpoint of
+    this chain, or GENESIS for its first) it is chained and also signs
+    ``policy``; without, it stands alone (prune checkpoints).
+    """
     cp: dict[str, Any] = {
         "chain": chain_name, "node_id": node_id, "seq": seq, "head_hash": head_hash,
         "signed_at": chain.format_time(datetime.now(UTC)), "kind": kind,
-        "key_id": chain.key_id(private.public_key()),
+        "key_id": chain.key_id(private.public_key()), "prev_hash": prev_hash,
+        "policy": policy.text() if policy is not None and prev_hash is not None else None,
     }
     cp["signature"] = chain.sign_checkpoint(private, cp)
     return cp
 
 
+def load_seal(conn: Connection, chain_name: str, node_id: str) -> tuple[int, str]:
+    """Where a node's checkpoint chain stands: the seq its last chained checkpoint
+    signed and that checkpoint's hash; ``(0, GENESIS)`` before its first.
+
+    A node whose checkpoints were all made before checkpoints chained starts
+    its chain at GENESIS from its newest such checkpoint's seq.
+    """
+    cp = CHECKPOINTS
+    last = conn.execute(
+        select(*[c for c in cp.c if c.name != "id"])
+        .where(cp.c.chain == chain_name, cp.c.node_id == node_id,
+               cp.c.kind != CHECKPOINT_PRUNE)
+        .order_by(cp.c.prev_hash.is_(None), cp.c.seq.desc(), cp.c.id.desc()).limit(1)
+    ).first()
+    if last is None:
+        return 0, chain.GENESIS
+    found = dict(last._mapping)
+    if found["prev_hash"] is None:
+        return int(found["seq"]), chain.GENESIS
+    return int(found["seq"]), chain.checkpoint_hash(found)
+
+
 # --- verify ------------------------------------------------------------------------
 
-#: Problem kinds reported by verify.
-CHANGED = "changed"
-DELETED = "deleted"
-INSERTED = "inserted"
-BAD_SIGNATURE = "bad_signature"
-
-
-@dataclass(frozen=True)
-class VerifyProblem:
-    """One break found by verify: what, in which chain of which node, at which seq."""
-
-    kind: str
-    chain: str
-    node_id: str
-    seq: int
-    message: str
+# Problem kinds reported by verify (see wsgate.audit.proof for all of them).
+CHANGED = proof.CHANGED
+DELETED = proof.DELETED
+INSERTED = proof.INSERTED
+BAD_SIGNATURE = proof.BAD_SIGNATURE
+VerifyProblem = proof.VerifyProblem
 
 
 @dataclass
 class VerifyResult:
     """What ``verify`` found. ``ok`` is true when no problem was found.
 
-    ``problems`` holds the first break of each node's chain (rows after a
-    break cannot be trusted, so they are not reported separately) and every
-    bad checkpoint signature. ``signatures_checked`` is false when no key was
-    available: the chain was checked, the signatures were not.
+    ``problems`` holds, per node and chain, each bad checkpoint signature,
+    the first break of the checkpoint chain and the first break of the row
+    chain (rows after a break cannot be trusted, so they are not reported
+    separately), and what the witnesses hold that the store lost.
+    ``signatures_checked`` is false when no key was available: the chains
+    were checked, the signatures were not. ``unsealed`` lists each node's
+    rows after its last checkpoint (a warning, not a problem, while within
+    the node's policy).
     """
 
     problems: list[VerifyProblem] = field(default_factory=list)
@@ -219,6 +245,9 @@ class VerifyResult:
     checkpoints_checked: int = 0
     nodes: list[str] = field(default_factory=list)
     signatures_checked: bool = False
+    unsealed: list[proof.UnsealedTail] = field(default_factory=list)
+    witnesses: list[str] = field(default_factory=list)
+    witnessed_checked: int = 0
 
     @property
     def ok(self) -> bool:
@@ -231,6 +260,17 @@ class VerifyResult:
             return None
         return min(self.problems, key=lambda p: (p.chain != chain.CHAIN_ROWS, p.seq, p.node_id))
 
+    def add(self, report: proof.ChainReport, chain_name: str) -> None:
+        """Count in one node's chain report."""
+        self.problems.extend(report.problems)
+        self.checkpoints_checked += report.checkpoints
+        if chain_name == chain.CHAIN_ROWS:
+            self.rows_checked += report.rows
+        else:
+            self.events_checked += report.rows
+        if report.tail is not None:
+            self.unsealed.append(report.tail)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON form (the HTTP API's /v1.0/audit/verify answer)."""
         return {
@@ -242,130 +282,65 @@ class VerifyResult:
             "checkpoints_checked": self.checkpoints_checked,
             "nodes": self.nodes,
             "signatures_checked": self.signatures_checked,
+            "unsealed": [t.to_dict() for t in self.unsealed],
         }
 
 
-def verify(engine: Engine, public_key: Ed25519PublicKey | None) -> VerifyResult:
-    """Check every node's chains (subscription rows and events) and every checkpoint.
+def load_checkpoints(conn: Connection, chain_name: str | None = None,
+                     node_id: str | None = None) -> list[dict[str, Any]]:
+    """Stored checkpoints (of one chain and node when given), by chain, node, seq,
+    then the order they were stored; without the ``id`` column."""
+    cp = CHECKPOINTS
+    conds = []
+    if chain_name is not None:
+        conds.append(cp.c.chain == chain_name)
+    if node_id is not None:
+        conds.append(cp.c.node_id == node_id)
+    stmt = select(*[c for c in cp.c if c.name != "id"]).where(*conds).order_by(
+        cp.c.chain, cp.c.node_id, cp.c.seq, cp.c.id)
+    return [dict(r._mapping) for r in conn.execute(stmt)]
+
+
+def verify(engine: Engine, public_key: Ed25519PublicKey | None,
+           witnesses: Sequence[tuple[str, Sequence[dict[str, Any]]]] = ()) -> VerifyResult:
+    """Check every node's chains (subscription rows and events), every checkpoint and
+    each checkpoint chain (the rules of :mod:`wsgate.audit.proof`), and compare
+    what each witness holds with the store.
+
+    Args:
+        witnesses: (name, checkpoints read from it) pairs.
 
     Rows are streamed in seq order, so memory stays flat on big logs.
-
-    Reports, per node and chain, the first row that was ``changed`` (its
-    hash does not match its fields), ``deleted`` (a seq is missing, or rows
-    signed by a checkpoint are gone), or ``inserted`` (a duplicate seq, or a
-    row not linked to the row before it); and every checkpoint whose
-    signature does not verify under ``public_key`` (``bad_signature``).
     """
     result = VerifyResult(signatures_checked=public_key is not None)
-    kid = chain.key_id(public_key) if public_key is not None else None
     nodes: set[str] = set()
+    stored: list[dict[str, Any]] = []
     with engine.connect() as conn:
         for chain_name in (chain.CHAIN_ROWS, chain.CHAIN_EVENTS):
             table = CHAIN_TABLES[chain_name]
-            cp = CHECKPOINTS
+            checkpoints = load_checkpoints(conn, chain_name)
+            stored.extend(checkpoints)
+            by_node: dict[str, list[dict[str, Any]]] = {}
+            for c in checkpoints:
+                by_node.setdefault(c["node_id"], []).append(c)
             chain_nodes = {r[0] for r in conn.execute(select(table.c.node_id).distinct())}
-            chain_nodes |= {r[0] for r in conn.execute(
-                select(cp.c.node_id).where(cp.c.chain == chain_name).distinct())}
-            for node_id in sorted(chain_nodes):
+            for node_id in sorted(chain_nodes | set(by_node)):
                 nodes.add(node_id)
-                checkpoints = [dict(r._mapping) for r in conn.execute(
-                    select(cp).where(cp.c.chain == chain_name, cp.c.node_id == node_id)
-                    .order_by(cp.c.seq, cp.c.id))]
-                good: list[dict[str, Any]] = []
-                for c in checkpoints:
-                    result.checkpoints_checked += 1
-                    if public_key is not None and (
-                            c["key_id"] != kid or not chain.checkpoint_signature_ok(public_key, c)):
-                        why = ("was signed by another key (key id "
-                               f"{c['key_id']}, expected {kid})" if c["key_id"] != kid
-                               else "has a signature that does not verify")
-                        result.problems.append(VerifyProblem(
-                            BAD_SIGNATURE, chain_name, node_id, int(c["seq"]),
-                            f"the {c['kind']} checkpoint at seq {c['seq']} {why}"))
-                    else:
-                        good.append(c)
-                problem, count = _verify_chain(conn, chain_name, node_id, good)
-                if chain_name == chain.CHAIN_ROWS:
-                    result.rows_checked += count
-                else:
-                    result.events_checked += count
-                if problem is not None:
-                    result.problems.append(problem)
+                cols = [table.c[f] for f in chain.CHAIN_FIELDS[chain_name] if f in table.c]
+                stmt = (select(*cols, table.c.row_hash).where(table.c.node_id == node_id)
+                        .order_by(table.c.seq, table.c.id).execution_options(yield_per=2000))
+                # Closed explicitly: an early stop must not leave a server-side cursor behind.
+                with conn.execute(stmt) as rows:
+                    report = proof.check_chain(chain_name, node_id, by_node.get(node_id, []),
+                                               (r._mapping for r in rows), public_key)
+                result.add(report, chain_name)
+    for name, held in witnesses:
+        result.witnesses.append(name)
+        result.witnessed_checked += len(held)
+        result.problems.extend(proof.check_witnessed(held, stored, public_key, name))
+        nodes |= {str(c.get("node_id")) for c in held}
     result.nodes = sorted(nodes)
     return result
-
-
-def _verify_chain(conn: Connection, chain_name: str, node_id: str,
-                  checkpoints: list[dict[str, Any]]) -> tuple[VerifyProblem | None, int]:
-    table = CHAIN_TABLES[chain_name]
-    fields = chain.CHAIN_FIELDS[chain_name]
-    noun = "row" if chain_name == chain.CHAIN_ROWS else "event"
-
-    def problem(kind: str, seq: int, message: str) -> VerifyProblem:
-        return VerifyProblem(kind, chain_name, node_id, seq, f"node {node_id!r}: {message}")
-
-    prunes = {c["seq"]: c for c in checkpoints if c["kind"] == CHECKPOINT_PRUNE}
-    signed: dict[int, list[dict[str, Any]]] = {}
-    for c in checkpoints:
-        signed.setdefault(int(c["seq"]), []).append(c)
-
-    cols = [table.c[f] for f in fields if f in table.c] + [table.c.row_hash]
-    stmt = (select(*cols).where(table.c.node_id == node_id)
-            .order_by(table.c.seq, table.c.id).execution_options(yield_per=2000))
-    expected_seq: int | None = None
-    prev = chain.GENESIS
-    last_seq = 0
-    count = 0
-    # Closed explicitly: an early return must not leave a server-side cursor behind.
-    with conn.execute(stmt) as result:
-        for r in result:
-            row = r._mapping
-            seq = int(row["seq"])
-            count += 1
-            if expected_seq is None:
-                # Where the retained chain starts: seq 1, or just after a signed prune.
-                if seq == 1:
-                    expected_seq = 1
-                elif seq - 1 in prunes:
-                    expected_seq, prev = seq, str(prunes[seq - 1]["head_hash"])
-                else:
-                    below = [s for s in prunes if s < seq]
-                    missing = (max(below) + 1) if below else 1
-                    return problem(DELETED, missing,
-                                   f"{noun}s {missing}..{seq - 1} are missing and no signed "
-                                   "prune checkpoint covers them"), count
-            if seq == last_seq:
-                return problem(INSERTED, seq, f"two {noun}s have seq {seq}"), count
-            if seq != expected_seq:
-                return problem(DELETED, expected_seq,
-                               f"{noun} seq {expected_seq} is missing (next is {seq})"), count
-            if chain.row_hash(chain_name, dict(row)) != row["row_hash"]:
-                return problem(CHANGED, seq,
-                               f"{noun} seq {seq} was changed: its hash does not match "
-                               "its fields"), count
-            if row["prev_hash"] != prev:
-                return problem(INSERTED, seq,
-                               f"{noun} seq {seq} is not linked to the {noun} before it "
-                               "(prev_hash mismatch): it was inserted, or the rows before it "
-                               "were replaced"), count
-            for c in signed.get(seq, ()):
-                if c["head_hash"] != row["row_hash"]:
-                    return problem(CHANGED, seq,
-                                   f"{noun}s up to seq {seq} differ from what the "
-                                   f"{c['kind']} checkpoint signed at {c['signed_at']}: "
-                                   "they were rewritten"), count
-            prev = str(row["row_hash"])
-            last_seq = seq
-            expected_seq = seq + 1
-    top = max((int(c["seq"]) for c in checkpoints), default=0)
-    if top > last_seq and not (last_seq == 0 and top in prunes):
-        start = last_seq + 1
-        if last_seq == 0:
-            below = [s for s in prunes if s < top]
-            start = (max(below) + 1) if below else 1
-        return problem(DELETED, start,
-                       f"{noun}s {start}..{top} were signed by a checkpoint but are gone"), count
-    return None, count
 
 
 # --- prune ----------------------------------------------------------------------------

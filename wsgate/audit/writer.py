@@ -212,7 +212,11 @@ class AuditWriter:
         self._engine: Engine | None = None
         # Owned by the writer thread once started.
         self._heads: dict[str, tuple[int, str]] = {}
-        self._signed_seq: dict[str, int] = {}
+        #: Per chain: the seq the last chained checkpoint signed, and its hash.
+        self._sealed: dict[str, tuple[int, str]] = {}
+        #: Per chain: monotonic time since when committed rows are unsealed.
+        self._unsealed_since: dict[str, float | None] = {name: None for name in CHAIN_TABLES}
+        self._policy = chain.Policy(config.checkpoint_every, config.checkpoint_interval)
         self._make_row = _RowMaker()
         self._templates: dict[tuple[Any, ...], chain.RowTemplate] = {}
         self._journal_pending = False
@@ -368,11 +372,7 @@ class AuditWriter:
         with engine.connect() as conn:
             for name in CHAIN_TABLES:
                 self._heads[name] = store.load_head(conn, name, self.node_id)
-                cp = CHECKPOINTS
-                last = conn.execute(
-                    select(cp.c.seq).where(cp.c.chain == name, cp.c.node_id == self.node_id)
-                    .order_by(cp.c.seq.desc()).limit(1)).scalar()
-                self._signed_seq[name] = int(last or 0)
+                self._sealed[name] = store.load_seal(conn, name, self.node_id)
         entries = self._journal.read()
         for name, row in entries:
             # A journal may run ahead of the store (rows journaled, never committed).
@@ -383,6 +383,10 @@ class AuditWriter:
             if not self._replay_journal(force=True):
                 raise AuditUnavailable("the journal could not be replayed")
         self._close_unclean()
+        # Signed at every start, even with nothing new: it seals what a crash
+        # left unsealed, states the policy of this run, and gives a node that
+        # has written nothing yet a checkpoint its witnesses hold.
+        self._seal(store.CHECKPOINT_START)
         self._healthy = True
 
     def _close_unclean(self) -> None:
@@ -422,7 +426,10 @@ class AuditWriter:
             with self._cond:
                 if not self._queue and not self._stopping:
                     idle_check = self._journal_pending or not self._healthy
-                    self._cond.wait(self.retry_interval if idle_check else None)
+                    wait = self._seal_due_in()
+                    if idle_check:
+                        wait = min(wait or self.retry_interval, self.retry_interval)
+                    self._cond.wait(wait)
                 if self._queue:
                     if window > 0 and not self._stopping:
                         deadline = time.monotonic() + window
@@ -446,6 +453,11 @@ class AuditWriter:
                 self._replay_journal()
             elif not self._healthy and time.monotonic() >= self._retry_at:
                 self._probe()
+            elif self._seal_due_in() == 0 and time.monotonic() >= self._retry_at:
+                try:
+                    self._seal(store.CHECKPOINT_INTERVAL)
+                except Exception as exc:  # retried after retry_interval
+                    log.error("audit: the interval checkpoint could not be written: %s", exc)
 
     def _probe(self) -> None:
         """Try the store while it is marked unhealthy and nothing is queued, so
@@ -527,7 +539,7 @@ class AuditWriter:
     def _commit(self, entries: list[Entry]) -> None:
         """Chain and insert entries in one transaction; advance the heads only on commit."""
         rows, heads = self._chain(entries)
-        checkpoints = self._due_checkpoints(heads)
+        checkpoints = self._plan(rows)
         assert self._engine is not None
         try:
             with self._engine.begin() as conn:
@@ -540,25 +552,91 @@ class AuditWriter:
             self._failed(exc)
             raise
         self._heads = heads
-        for cp in checkpoints:
-            self._signed_seq[cp["chain"]] = cp["seq"]
+        self._signed(checkpoints)
         if not self._healthy:
             log.info("audit store is writable again")
         self._healthy = True
 
-    def _due_checkpoints(self, heads: dict[str, tuple[int, str]],
-                         final: bool = False) -> list[dict[str, Any]]:
+    # --- checkpoints ------------------------------------------------------------------
+
+    def _checkpoint(self, name: str, seq: int, head: str, kind: str, prev: str
+                    ) -> dict[str, Any]:
+        assert self._private is not None
+        return store.make_checkpoint(self._private, name, self.node_id, seq, head, kind,
+                                     prev_hash=prev, policy=self._policy)
+
+    def _plan(self, rows: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+        """The checkpoints to commit with rows (chained, in seq order): one at each
+        row that is ``checkpoint_every`` past the chain's last checkpoint, so no
+        two checkpoints are further apart than the policy says, whatever the
+        size of a group commit or a journal replay."""
         if self._private is None:
             return []
-        every = self.config.checkpoint_every
+        every = self._policy.every
         out = []
-        for name, (seq, head) in heads.items():
-            done = self._signed_seq.get(name, 0)
-            if seq > done and (final or seq // every > done // every):
-                kind = store.CHECKPOINT_CLOSE if final else store.CHECKPOINT_PERIODIC
-                out.append(store.make_checkpoint(self._private, name, self.node_id, seq, head,
-                                                 kind))
+        for name, chained in rows.items():
+            signed, prev = self._sealed[name]
+            for row in chained:
+                seq = row["seq"]
+                if seq - signed >= every:
+                    cp = self._checkpoint(name, seq, row["row_hash"],
+                                          store.CHECKPOINT_PERIODIC, prev)
+                    out.append(cp)
+                    signed, prev = seq, chain.checkpoint_hash(cp)
         return out
+
+    def _signed(self, checkpoints: list[dict[str, Any]]) -> None:
+        """Account for committed checkpoints, and rows committed after them; hand
+        the checkpoints to the witnesses."""
+        for cp in checkpoints:
+            self._sealed[cp["chain"]] = (cp["seq"], chain.checkpoint_hash(cp))
+        now = time.monotonic()
+        for name, (seq, _) in self._heads.items():
+            if seq <= self._sealed[name][0]:
+                self._unsealed_since[name] = None
+            elif self._unsealed_since[name] is None:
+                self._unsealed_since[name] = now
+        witness = getattr(self, "witness", None)
+        if checkpoints and witness is not None:
+            witness.submit(checkpoints)
+
+    def _seal_due_in(self) -> float | None:
+        """Seconds until rows unsealed longest reach ``checkpoint_interval`` (0: due
+        now); None when nothing waits to be sealed (or nothing is ever signed)."""
+        if self._private is None or self._journal_pending:
+            return None
+        since = [t for t in self._unsealed_since.values() if t is not None]
+        if not since:
+            return None
+        return max(0.0, min(since) + self._policy.interval - time.monotonic())
+
+    def _seal(self, kind: str) -> None:
+        """Sign the head of each chain now (``start``, ``interval`` or ``close``).
+
+        ``interval`` seals only chains with unsealed rows; ``start`` and
+        ``close`` sign every chain, even at a head already signed.
+
+        Raises:
+            SQLAlchemyError: the checkpoints could not be committed (nothing changed).
+        """
+        if self._private is None or self._journal_pending:
+            return
+        checkpoints = []
+        for name, (seq, head) in self._heads.items():
+            signed, prev = self._sealed[name]
+            if kind == store.CHECKPOINT_INTERVAL and seq <= signed:
+                continue
+            checkpoints.append(self._checkpoint(name, seq, head, kind, prev))
+        if not checkpoints:
+            return
+        assert self._engine is not None
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(insert(CHECKPOINTS), checkpoints)
+        except Exception as exc:
+            self._failed(exc)
+            raise
+        self._signed(checkpoints)
 
     def _to_journal(self, entries: list[Entry]) -> None:
         rows, heads = self._chain(entries)
@@ -582,6 +660,7 @@ class AuditWriter:
         if not force and time.monotonic() < self._retry_at:
             return False
         entries = self._journal.read()
+        own: dict[str, list[dict[str, Any]]] = {name: [] for name in CHAIN_TABLES}
         assert self._engine is not None
         try:
             with self._engine.begin() as conn:
@@ -598,16 +677,16 @@ class AuditWriter:
                     fresh = [r for r in rows if (r["node_id"], r["seq"]) not in stored]
                     if fresh:
                         _insert(conn, table, fresh)
-                checkpoints = self._due_checkpoints(self._heads)
+                    own[name] = [r for r in fresh if r["node_id"] == self.node_id]
+                checkpoints = self._plan(own)
                 if checkpoints:
                     conn.execute(insert(CHECKPOINTS), checkpoints)
         except Exception as exc:
             self._failed(exc)
             return False
-        for cp in checkpoints:
-            self._signed_seq[cp["chain"]] = cp["seq"]
         self._journal.clear()
         self._journal_pending = False
+        self._signed(checkpoints)
         self._healthy = True
         log.info("audit: %d journaled rows written to the store", len(entries))
         return True
@@ -627,12 +706,7 @@ class AuditWriter:
         try:
             if self._journal_pending:
                 self._replay_journal(force=True)
-            if not self._journal_pending:
-                final = self._due_checkpoints(self._heads, final=True)
-                if final:
-                    assert self._engine is not None
-                    with self._engine.begin() as conn:
-                        conn.execute(insert(CHECKPOINTS), final)
+            self._seal(store.CHECKPOINT_CLOSE)
         except SQLAlchemyError as exc:
             log.error("audit: the closing checkpoint could not be written: %s", exc)
         finally:
