@@ -34,8 +34,25 @@ def wsgate_config(port: int, workdir: Path, node_id: str, *, audit_url: str | No
                   broker_url: str = "memory://", record_events: bool = False,
                   max_subscriptions: int = 1000) -> str:
     """The TOML a benchmarked wsgate serves: one static token, every topic allowed,
-    pings and rate limits out of the way, SQLite audit in workdir unless given."""
+    pings and rate limits out of the way, SQLite audit in workdir unless given,
+    checkpoints signed as a deployment signs them (a key made in workdir).
+
+    ``WSGATE_BENCH_AUDIT`` (environment), if set, is added to the [audit] table
+    as it is: e.g. ``witness = ["file:///tmp/w.jsonl"]`` to measure a witness.
+    """
     audit_url = audit_url or f"sqlite:///{workdir}/audit-{port}.db"
+    key_file = workdir / "audit-signing.pem"
+    if not key_file.exists():
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+        from cryptography.hazmat.primitives.serialization import (
+            Encoding,
+            NoEncryption,
+            PrivateFormat,
+        )
+
+        key_file.write_bytes(Ed25519PrivateKey.generate().private_bytes(
+            Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    extra = os.environ.get("WSGATE_BENCH_AUDIT", "")
     return f"""
 [server]
 host = "127.0.0.1"
@@ -67,6 +84,8 @@ keys = ["{INGEST_KEY}"]
 url = "{audit_url}"
 journal_path = "{workdir}/audit-{port}.journal"
 record_events = {"true" if record_events else "false"}
+signing_key_file = "{key_file}"
+{extra}
 
 [broker]
 url = "{broker_url}"
