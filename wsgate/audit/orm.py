@@ -15,6 +15,10 @@ from typing import cast
 from sqlalchemy import BigInteger, Index, Integer, String, Table, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+#: The Alembic version table of the audit schema (our own name, so the schema can
+#: share a database with others).
+VERSION_TABLE = "wsgate_audit_alembic_version"
+
 # SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL needs 64 bits.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 

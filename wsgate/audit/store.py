@@ -23,7 +23,7 @@ from sqlalchemy import Connection, Engine, create_engine, delete, event, func, i
 from sqlalchemy.engine import make_url
 
 from wsgate.audit import chain, proof
-from wsgate.audit.orm import CHAIN_TABLES, CHECKPOINTS
+from wsgate.audit.orm import CHAIN_TABLES, CHECKPOINTS, VERSION_TABLE
 from wsgate.config import AuditConfig
 
 log = logging.getLogger("wsgate.audit")
@@ -93,15 +93,37 @@ def make_engine(url: str, *, writer: bool = False, busy_timeout_ms: int = 5000) 
     return create_engine(u, pool_pre_ping=True, connect_args=connect_args)
 
 
-def migrate(engine: Engine) -> None:
-    """Bring the audit schema to the latest Alembic revision (creates it when absent)."""
+def _alembic_config() -> AlembicConfig:
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return cfg
+
+
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Bring the audit schema to ``revision``, the latest by default (creates it when absent)."""
+    cfg = _alembic_config()
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
         cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+        command.upgrade(cfg, revision)
+
+
+def schema_revision(conn: Connection) -> str | None:
+    """The audit schema's Alembic revision in this store (None: never migrated)."""
+    from alembic.runtime.migration import MigrationContext
+
+    context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
+    return context.get_current_revision()
+
+
+def head_revision() -> str:
+    """The latest audit schema revision this wsgate knows."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    assert head is not None
+    return head
 
 
 def require_schema(engine: Engine) -> None:
@@ -113,6 +135,13 @@ def require_schema(engine: Engine) -> None:
             raise AuditStoreError(
                 f"no audit tables at {engine.url.render_as_string(hide_password=True)}: "
                 "has a wsgate server run with this [audit] url?")
+        found, head = schema_revision(conn), head_revision()
+        if found != head:
+            raise AuditStoreError(
+                f"the audit schema at {engine.url.render_as_string(hide_password=True)} is "
+                f"at revision {found}, and this wsgate reads revision {head}: start "
+                "`wsgate serve` with this config once (it migrates the store at start), "
+                "or run the wsgate that wrote it")
 
 
 # --- keys -------------------------------------------------------------------------------

@@ -11,10 +11,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-from wsgate.audit.orm import Base
-
-#: Our own version table, so the audit schema can share a database with others.
-VERSION_TABLE = "wsgate_audit_alembic_version"
+from wsgate.audit.orm import VERSION_TABLE, Base
 
 config = context.config
 
