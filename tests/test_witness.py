@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from wsgate.audit.witness import WitnessError, WitnessPublisher, read_witness
+from wsgate.config import ConfigError, config_from_dict
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "witness_receiver.py"
 _spec = importlib.util.spec_from_file_location("witness_receiver", EXAMPLE)
@@ -362,3 +363,34 @@ def test_read_witness_says_when_it_cannot_read(tmp_path, reserved):
         read_witness(url.replace("//", "//u:pw-secret@") + "?token=abc")
     assert str(info.value).startswith(f"witness {url} cannot be read: ")
     assert "pw-secret" not in str(info.value) and "abc" not in str(info.value)
+
+
+# -- configuration -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url, fragment", [
+    ("ftp://host/x", "'ftp://host/x' is not a witness URL"),
+    ("file://relative/x.jsonl", "is not a file URL with an absolute path"),
+    ("/var/lib/w.jsonl", "'/var/lib/w.jsonl' is not a witness URL"),
+    ("https:///x", "'https:///x' has no host"),
+    ("ftp://user:pw-secret@host/x?token=abc", "'ftp://host/x' is not a witness URL"),
+    ("https://host/x?token=abc def", "'https://host/x' contains spaces"),
+    ("https://host:80x/x", "'https://host/x': its port is not a number"),
+])
+def test_bad_witness_urls_stop_the_config(url, fragment):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"audit": {"witness": ["file:///ok.jsonl", url]}}, source="w.toml")
+    message = str(info.value)
+    assert message.startswith("w.toml: [audit] witness[1]: ") and fragment in message
+    assert message.endswith("use file:///absolute/path, http://host/path or https://host/path")
+    assert "pw-secret" not in message and "abc" not in message
+
+
+def test_witness_urls_in_the_config(monkeypatch):
+    monkeypatch.setenv("WITNESS_URL", "https://w.example.com/cp?token=abc")
+    cfg = config_from_dict({"audit": {"witness": [
+        "file:///var/lib/wsgate/witness.jsonl", {"env": "WITNESS_URL"}]}})
+    assert cfg.audit.witness == ("file:///var/lib/wsgate/witness.jsonl",
+                                 "https://w.example.com/cp?token=abc")
+    assert "abc" not in repr(cfg.audit)
+    assert config_from_dict({}).audit.witness == ()
