@@ -15,7 +15,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import tornado.httpclient
+from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import wait_for
 from wsgate.audit.witness import WitnessError, WitnessPublisher, read_witness
 from wsgate.config import ConfigError, config_from_dict
 
@@ -394,3 +397,45 @@ def test_witness_urls_in_the_config(monkeypatch):
                                  "https://w.example.com/cp?token=abc")
     assert "abc" not in repr(cfg.audit)
     assert config_from_dict({}).audit.witness == ()
+
+
+# -- /metrics ------------------------------------------------------------------------
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_witness_state_shows_in_metrics(make_server, tmp_path, reserved):
+    receiver = Receiver(reserved, tmp_path / "received.jsonl")
+    local = tmp_path / "witness.jsonl"
+    server = await make_server(metrics={"keys": ["mk"]},
+                               audit={"witness": [file_url(local), receiver.url + "?token=abc"]})
+    http_client = tornado.httpclient.AsyncHTTPClient()
+
+    async def scrape():
+        response = await http_client.fetch(server.base + "/metrics",
+                                           headers={"Authorization": "Bearer mk"})
+        text = response.body.decode()
+        assert "abc" not in text
+        return {(s.name, s.labels.get("witness")): s.value
+                for family in text_string_to_metric_families(text)
+                for s in family.samples if s.name.startswith("wsgate_witness_")}
+
+    publisher = server.gateway.audit.witness
+    try:
+        publisher.submit(checkpoints(1, 4))
+        await wait_for(lambda: publisher.witnesses[1].failures >= 1)
+        m = await scrape()
+        f, h = file_url(local), receiver.url
+        assert (m["wsgate_witness_up", f], m["wsgate_witness_delivered_total", f],
+                m["wsgate_witness_pending", f]) == (1, 4, 0)
+        assert m["wsgate_witness_up", h] == 0
+        assert m["wsgate_witness_pending", h] == 4
+        assert m["wsgate_witness_failures_total", h] >= 1
+        assert m["wsgate_witness_dropped_total", h] == 0
+
+        receiver.start()
+        await wait_for(lambda: publisher.witnesses[1].delivered == 4, timeout=15)
+        m = await scrape()
+        assert (m["wsgate_witness_up", h], m["wsgate_witness_pending", h],
+                m["wsgate_witness_delivered_total", h]) == (1, 0, 4)
+    finally:
+        receiver.stop()

@@ -48,6 +48,7 @@ from wsgate.audit.records import (
     ConnectionInfo,
     EventRecord,
 )
+from wsgate.audit.witness import CLOSE_TIMEOUT, WitnessPublisher
 from wsgate.config import AuditConfig
 from wsgate.errors import END_UNCLEAN_SHUTDOWN
 
@@ -218,6 +219,8 @@ class AuditWriter:
         self._journal_pending = False
         self._retry_at = 0.0
         self._healthy = False
+        #: Copies of each signed checkpoint outside the store (``[audit] witness``), or None.
+        self.witness = WitnessPublisher(config.witness) if config.witness else None
 
     @property
     def engine(self) -> Engine:
@@ -243,6 +246,8 @@ class AuditWriter:
                                         name=f"wsgate-audit-{self.node_id}", daemon=True)
         self._thread.start()
         await started
+        if self.witness is not None:
+            self.witness.start()
 
     async def write_subscribes(self, records: Sequence[AuditRecord]) -> None:
         """submit_subscribes, awaited (for tests and bench/audit_bench.py).
@@ -290,7 +295,8 @@ class AuditWriter:
 
     async def close(self) -> None:
         """Write everything queued (store or journal), sign a final checkpoint when a
-        key is configured, and release the store. Idempotent."""
+        key is configured, and release the store; then give the witnesses up to
+        CLOSE_TIMEOUT seconds to take what they still lack. Idempotent."""
         self._closed = True
         thread = self._thread
         if thread is None:
@@ -299,6 +305,9 @@ class AuditWriter:
             self._stopping = True
             self._cond.notify()
         await asyncio.get_running_loop().run_in_executor(None, thread.join)
+        if self.witness is not None:
+            await asyncio.get_running_loop().run_in_executor(
+                None, self.witness.close, CLOSE_TIMEOUT)
 
     # --- caller side ------------------------------------------------------------------
 
