@@ -49,6 +49,8 @@ def test_unknown_table(tmp_path):
     ("[server]\nping_interval = 5\nping_timeout = 6\n", "ping_timeout: must not be longer"),
     ("[ingest]\nkeys = [1]\n", "[ingest] keys[0]: must be a string"),
     ('[broker]\nurl = "amqp://x"\n', "[broker] url: must be memory:// or redis://"),
+    ('[audit]\nwitness = "file:///w.jsonl"\n', "[audit] witness: must be a list"),
+    ('[audit]\nwitness = ["w.jsonl"]\n', "[audit] witness[0]: 'w.jsonl' is not a witness URL"),
     ('[logging]\nlevel = "LOUD"\n', "[logging] level: must be one of"),
     ("[server]\nmax_subscriptions = true\n", "must be an integer, not a boolean"),
 ])

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wsgate.audit.witness import check_witness_url
+
 
 class ConfigError(Exception):
     """A configuration file that cannot be used. The message says where and why."""
@@ -109,6 +111,9 @@ class AuditConfig:
     api_keys: tuple[Secret, ...] = ()
     #: Record every ingested event (id, type, topics, payload hash) for `audit recipients`.
     record_events: bool = True
+    #: Where every signed checkpoint is also kept, outside the database: file:///absolute/path
+    #: (JSON lines, fsynced) or http(s)://host/path (POSTed). See docs/audit.md, "Witnesses".
+    witness: tuple[Secret, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -322,6 +327,11 @@ def _check(cfg: Config) -> None:
     if a.group_commit_ms < 0 or a.group_commit_max_rows < 1 or a.checkpoint_every < 1:
         raise bad("audit", "group_commit_ms/group_commit_max_rows/checkpoint_every",
                   "out of range")
+    for n, url in enumerate(a.witness):
+        try:
+            check_witness_url(url)
+        except ValueError as exc:
+            raise bad("audit", f"witness[{n}]", str(exc)) from None
     if cfg.broker.url != "memory://" and not cfg.broker.url.startswith(("redis://", "rediss://")):
         raise bad("broker", "url", f"must be memory:// or redis://..., not {cfg.broker.url!r}")
     m = cfg.metrics

@@ -28,6 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 
 if TYPE_CHECKING:
+    from wsgate.audit.witness import WitnessPublisher
     from wsgate.events import Event
     from wsgate.gateway import Gateway
 
@@ -169,6 +170,9 @@ class GatewayCollector:
         if callable(depth):
             yield _gauge("wsgate_audit_queue_rows",
                          "Audit rows waiting for the writer (group commit queue).", depth)
+        witness = getattr(gw.audit, "witness", None)
+        if witness is not None:
+            yield from _witness_metrics(witness)
         yield _gauge("wsgate_broker_up", "1 when the broker can publish and receive.",
                      lambda: int(bool(gw.broker.healthy())))
         for attr, name, doc in (
@@ -187,6 +191,27 @@ class GatewayCollector:
                      gw.broker.history_size)
         yield _gauge("wsgate_draining", "1 while the node is shutting down.",
                      lambda: int(gw.draining))
+
+
+def _witness_metrics(publisher: WitnessPublisher) -> Iterator[Metric]:
+    """The wsgate_witness_* families, one sample per witness, labelled by its redacted URL."""
+    up = GaugeMetricFamily("wsgate_witness_up", "1 when the witness took the last checkpoint "
+                           "sent to it (or none was sent yet).", labels=["witness"])
+    pending = GaugeMetricFamily("wsgate_witness_pending", "Checkpoints waiting to be "
+                                "delivered to the witness.", labels=["witness"])
+    delivered = CounterMetricFamily("wsgate_witness_delivered", "Checkpoints the witness "
+                                    "took.", labels=["witness"])
+    failures = CounterMetricFamily("wsgate_witness_failures", "Delivery attempts to the "
+                                   "witness that failed (each retry counts).", labels=["witness"])
+    dropped = CounterMetricFamily("wsgate_witness_dropped", "Checkpoints never delivered "
+                                  "to the witness: its queue was full.", labels=["witness"])
+    for w in publisher.witnesses:
+        up.add_metric([w.name], int(w.up))
+        pending.add_metric([w.name], w.pending())
+        delivered.add_metric([w.name], w.delivered)
+        failures.add_metric([w.name], w.failures)
+        dropped.add_metric([w.name], w.dropped)
+    return iter((up, pending, delivered, failures, dropped))
 
 
 def _gauge(name: str, doc: str, read: Callable[[], float]) -> Metric:

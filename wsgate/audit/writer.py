@@ -48,6 +48,7 @@ from wsgate.audit.records import (
     ConnectionInfo,
     EventRecord,
 )
+from wsgate.audit.witness import CLOSE_TIMEOUT, WitnessPublisher
 from wsgate.config import AuditConfig
 from wsgate.errors import END_UNCLEAN_SHUTDOWN
 
@@ -222,6 +223,8 @@ class AuditWriter:
         self._journal_pending = False
         self._retry_at = 0.0
         self._healthy = False
+        #: Copies of each signed checkpoint outside the store (``[audit] witness``), or None.
+        self.witness = WitnessPublisher(config.witness) if config.witness else None
 
     @property
     def engine(self) -> Engine:
@@ -247,6 +250,8 @@ class AuditWriter:
                                         name=f"wsgate-audit-{self.node_id}", daemon=True)
         self._thread.start()
         await started
+        if self.witness is not None:
+            self.witness.start()
 
     async def write_subscribes(self, records: Sequence[AuditRecord]) -> None:
         """submit_subscribes, awaited (for tests and bench/audit_bench.py).
@@ -294,7 +299,8 @@ class AuditWriter:
 
     async def close(self) -> None:
         """Write everything queued (store or journal), sign a final checkpoint when a
-        key is configured, and release the store. Idempotent."""
+        key is configured, and release the store; then give the witnesses up to
+        CLOSE_TIMEOUT seconds to take what they still lack. Idempotent."""
         self._closed = True
         thread = self._thread
         if thread is None:
@@ -303,6 +309,9 @@ class AuditWriter:
             self._stopping = True
             self._cond.notify()
         await asyncio.get_running_loop().run_in_executor(None, thread.join)
+        if self.witness is not None:
+            await asyncio.get_running_loop().run_in_executor(
+                None, self.witness.close, CLOSE_TIMEOUT)
 
     # --- caller side ------------------------------------------------------------------
 
@@ -596,9 +605,8 @@ class AuditWriter:
                 self._unsealed_since[name] = None
             elif self._unsealed_since[name] is None:
                 self._unsealed_since[name] = now
-        witness = getattr(self, "witness", None)
-        if checkpoints and witness is not None:
-            witness.submit(checkpoints)
+        if checkpoints and self.witness is not None:
+            self.witness.submit(checkpoints)
 
     def _seal_due_in(self) -> float | None:
         """Seconds until rows unsealed longest reach ``checkpoint_interval`` (0: due
