@@ -19,7 +19,8 @@ from typing import IO, Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from wsgate.audit import query, store
+from wsgate.audit import bundle, chain, query, store
+from wsgate.audit.witness import WitnessError, read_witness
 from wsgate.config import Config, ConfigError, load_config
 
 EXIT_OK = 0
@@ -37,8 +38,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     sub = audit.add_subparsers(dest="audit_command", metavar="COMMAND")
     sub.required = True
 
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", required=True, metavar="FILE",
+    def common(p: argparse.ArgumentParser, required: bool = True) -> None:
+        p.add_argument("--config", required=required, metavar="FILE",
                        help="the wsgate TOML config (its [audit] table is used)")
 
     def filters(p: argparse.ArgumentParser) -> None:
@@ -64,10 +65,23 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     filters(e)
     e.add_argument("--format", choices=("csv", "jsonl"), default="jsonl")
     e.add_argument("--output", metavar="FILE", help="where to write (default: stdout)")
+    e.add_argument("--bundle", metavar="OUT",
+                   help="write a bundle that `audit verify --bundle` checks with the public "
+                        "key alone (takes --customer, --since and --until only)")
     e.set_defaults(func=cmd_export)
 
-    v = sub.add_parser("verify", help="check the hash chains and checkpoint signatures")
-    common(v)
+    v = sub.add_parser("verify", help="check the hash chains, checkpoints and witnesses",
+                       description="Prove the audit log whole, or name the first bad row. "
+                                   "With --bundle, check a bundle file with no database "
+                                   "and no config.")
+    common(v, required=False)
+    v.add_argument("--witness", action="append", default=None, metavar="PATH_OR_URL",
+                   help="compare with the checkpoints this witness holds (a JSONL file or "
+                        "an http(s) URL); repeat for several (default: the file witnesses "
+                        "of [audit] witness)")
+    v.add_argument("--bundle", metavar="FILE", help="verify this bundle instead of a store")
+    v.add_argument("--verify-key", metavar="PEM",
+                   help="the Ed25519 public key (PEM file) a bundle is checked with")
     v.set_defaults(func=cmd_verify)
 
     r = sub.add_parser("recipients", help="who could see an event when it was published")
@@ -147,7 +161,10 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """``audit export``: stream matching rows to --output (or stdout)."""
+    """``audit export``: stream matching rows to --output (or stdout), or a bundle."""
+    if args.bundle:
+        return _export_bundle(args)
+
     def body(reader: query.AuditReader) -> int:
         flt = _filter(args)
         out: IO[str]
@@ -165,28 +182,118 @@ def cmd_export(args: argparse.Namespace) -> int:
     return _with_reader(args, body)
 
 
+def _export_bundle(args: argparse.Namespace) -> int:
+    others = [f"--{name.replace('_', '-')}" for name in
+              ("agent", "subject", "topic_prefix", "connection", "outcome", "output")
+              if getattr(args, name)]
+    if others:
+        _err(f"--bundle takes --customer, --since and --until only, not {', '.join(others)}: "
+             "a bundle holds whole chains so that it verifies")
+        return EXIT_USAGE
+
+    def body(reader: query.AuditReader) -> int:
+        flt = _filter(args)
+        try:
+            out = open(args.bundle, "w", encoding="utf-8", newline="\n")
+        except OSError as exc:
+            raise query.FilterError(f"--bundle: {exc}") from None
+        with out:
+            stats = bundle.export_bundle(reader.engine, out, customer=flt.customer,
+                                         since=flt.since, until=flt.until)
+        print(f"wrote {stats.rows} rows and {stats.events} events ({stats.redacted} redacted) "
+              f"with {stats.checkpoints} checkpoints in {stats.sections} chain section(s) "
+              f"to {args.bundle}", file=sys.stderr)
+        return EXIT_OK
+    return _with_reader(args, body)
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     """``audit verify``: exit 0 when whole, else 1 naming the first bad row by seq."""
+    if args.bundle:
+        return _verify_bundle(args)
+    if not args.config:
+        _err("verify needs --config FILE (the store to check), or --bundle FILE")
+        return EXIT_USAGE
+    if args.verify_key:
+        _err("--verify-key is for --bundle; a store is checked with [audit] verify_key_file")
+        return EXIT_USAGE
+
     def body(reader: query.AuditReader) -> int:
-        result = reader.verify()
-        sigs = ("signatures checked" if result.signatures_checked
-                else "signatures NOT checked: no signing or verify key configured")
-        summary = (f"{result.rows_checked} rows, {result.events_checked} events, "
-                   f"{result.checkpoints_checked} checkpoints on {len(result.nodes)} node(s); "
-                   f"{sigs}")
-        first = result.first
-        if first is None:
-            print(f"OK: the audit log is whole ({summary})")
-            return EXIT_OK
-        print(f"FAILED: first bad {'row' if first.chain == 'rows' else 'event'} is seq "
-              f"{first.seq} of node {first.node_id} ({first.kind}): {first.message}")
-        for p in result.problems:
-            if p is not first:
-                print(f"  also: {p.chain} seq {p.seq} of node {p.node_id} ({p.kind}): "
-                      f"{p.message}")
-        print(f"checked {summary}")
-        return EXIT_FOUND
+        cfg = _load(args)
+        assert cfg is not None
+        sources = (args.witness if args.witness is not None else
+                   [w for w in cfg.audit.witness if w.startswith("file://")])
+        witnessed = []
+        for source in sources:
+            try:
+                witnessed.append((source, read_witness(source)))
+            except WitnessError as exc:
+                _err(str(exc))
+                return EXIT_USAGE
+        return _report(store.verify(reader.engine, reader.public_key, witnessed))
     return _with_reader(args, body)
+
+
+def _verify_bundle(args: argparse.Namespace) -> int:
+    if args.witness:
+        _err("--witness compares a store with its witnesses; it does not apply to --bundle")
+        return EXIT_USAGE
+    try:
+        if args.verify_key:
+            with open(args.verify_key, "rb") as f:
+                key = chain.load_public_key(f.read())
+        else:
+            cfg = _load(args) if args.config else None
+            found = store.verify_key(cfg.audit) if cfg is not None else None
+            if found is None:
+                _err("--bundle needs --verify-key PEM: the public key its checkpoints "
+                     "were signed with")
+                return EXIT_USAGE
+            key = found
+    except (OSError, chain.SigningKeyError, store.AuditStoreError) as exc:
+        _err(f"--verify-key: {exc}")
+        return EXIT_USAGE
+    try:
+        with open(args.bundle, encoding="utf-8") as src:
+            found_bundle = bundle.verify_bundle(src, key, args.bundle)
+    except (OSError, UnicodeDecodeError, bundle.BundleError) as exc:
+        _err(f"--bundle: {exc}")
+        return EXIT_USAGE
+    h = found_bundle.header
+    scope = f"customer {h['customer']}" if h.get("customer") else "every customer"
+    window = f"{h.get('since') or 'the start'} to {h.get('until') or 'its end'}"
+    print(f"bundle {args.bundle}: {scope}, {window}, made {h.get('created_at')}; "
+          f"{found_bundle.shown} rows and events shown, {found_bundle.redacted} redacted")
+    return _report(found_bundle.result)
+
+
+def _report(result: store.VerifyResult) -> int:
+    """Print a verify result: OK or FAILED naming the first problem; warnings for
+    the unsealed tails. Returns the exit code."""
+    sigs = ("signatures checked" if result.signatures_checked
+            else "signatures NOT checked: no signing or verify key configured")
+    witnesses = (f"; {result.witnessed_checked} witnessed checkpoints from "
+                 f"{len(result.witnesses)} witness(es)" if result.witnesses else "")
+    summary = (f"{result.rows_checked} rows, {result.events_checked} events, "
+               f"{result.checkpoints_checked} checkpoints on {len(result.nodes)} node(s); "
+               f"{sigs}{witnesses}")
+    for t in result.unsealed:
+        noun = "rows" if t.chain == "rows" else "events"
+        print(f"WARNING: node {t.node_id}: {t.rows} {noun} after seq {t.after_seq} are not "
+              f"signed by a checkpoint yet ({t.first_at or '?'} to {t.last_at or '?'}); "
+              "a witness cannot vouch for them")
+    first = result.first
+    if first is None:
+        print(f"OK: the audit log is whole ({summary})")
+        return EXIT_OK
+    print(f"FAILED: first bad {'row' if first.chain == 'rows' else 'event'} is seq "
+          f"{first.seq} of node {first.node_id} ({first.kind}): {first.message}")
+    for p in result.problems:
+        if p is not first:
+            print(f"  also: {p.chain} seq {p.seq} of node {p.node_id} ({p.kind}): "
+                  f"{p.message}")
+    print(f"checked {summary}")
+    return EXIT_FOUND
 
 
 def cmd_recipients(args: argparse.Namespace) -> int:
