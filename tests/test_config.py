@@ -53,6 +53,9 @@ def test_unknown_table(tmp_path):
     ('[audit]\nwitness = ["w.jsonl"]\n', "[audit] witness[0]: 'w.jsonl' is not a witness URL"),
     ('[logging]\nlevel = "LOUD"\n', "[logging] level: must be one of"),
     ("[server]\nmax_subscriptions = true\n", "must be an integer, not a boolean"),
+    # Every refused topic is an audit row: there is no "unlimited" (0) for this one.
+    ("[server]\nmax_rejected_topics_per_minute = 0\n",
+     "[server] max_rejected_topics_per_minute: must be at least 1"),
 ])
 def test_wrong_types_and_values(tmp_path, text, fragment):
     with pytest.raises(ConfigError) as info:

@@ -26,8 +26,17 @@ import tornado.httpclient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import AGENT, CUSTOMER, INGEST_KEY, base_config, event, wait_for
+from tests.conftest import (
+    AGENT,
+    CUSTOMER,
+    INGEST_KEY,
+    OTHER_CUSTOMER,
+    base_config,
+    event,
+    wait_for,
+)
 from wsgate.app import build_gateway
+from wsgate.gateway import MinuteCount
 from wsgate.plugins import Authenticator, Principal, Refused
 
 C = CUSTOMER
@@ -467,7 +476,8 @@ def test_any_client_message_gets_one_reply_through_a_real_gateway(tmp_path):
     """Every frame, however hostile, gets exactly one reply or error frame from a real
     gateway (real authorizer, real audit writer): never an exception, never a close."""
     config = base_config(tmp_path, server={"max_messages_per_second": 0,
-                                           "max_bad_messages_per_minute": 10**9})
+                                           "max_bad_messages_per_minute": 10**9,
+                                           "max_rejected_topics_per_minute": 10**9})
     loop = asyncio.new_event_loop()
     gateway = build_gateway(config)
     try:
@@ -617,6 +627,118 @@ async def test_message_rate_past_the_limit_closes_1008(make_server):
                                    if r["action"] == "unsubscribe"])
     assert [(r["topic"], r["code"]) for r in rows] == [(CALL, "disconnect")]
     assert (await polite.request({"type": "ping"})) == {"type": "pong"}
+
+
+def rejected_rows(server: Any, subject: str) -> list[dict[str, Any]]:
+    return [r for r in db_rows(server.config.audit.url)
+            if r["outcome"] == "rejected" and r["subject"] == subject]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_flood_of_refused_topics_is_closed_1008_and_the_log_stays_bounded(make_server):
+    # The review's finding: a client with no rights sent subscribes of 100 refused
+    # topics each as fast as it could, and every topic became an audit row.
+    server = await make_server()  # max_rejected_topics_per_minute: the default, 100
+    flooder = await server.connect("agent-token")  # bob: no customer-wide rights
+    polite = await server.connect("admin-token")
+    reply = await polite.subscribe(CALL, f"customer_id:{OTHER_CUSTOMER}", "not a topic")
+    assert reply["topics"] == [CALL] and len(reply["rejected"]) == 2
+    refused = [f"customer_id:{C}:call:{i}" for i in range(100)]
+    for i in range(30):
+        await flooder.send({"type": "subscribe", "topics": refused, "id": i})
+    replies = []
+    while (frame := await flooder.recv()) is not None:
+        replies.append(frame)
+    assert flooder.ws.close_code == 1008
+    assert flooder.ws.close_reason == "too many refused topics: more than 100 in a minute"
+    # 100 refusals are within the limit; the message that passed it was still answered
+    # (and recorded), and nothing after it was.
+    assert [r["id"] for r in replies] == [0, 1]
+    assert all(r["type"] == "subscribed" and r["topics"] == [] for r in replies)
+    assert all([x["code"] for x in r["rejected"]] == ["forbidden"] * 100 for r in replies)
+    rows = rejected_rows(server, "bob")
+    assert len(rows) == 200  # at most the limit plus one message's 100 topics
+    assert {r["code"] for r in rows} == {"forbidden"}
+    # Only that connection: a client with a few refusals goes on, events reach it.
+    assert (await server.post(event()))[0] == 202
+    assert (await polite.recv())["topic"] == CALL
+    assert len(rejected_rows(server, "alice")) == 2
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_refused_topics_of_every_code_count_up_to_the_limit_and_not_past_it(make_server):
+    server = await make_server(server={"max_rejected_topics_per_minute": 10,
+                                       "max_subscriptions": 3})
+    client = await server.connect("admin-token")
+    forbidden = [f"customer_id:{OTHER_CUSTOMER}:call:{i}" for i in range(6)]
+    reply = await client.subscribe(CALL, f"customer_id:{C}:a", forbidden[0], "not a topic")
+    assert [r["code"] for r in reply["rejected"]] == ["forbidden", "invalid_topic"]  # 2
+    reply = await client.subscribe(f"customer_id:{C}:b", f"customer_id:{C}:c")
+    assert [r["code"] for r in reply["rejected"]] == ["limit_exceeded"]  # 3
+    reply = await client.unsubscribe(f"customer_id:{C}:a", f"customer_id:{C}:z", "::")
+    assert reply["topics"] == [f"customer_id:{C}:a"]
+    assert [r["code"] for r in reply["rejected"]] == ["not_subscribed", "invalid_topic"]  # 5
+    reply = await client.subscribe(*forbidden[1:])
+    assert [r["code"] for r in reply["rejected"]] == ["forbidden"] * 5  # 10: the limit
+    # At the limit, not past it: the connection is served as before.
+    assert (await client.request({"type": "ping"})) == {"type": "pong"}
+    assert (await server.post(event()))[0] == 202
+    assert (await client.recv())["topic"] == CALL
+    # One more refused topic: its reply still comes, then the close (here with a
+    # topic of a new scope, whose reply waits for the broker).
+    reply = await client.subscribe(f"agent_id:{AGENT}", f"customer_id:{OTHER_CUSTOMER}")
+    assert reply["topics"] == [f"agent_id:{AGENT}"]
+    assert [r["code"] for r in reply["rejected"]] == ["forbidden"]
+    assert await client.closed() == 1008
+    assert "too many refused topics" in (client.ws.close_reason or "")
+    assert len(rejected_rows(server, "alice")) == 11
+    # The subscriptions it held end like any other closed connection's.
+    ends = await wait_for(lambda: [r for r in db_rows(server.config.audit.url)
+                                   if r["action"] == "unsubscribe" and r["code"] == "disconnect"])
+    assert sorted(r["topic"] for r in ends) == sorted([CALL, f"customer_id:{C}:b",
+                                                       f"agent_id:{AGENT}"])
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_audit_unavailable_is_not_counted_against_the_client(make_server):
+    server = await make_server(server={"max_rejected_topics_per_minute": 1})
+    client = await server.connect("admin-token")
+    topics = [f"customer_id:{C}:t{i}" for i in range(5)]
+    # Make the store unwritable: another writer holds SQLite's write lock.
+    blocker = sa.create_engine(server.config.audit.url,
+                               connect_args={"timeout": 0.1, "isolation_level": None})
+    try:
+        with blocker.connect() as db:
+            db.exec_driver_sql("BEGIN IMMEDIATE")
+            for _ in range(2):
+                reply = await client.request({"type": "subscribe", "topics": topics}, timeout=30)
+                assert [r["code"] for r in reply["rejected"]] == ["audit_unavailable"] * 5
+            db.exec_driver_sql("ROLLBACK")
+    finally:
+        blocker.dispose()
+    # Ten refusals, all the server's fault: the connection is still served.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while (reply := await client.subscribe(CALL))["topics"] != [CALL]:
+        assert reply["rejected"][0]["code"] == "audit_unavailable"
+        assert loop.time() < deadline, "the audit store did not recover"
+        await asyncio.sleep(0.2)
+    # The client's own refusals do count: one is the limit, two are past it.
+    assert len((await client.subscribe(f"customer_id:{OTHER_CUSTOMER}"))["rejected"]) == 1
+    assert len((await client.subscribe(f"customer_id:{OTHER_CUSTOMER}:x"))["rejected"]) == 1
+    assert await client.closed() == 1008
+
+
+def test_minute_count_forgets_what_is_older_than_a_minute():
+    # A client that refuses a few topics now and then, for hours, never reaches the
+    # limit: only the last 60 seconds count.
+    window = MinuteCount()
+    assert window.add(60, now=1000.0) == 60
+    assert window.add(30, now=1030.0) == 90
+    assert window.add(20, now=1059.9) == 110
+    assert window.add(5, now=1060.0) == 55     # the 60 at t=1000 is a minute old
+    assert window.add(0, now=1119.95) == 5   # and those of t=1030 and t=1059.9
+    assert window.add(1, now=5000.0) == 1
 
 
 @pytest.mark.gen_test(timeout=30)

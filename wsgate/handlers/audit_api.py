@@ -8,8 +8,9 @@ off and answers 404, so an unconfigured server exposes nothing.
 parameters (``customer``, ``agent``, ``subject``, ``topic_prefix``,
 ``connection``, ``outcome``, ``since``, ``until``) plus ``limit`` (default
 100, at most 1000) and ``cursor``, and answers
-``{"rows": [...], "next_cursor": "<opaque>" | null}``, oldest first. Pass
-``next_cursor`` back as ``cursor`` for the next page.
+``{"rows": [...], "next_cursor": "<opaque>" | null}``, oldest first, each row
+as ``wsgate.audit.query.public_row`` shows it (values as stored, an empty one
+as null). Pass ``next_cursor`` back as ``cursor`` for the next page.
 
 ``GET /v1.0/audit/verify`` answers the verify result as JSON (``ok``,
 ``first``, ``problems``...), status 200 either way.

@@ -8,8 +8,9 @@ api_keys``, keeps it in the tab's sessionStorage, and calls the JSON API of
 
 ``GET /v1.0/audit/export.csv`` takes the same filters as ``GET /v1.0/audit``
 and answers every matching row, oldest first, as CSV with the SPEC §7 columns
-(the format of ``wsgate audit query --format csv``). Rows are read page by
-page, so memory stays flat however long the export.
+(the format of ``wsgate audit query --format csv``, cells that a spreadsheet
+would run as formulas quoted by ``write_rows``). Rows are read page by page,
+so memory stays flat however long the export.
 
 With no ``[audit] api_keys`` none of this is served (404), like the API.
 """
