@@ -813,3 +813,18 @@ async def test_chunked_body_over_the_limit_is_413_before_it_is_read(make_server)
         writer.close()
     assert data.startswith(b"HTTP/1.1 413"), data[:200]
     assert b'"payload_too_large"' in data
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_refused_renewals_count_against_the_same_limit(make_server):
+    """Each refused ``authenticate`` writes a rejected audit row: past the limit, 1008."""
+    server = await make_server(server={"max_rejected_topics_per_minute": 3})
+    client = await server.connect("admin-token")
+    for i in range(3):
+        reply = await client.request({"type": "authenticate", "token": f"nope-{i}", "id": i})
+        assert (reply["type"], reply["code"]) == ("error", "unauthenticated")
+    reply = await client.request({"type": "authenticate", "token": "nope-3", "id": 3})
+    assert reply["code"] == "unauthenticated"  # answered, then closed
+    assert await client.closed() == 1008
+    renewals = [r for r in db_rows(server.config.audit.url) if r["action"] == "renew"]
+    assert len(renewals) == 4

@@ -423,7 +423,11 @@ class Gateway:
 
         ``audit_unavailable`` does not count: that refusal is the server's fault.
         """
-        n = sum(r["code"] != errors.AUDIT_UNAVAILABLE for r in rejected)
+        return self._refused(conn, sum(r["code"] != errors.AUDIT_UNAVAILABLE for r in rejected))
+
+    def _refused(self, conn: Connection, n: int) -> bool:
+        """Count n refusals that each wrote a rejected audit row (topics, renewals);
+        True once the connection is past ``max_rejected_topics_per_minute``."""
         if not n:
             return False
         if conn.rejected_topics is None:
@@ -666,6 +670,10 @@ class Gateway:
             await self.audit.write_ends([self._record(conn, RENEW, "", REJECTED,
                                                       errors.UNAUTHENTICATED)])
             conn.transport.send_text(protocol.error(errors.UNAUTHENTICATED, str(exc), msg))
+            # Each refusal is an audit row: it counts like a refused topic (a
+            # backend that cannot decide is not the client's fault).
+            if isinstance(exc, Refused) and self._refused(conn, 1):
+                self._close_flooding(conn)
             return
         old = conn.principal
         if (principal.subject, principal.kind, principal.customer_id) != \
@@ -675,6 +683,8 @@ class Gateway:
             conn.transport.send_text(protocol.error(
                 errors.UNAUTHENTICATED, "the new token is for another principal; "
                 "open a new connection for it", msg))
+            if self._refused(conn, 1):
+                self._close_flooding(conn)
             return
         if conn.closed:
             return
