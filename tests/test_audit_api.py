@@ -41,8 +41,8 @@ class API:
 def serve(io_loop: Any, backend: Backend) -> Iterator[Any]:
     servers: list[tornado.httpserver.HTTPServer] = []
 
-    def start(keys: tuple[str, ...] = (API_KEY,)) -> API:
-        reader = AuditReader(backend.engine(), backend.key.public_key())
+    def start(keys: tuple[str, ...] = (API_KEY,), witnesses: tuple[str, ...] = ()) -> API:
+        reader = AuditReader(backend.engine(), backend.key.public_key(), witnesses)
         app = tornado.web.Application(audit_routes(reader, keys))
         sock, port = tornado.testing.bind_unused_port()
         server = tornado.httpserver.HTTPServer(app)
@@ -161,6 +161,26 @@ async def test_verify_endpoint(backend: Backend, serve: Any) -> None:
     status, body = await api.get("/v1.0/audit/verify")
     assert status == 200 and body["ok"] is False
     assert body["first"]["seq"] == 3 and body["first"]["kind"] == "deleted"
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_verify_endpoint_compares_the_file_witnesses(backend: Backend, serve: Any) -> None:
+    witness = backend.tmp / "witness.jsonl"
+    await awrite_log(backend, [("sub", [rec(topic(str(i)))]) for i in range(12)],
+                     witness=(f"file://{witness}",))
+    api = serve(witnesses=(f"file://{witness}",))
+    status, body = await api.get("/v1.0/audit/verify")
+    assert status == 200 and body["ok"] is True and body["unsealed"] == []
+    # Rolled back past the checkpoint at 10 (every 5 rows here): the witness holds it.
+    backend.execute("DELETE FROM audit_rows WHERE seq > 5")
+    backend.execute("DELETE FROM audit_checkpoints WHERE seq > 5 AND chain = 'rows'")
+    status, body = await api.get("/v1.0/audit/verify")
+    assert status == 200 and body["ok"] is False
+    assert (body["first"]["kind"], body["first"]["seq"]) == ("witness_missing", 10)
+    witness.write_text("not json\n")
+    status, body = await api.get("/v1.0/audit/verify")
+    assert status == 503 and body["error"]["code"] == "audit_unavailable"
+    assert "line 1" in body["error"]["message"]
 
 
 def test_routes_from_config_are_off_without_keys(backend: Backend) -> None:

@@ -20,7 +20,7 @@ from typing import IO, Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from wsgate.audit import bundle, chain, query, store
-from wsgate.audit.witness import WitnessError, read_witness
+from wsgate.audit.witness import WitnessError
 from wsgate.config import Config, ConfigError, load_config
 
 EXIT_OK = 0
@@ -219,18 +219,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
     def body(reader: query.AuditReader) -> int:
-        cfg = _load(args)
-        assert cfg is not None
-        sources = (args.witness if args.witness is not None else
-                   [w for w in cfg.audit.witness if w.startswith("file://")])
-        witnessed = []
-        for source in sources:
-            try:
-                witnessed.append((source, read_witness(source)))
-            except WitnessError as exc:
-                _err(str(exc))
-                return EXIT_USAGE
-        return _report(store.verify(reader.engine, reader.public_key, witnessed))
+        try:
+            result = reader.verify(args.witness)
+        except WitnessError as exc:
+            _err(str(exc))
+            return EXIT_USAGE
+        return _report(result)
     return _with_reader(args, body)
 
 

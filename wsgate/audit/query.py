@@ -12,7 +12,7 @@ import base64
 import csv
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -25,6 +25,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from wsgate.audit import chain, store
 from wsgate.audit.orm import EVENTS, ROWS, AuditRow
 from wsgate.audit.records import ACCEPTED, REJECTED, SUBSCRIBE, UNSUBSCRIBE
+from wsgate.audit.witness import read_witness, redact_url
 from wsgate.config import AuditConfig
 from wsgate.topics import matches
 
@@ -187,9 +188,12 @@ class AuditReader:
     The sync methods block; the ``a``-prefixed ones run them in a thread.
     """
 
-    def __init__(self, engine: Engine, public_key: Ed25519PublicKey | None = None) -> None:
+    def __init__(self, engine: Engine, public_key: Ed25519PublicKey | None = None,
+                 witnesses: Sequence[str] = ()) -> None:
         self.engine = engine
         self.public_key = public_key
+        #: The witnesses verify compares with by default: the config's file witnesses.
+        self.witnesses = tuple(witnesses)
 
     @classmethod
     def from_config(cls, config: AuditConfig) -> AuditReader:
@@ -199,7 +203,8 @@ class AuditReader:
             AuditStoreError: a configured key cannot be read.
         """
         key = store.verify_key(config)
-        return cls(store.make_engine(config.url), key)
+        return cls(store.make_engine(config.url), key,
+                   [w for w in config.witness if w.startswith("file://")])
 
     def close(self) -> None:
         """Release the engine's connections."""
@@ -250,9 +255,16 @@ class AuditReader:
 
     # --- verify ----------------------------------------------------------------------
 
-    def verify(self) -> store.VerifyResult:
-        """``store.verify`` with this reader's key."""
-        return store.verify(self.engine, self.public_key)
+    def verify(self, witnesses: Sequence[str] | None = None) -> store.VerifyResult:
+        """``store.verify`` with this reader's key, compared with these witnesses
+        (paths or URLs; default: the reader's own).
+
+        Raises:
+            WitnessError: a witness cannot be read, or holds a malformed line.
+        """
+        sources = self.witnesses if witnesses is None else witnesses
+        held = [(redact_url(source), read_witness(source)) for source in sources]
+        return store.verify(self.engine, self.public_key, held)
 
     async def averify(self) -> store.VerifyResult:
         """:meth:`verify` in a worker thread."""

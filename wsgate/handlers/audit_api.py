@@ -25,6 +25,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from wsgate.audit.query import DEFAULT_PAGE, MAX_PAGE, AuditFilter, AuditReader, FilterError
+from wsgate.audit.witness import WitnessError
 from wsgate.config import AuditConfig
 from wsgate.errors import UNAUTHENTICATED, HTTPFailure
 from wsgate.handlers.base import JSONHandler
@@ -131,6 +132,9 @@ class AuditVerifyHandler(AuditKeyHandler):
             result = await self.reader.averify()
         except SQLAlchemyError as exc:
             self._store_failed(exc)
+            return
+        except WitnessError as exc:  # its message names the witness, never a secret
+            self.fail(HTTPFailure(503, "audit_unavailable", f"verify cannot read a witness: {exc}"))
             return
         self.write_json(200, result.to_dict())
 
