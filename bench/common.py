@@ -38,7 +38,9 @@ def wsgate_config(port: int, workdir: Path, node_id: str, *, audit_url: str | No
     checkpoints signed as a deployment signs them (a key made in workdir).
 
     ``WSGATE_BENCH_AUDIT`` (environment), if set, is added to the [audit] table
-    as it is: e.g. ``witness = ["file:///tmp/w.jsonl"]`` to measure a witness.
+    as it is: e.g. ``witness = ["file:///tmp/w.jsonl"]`` to measure a witness;
+    ``WSGATE_BENCH_RECORD_EVENTS=1`` records every ingested event, as the
+    defaults of a deployment do.
     """
     audit_url = audit_url or f"sqlite:///{workdir}/audit-{port}.db"
     key_file = workdir / "audit-signing.pem"
@@ -83,7 +85,8 @@ keys = ["{INGEST_KEY}"]
 [audit]
 url = "{audit_url}"
 journal_path = "{workdir}/audit-{port}.journal"
-record_events = {"true" if record_events else "false"}
+record_events = {"true" if record_events or os.environ.get("WSGATE_BENCH_RECORD_EVENTS")
+                  else "false"}
 signing_key_file = "{key_file}"
 {extra}
 
