@@ -312,6 +312,8 @@ class VerifyResult:
             "nodes": self.nodes,
             "signatures_checked": self.signatures_checked,
             "unsealed": [t.to_dict() for t in self.unsealed],
+            "witnesses": self.witnesses,
+            "witnessed_checked": self.witnessed_checked,
         }
 
 

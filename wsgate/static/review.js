@@ -235,8 +235,17 @@
       ? `${result.checkpoints_checked} signed checkpoints were verified.`
       : "Checkpoint signatures were not checked: no verify key is configured " +
         "([audit] verify_key_file).";
+    const witnessed = (result.witnesses || []).length
+      ? ` ${result.witnessed_checked} checkpoints held by ${result.witnesses.length} witness(es) ` +
+        "were found in the store, unchanged."
+      : "";
+    const unsealed = (result.unsealed || []).map((t) =>
+      `Not signed yet: ${t.rows} ${t.chain === "rows" ? "rows" : "events"} of node ${t.node_id} ` +
+      `after seq ${t.after_seq} (${t.first_at || "?"} to ${t.last_at || "?"}); no checkpoint ` +
+      "or witness vouches for them until the node signs its next one.");
     if (result.ok) {
-      return [`The audit log is whole: nothing was changed, removed or inserted. ${counted}. ${signatures}`];
+      return [`The audit log is whole: nothing was changed, removed or inserted. ${counted}. ` +
+        `${signatures}${witnessed}`, ...unsealed];
     }
     const first = result.first;
     const lines = [`The audit log is NOT whole. The first bad ${first.chain === "rows" ? "row" : "entry"} ` +
@@ -246,7 +255,7 @@
         lines.push(`Also: ${p.chain} chain of node ${p.node_id}, seq ${p.seq} (${p.kind.replaceAll("_", " ")}): ${p.message}`);
       }
     }
-    lines.push(`${counted}. ${signatures}`);
+    lines.push(`${counted}. ${signatures}${witnessed}`, ...unsealed);
     return lines;
   }
 
