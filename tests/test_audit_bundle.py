@@ -34,7 +34,7 @@ def two_customers(b: Backend, node_id: str = "node-a") -> None:
         if i % 2:
             steps.append(("sub", [rec(topic("call", f"a{i}"), at=minutes(i))]))
         else:
-            other = conn_info("k1", KEY1, remote_addr="192.0.2.77")
+            other = conn_info("rival-connection", KEY1, remote_addr="192.0.2.77")
             steps.append(("sub", [rec(topic("queue", f"secret{i}", customer=OTHER_CUSTOMER),
                                       at=minutes(i), conn=other,
                                       outcome=REJECTED if i == 10 else "accepted",
@@ -84,7 +84,7 @@ def test_a_customer_bundle_shows_nothing_of_another_customer(backend: Backend) -
     two_customers(backend)
     text = export(backend, customer=CUSTOMER)
     for secret in (OTHER_CUSTOMER, "key-1", "secret", "192.0.2.77", "forbidden",
-                   "queue_created", "e-theirs", "2" * 64, "k1"):
+                   "queue_created", "e-theirs", "2" * 64, "rival-connection"):
         assert secret not in text, secret
     found = check(backend, text)
     assert found.result.ok, found.result.problems
