@@ -204,17 +204,23 @@ def test_a_forged_witness_line_is_not_taken_as_the_truth(backend: Backend) -> No
 
 # --- the proof module on its own -------------------------------------------------------
 
+def chained_rows(n: int) -> list[dict[str, Any]]:
+    """n rows of node "n", one a second from 12:00:01, correctly chained."""
+    rows, prev = [], chain.GENESIS
+    for seq in range(1, n + 1):
+        row: dict[str, Any] = {f: None for f in chain.ROW_FIELDS}
+        row.update(seq=seq, occurred_at=f"2024-05-01T12:00:{seq:02d}.000000Z", node_id="n",
+                   prev_hash=prev)
+        row["row_hash"] = prev = chain.row_hash(chain.CHAIN_ROWS, row)
+        rows.append(row)
+    return rows
+
+
 def test_check_chain_reports_a_tail_longer_than_its_policy() -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     key = Ed25519PrivateKey.generate()
-    rows, prev = [], chain.GENESIS
-    for seq in range(1, 8):
-        row = {f: None for f in chain.ROW_FIELDS}
-        row.update(seq=seq, occurred_at=f"2024-05-01T12:00:0{seq}.000000Z", node_id="n",
-                   prev_hash=prev)
-        row["row_hash"] = prev = chain.row_hash(chain.CHAIN_ROWS, row)
-        rows.append(row)
+    rows = chained_rows(7)
     cp = store.make_checkpoint(key, "rows", "n", 2, rows[1]["row_hash"], "start",
                                prev_hash=chain.GENESIS, policy=chain.Policy(3, 60.0))
     report = proof.check_chain("rows", "n", [cp], rows, key.public_key())
@@ -227,13 +233,7 @@ def test_check_chain_reports_checkpoints_further_apart_than_their_policy() -> No
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     key = Ed25519PrivateKey.generate()
-    rows, prev = [], chain.GENESIS
-    for seq in range(1, 10):
-        row = {f: None for f in chain.ROW_FIELDS}
-        row.update(seq=seq, occurred_at="2024-05-01T12:00:00.000000Z", node_id="n",
-                   prev_hash=prev)
-        row["row_hash"] = prev = chain.row_hash(chain.CHAIN_ROWS, row)
-        rows.append(row)
+    rows = chained_rows(9)
     policy = chain.Policy(3, 60.0)
     first = store.make_checkpoint(key, "rows", "n", 2, rows[1]["row_hash"], "start",
                                   prev_hash=chain.GENESIS, policy=policy)
