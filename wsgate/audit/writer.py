@@ -462,10 +462,11 @@ class AuditWriter:
                 self._replay_journal()
             elif not self._healthy and time.monotonic() >= self._retry_at:
                 self._probe()
-            elif self._seal_due_in() == 0 and time.monotonic() >= self._retry_at:
+            # Checked after jobs too: a steady trickle of rows keeps the queue busy.
+            if self._healthy and self._seal_due_in() == 0:
                 try:
                     self._seal(store.CHECKPOINT_INTERVAL)
-                except Exception as exc:  # retried after retry_interval
+                except Exception as exc:  # retried once the store is back
                     log.error("audit: the interval checkpoint could not be written: %s", exc)
 
     def _probe(self) -> None:
