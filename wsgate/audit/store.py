@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from sqlalchemy import Connection, Engine, create_engine, delete, event, func, insert, select, text
 from sqlalchemy.engine import make_url
 
-from wsgate.audit import chain
+from wsgate.audit import chain, nodelock
 from wsgate.audit.orm import CHAIN_TABLES, CHECKPOINTS
 from wsgate.config import AuditConfig
 
@@ -91,10 +91,19 @@ def make_engine(url: str, *, writer: bool = False, busy_timeout_ms: int = 5000) 
 
 
 def migrate(engine: Engine) -> None:
-    """Bring the audit schema to the latest Alembic revision (creates it when absent)."""
+    """Bring the audit schema to the latest Alembic revision (creates it when absent).
+
+    Concurrent migrations of one store take turns: on PostgreSQL under an
+    advisory lock, on a SQLite file under ``<file>.migrate.lock`` (see
+    :func:`nodelock.sqlite_migration_lock`), which also covers the engine's
+    first connection, where a new file is switched to WAL mode.
+
+    Raises:
+        nodelock.NodeLockError: a SQLite file's migration lock cannot be opened.
+    """
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    with engine.begin() as conn:
+    with nodelock.sqlite_migration_lock(engine.url), engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
         cfg.attributes["connection"] = conn
