@@ -1,9 +1,11 @@
-"""One process per node (SPEC §5): the node lock and the SQLite migration lock,
-on SQLite and on PostgreSQL.
+"""One process per node (SPEC §5): the node lock, the SQLite migration lock, and
+what a second ``wsgate serve`` of a node that is already served does (exit 1,
+write nothing), on SQLite and on PostgreSQL.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sqlite3
@@ -14,15 +16,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tornado.websocket
 from sqlalchemy.engine import make_url
 
 from tests import audit_helpers
 from tests.audit_helpers import PG_ENV, Backend
-from tests.test_crash import REPO
+from tests.conftest import CUSTOMER, TOKENS, Client
+from tests.test_crash import REPO, ServeProcess, audit_cli, toml_value, unused_port
+from tests.test_hardening import db_rows
 from wsgate.audit import nodelock, store
 from wsgate.audit.nodelock import NodeBusy, NodeLockError
 
 backend = audit_helpers.backend  # the fixture: SQLite, and PostgreSQL when configured
+
+C = f"customer_id:{CUSTOMER}"
 
 
 # -- the lock ----------------------------------------------------------------------------
@@ -200,3 +207,117 @@ def test_sqlite_migrations_of_one_new_file_take_turns(tmp_path: Path) -> None:
         other.close()
         thread.join(30)
         engine.dispose()
+
+
+# -- a second `wsgate serve` -------------------------------------------------------------------
+
+
+def serve_config(tmp_path: Path, name: str, port: int, audit_url: str, **server: Any) -> Path:
+    tables: dict[str, dict[str, Any]] = {
+        "server": {"host": "127.0.0.1", "port": port, "node_id": "lock-node",
+                   "shutdown_timeout": 5.0, **server},
+        "auth": {"plugin": "static"},
+        "auth.options": {"tokens": TOKENS},
+        "permissions": {"plugin": "voipbin"},
+        "ingest": {"keys": ["test-ingest-key"]},
+        "audit": {"url": audit_url, "journal_path": f"{tmp_path}/audit.journal"},
+        "broker": {"url": "memory://"},
+    }
+    text = "".join(f"[{t}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in values.items())
+                   for t, values in tables.items())
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+async def run_serve(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``wsgate serve`` run to its end (off the event loop, which keeps serving clients)."""
+    return await asyncio.get_running_loop().run_in_executor(None, lambda: subprocess.run(
+        [sys.executable, "-m", "wsgate", "serve", "--config", str(config), *args],
+        capture_output=True, text=True, timeout=60, cwd=config.parent,
+        env={**os.environ, "PYTHONPATH": str(REPO)}))
+
+
+async def connect(port: int) -> Client:
+    ws = await tornado.websocket.websocket_connect(
+        f"ws://127.0.0.1:{port}/v1.0/ws?token=admin-token")
+    client = Client(ws)
+    assert (await client.recv())["type"] == "connected"
+    return client
+
+
+def chain(url: str) -> list[tuple[Any, ...]]:
+    return [(r["node_id"], r["seq"], r["action"], r["topic"], r["code"], r["row_hash"])
+            for r in db_rows(url)]
+
+
+async def second_serve_changes_nothing(backend: Backend, tmp_path: Path, port: int,
+                                       second: Path, *args: str) -> str:
+    """Serve node lock-node on port with a subscription open, run ``serve`` with
+    ``second``; check it exited 1 and changed nothing; return its stderr."""
+    config = serve_config(tmp_path, "wsgate.toml", port, backend.url)
+    first = ServeProcess(tmp_path, port, config, "first")
+    client = None
+    try:
+        await first.ready()
+        client = await connect(port)
+        assert (await client.subscribe(f"{C}:held"))["topics"] == [f"{C}:held"]
+        before = chain(backend.url)
+        done = await run_serve(second, *args)
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "Traceback" not in done.stderr
+        # Nothing written: no unclean_shutdown, no journal, the chain as it was.
+        assert chain(backend.url) == before
+        assert not (tmp_path / "audit.journal").exists()
+        # The first server is unharmed: it goes on numbering its rows.
+        assert (await client.subscribe(f"{C}:after"))["topics"] == [f"{C}:after"]
+        after = chain(backend.url)
+        assert after[:-1] == before
+        assert after[-1][:4] == ("lock-node", before[-1][1] + 1, "subscribe", f"{C}:after")
+        assert not [r for r in after if r[4] == "unclean_shutdown"]
+        response = await first_http(port, "/readyz")
+        assert response == 200
+        verify = audit_cli(config, "verify")
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+        client.close()
+        first.proc.send_signal(signal.SIGTERM)
+        assert await first.wait(15) == 0, first.output()
+    finally:
+        if client is not None:
+            client.close()
+        first.close()
+    return done.stderr
+
+
+async def first_http(port: int, path: str) -> int:
+    import tornado.httpclient
+
+    response = await tornado.httpclient.AsyncHTTPClient().fetch(
+        f"http://127.0.0.1:{port}{path}", raise_error=False)
+    return response.code
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_a_second_serve_of_the_same_config_exits_1_naming_the_port_and_writes_nothing(
+        backend: Backend, tmp_path: Path) -> None:
+    port = unused_port()
+    stderr = await second_serve_changes_nothing(backend, tmp_path, port,
+                                                tmp_path / "wsgate.toml")
+    assert stderr.strip() == (
+        f"wsgate: cannot listen on 127.0.0.1:{port}: Address already in use (another "
+        "process listens there: is this config served already?)"), stderr
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_a_second_serve_of_the_node_id_on_another_port_exits_1_and_writes_nothing(
+        backend: Backend, tmp_path: Path) -> None:
+    other_port = unused_port()
+    other = serve_config(tmp_path, "other.toml", other_port, backend.url)
+    stderr = await second_serve_changes_nothing(backend, tmp_path, unused_port(), other)
+    assert stderr.startswith(
+        f"wsgate: node id 'lock-node' is already served by another process (port "
+        f"{other_port}): "), stderr
+    assert "is held by" in stderr and ", port " in stderr  # the holder, and its port
+    # Nothing listens on the refused port.
+    with pytest.raises(OSError):
+        await first_http(other_port, "/healthz")

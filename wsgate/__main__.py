@@ -9,11 +9,15 @@ import socket
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from wsgate.audit.records import AuditUnavailable
 from wsgate.config import Config, ConfigError, load_config
 from wsgate.logs import setup_logging
 from wsgate.plugins import PERMISSIONS, Authenticator, Authorizer, PluginError, Principal
+
+if TYPE_CHECKING:
+    from wsgate.audit.nodelock import NodeBusy
 
 
 def _load(path: str) -> Config:
@@ -24,24 +28,40 @@ def _load(path: str) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from wsgate.app import serve
-
     config = _load(args.config)
     setup_logging(config.logging)
     if args.workers != 1:
         return _serve_workers(config, args.workers)
+    return _serve(config)
+
+
+def _serve(config: Config, sockets: list[socket.socket] | None = None) -> int:
+    """Run ``wsgate.app.serve``; a failure to start is one line on stderr and
+    the exit status (2: a plugin's config; 1: port, node lock or audit store)."""
+    from wsgate.app import ListenError, serve
+    from wsgate.audit.nodelock import NodeBusy, NodeLockError
+
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, sockets))
     except PluginError as exc:
-        print(f"wsgate: {args.config}: {exc}", file=sys.stderr)
+        print(f"wsgate: {config.source}: {exc}", file=sys.stderr)
         return 2
-    except AuditUnavailable as exc:
-        print(f"wsgate: the audit store cannot be opened: {exc}", file=sys.stderr)
+    except NodeBusy as exc:
+        print(_busy(exc, config.server.port), file=sys.stderr)
+        return 1
+    except (ListenError, NodeLockError, AuditUnavailable) as exc:
+        print(f"wsgate: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"wsgate: cannot serve: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _busy(exc: NodeBusy, port: int) -> str:
+    return (f"wsgate: node id {exc.node_id!r} is already served by another process "
+            f"(port {port}): {exc.detail}. Stop that process first, or give this one "
+            "another [server] node_id.")
 
 
 def _plugins(config: Config, path: str) -> tuple[Authenticator, Authorizer]:
