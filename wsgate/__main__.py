@@ -88,6 +88,10 @@ def _serve_workers(config: Config, workers: int) -> int:
     journal (``<journal_path>.w<i>``) and, with ``[metrics] port`` P, metrics on
     P+i-1. SIGTERM or SIGINT to the parent drains every worker; a worker that
     dies later is restarted. Returns the exit status.
+
+    The parent holds the node lock of ``<node_id>`` (see
+    :mod:`wsgate.audit.nodelock`) and each worker its own node's: a second
+    ``serve`` of this config exits 1 before it forks.
     """
     import dataclasses
     import os
@@ -96,11 +100,13 @@ def _serve_workers(config: Config, workers: int) -> int:
 
     import tornado.netutil
 
-    from wsgate.app import build_plugins, node_id_for, serve
+    from wsgate.app import ListenError, build_plugins, listen, node_id_for
+    from wsgate.audit import nodelock
 
     if workers < 1:
         print("wsgate: --workers must be 1 or more", file=sys.stderr)
         return 2
+    parent = os.getpid()
     if config.broker.url == "memory://":
         print(f"wsgate: {config.source}: --workers {workers} needs a shared broker: with "
               '[broker] url = "memory://" an event posted to one worker would not reach '
@@ -114,15 +120,26 @@ def _serve_workers(config: Config, workers: int) -> int:
         return 2
     host = config.server.host
     try:
-        first = tornado.netutil.bind_sockets(config.server.port, host, reuse_port=True)
-    except OSError as exc:
-        print(f"wsgate: cannot serve: {exc}", file=sys.stderr)
+        first = listen(host, config.server.port, reuse_port=True)
+    except ListenError as exc:
+        print(f"wsgate: {exc}", file=sys.stderr)
         return 1
     port = first[0].getsockname()[1]
     base = node_id_for(dataclasses.replace(
         config, server=dataclasses.replace(config.server, port=port)))
+    # SO_REUSEPORT lets a second `serve --workers` with this config bind the
+    # port too: the lock on the base node id (no worker's) turns it away. The
+    # workers inherit it; each also takes its own node's lock.
+    try:
+        lock = nodelock.acquire(config.audit.url, base, f"pid {parent} on "
+                                f"{socket.gethostname()}, port {port}, --workers {workers}")
+    except nodelock.NodeBusy as exc:
+        print(_busy(exc, port), file=sys.stderr)
+        return 1
+    except nodelock.NodeLockError as exc:
+        print(f"wsgate: {exc}", file=sys.stderr)
+        return 1
     log = logging.getLogger("wsgate")
-    parent = os.getpid()
     running: dict[int, tuple[int, float]] = {}
     stopping = False
 
@@ -142,8 +159,7 @@ def _serve_workers(config: Config, workers: int) -> int:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             code = 1
             try:
-                asyncio.run(serve(worker_config(i), sockets))
-                code = 0
+                code = _serve(worker_config(i), sockets)
             except Exception:
                 log.exception("worker %d failed", i)
             finally:
@@ -188,6 +204,7 @@ def _serve_workers(config: Config, workers: int) -> int:
         else:
             log.error("worker %d exited (%d): starting it again", i, code)
             spawn(i, tornado.netutil.bind_sockets(port, host, reuse_port=True))
+    lock.release()
     return status
 
 
