@@ -157,6 +157,21 @@ def test_postgres_lock_is_per_schema_and_names_its_holder(backend: Backend) -> N
             "'wsgate pid 1 on host-1, port 8080' AND state = 'idle'") == 1
 
 
+@pytest.mark.postgres
+def test_postgres_lock_outlives_an_idle_session_timeout(backend: Backend) -> None:
+    if backend.name != "postgres":
+        pytest.skip("PostgreSQL only")
+    import time
+
+    # As if the DBA ended idle sessions after 100 ms: the lock's session is exempt.
+    options = make_url(backend.url).query["options"] + " -cidle_session_timeout=100"
+    url = make_url(backend.url).update_query_dict({"options": options})
+    with nodelock.acquire(url.render_as_string(hide_password=False), "node-a"):
+        time.sleep(0.5)  # five timeouts: a session subject to it would be gone
+        with pytest.raises(NodeBusy):
+            nodelock.acquire(backend.url, "node-a")
+
+
 def test_postgres_unreachable_is_an_error_not_a_refusal() -> None:
     with pytest.raises(NodeLockError, match="cannot be opened to take the node lock") as info:
         nodelock.acquire("postgresql+psycopg://postgres@127.0.0.1:1/none", "node-a")

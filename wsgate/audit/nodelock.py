@@ -10,7 +10,8 @@ before it touches the store, and holds it until it exits:
 - PostgreSQL: a session-level advisory lock (``pg_try_advisory_lock``) on a
   dedicated connection, keyed by the schema the audit tables live in and the
   node id (:func:`advisory_key`). The connection's ``application_name`` says
-  who holds it.
+  who holds it; the server drops it (and the lock) about 25 seconds after this
+  host stops answering, never for being idle.
 - SQLite file: an OS lock (``flock``) on ``<database file>.node-<node id,
   percent-encoded>.lock`` beside the database. The file holds a line saying
   who holds it. It is left in place at exit: only the lock, never the file,
@@ -251,8 +252,9 @@ def _postgres_lock(u: URL, node_id: str, owner: str) -> NodeLock:
         schema = str(conn.execute(text("SELECT current_schema()")).scalar() or "")
         key = advisory_key(schema, node_id)
         where = f"the PostgreSQL advisory lock {key} (schema {schema!r})"
-        conn.execute(text("SELECT set_config('application_name', :name, false)"),
-                     {"name": f"wsgate {owner}"[:_PG_NAME_MAX]})
+        for name, value in _pg_session_settings(conn, owner).items():
+            conn.execute(text("SELECT set_config(:name, :value, false)"),
+                         {"name": name, "value": value})
         if not conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar():
             raise NodeBusy(node_id, where, _pg_holder(conn, key))
     except NodeBusy:
@@ -273,6 +275,23 @@ def _postgres_lock(u: URL, node_id: str, owner: str) -> NodeLock:
             engine.dispose()
 
     return NodeLock(node_id, where, release)
+
+
+def _pg_session_settings(conn: Connection, owner: str) -> dict[str, str]:
+    """Settings of the lock's session: who holds it, and how long it lasts.
+
+    The lock lasts as long as the session. The server must not end it for
+    idling (``idle_session_timeout``, PostgreSQL 14+), and must notice soon
+    when this host is gone: otherwise a dead host's lock would outlive it by
+    the system's TCP keepalive time (two hours on Linux), and refuse its
+    replacement as long. With these, about 25 seconds.
+    """
+    settings = {"application_name": f"wsgate {owner}"[:_PG_NAME_MAX],
+                "tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5",
+                "tcp_keepalives_count": "3"}
+    if int(conn.execute(text("SHOW server_version_num")).scalar() or 0) >= 140000:
+        settings["idle_session_timeout"] = "0"
+    return settings
 
 
 def _pg_holder(conn: Connection, key: int) -> str:
