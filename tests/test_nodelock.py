@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 import tornado.websocket
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL
 
-from tests import audit_helpers
-from tests.audit_helpers import PG_ENV, Backend
+from tests import audit_helpers, test_crash
+from tests.audit_helpers import Backend
 from tests.conftest import CUSTOMER, TOKENS, Client
 from tests.test_crash import REPO, ServeProcess, audit_cli, toml_value, unused_port
 from tests.test_hardening import db_rows
@@ -28,6 +29,7 @@ from wsgate.audit import nodelock, store
 from wsgate.audit.nodelock import NodeBusy, NodeLockError
 
 backend = audit_helpers.backend  # the fixture: SQLite, and PostgreSQL when configured
+pg_schema_url = test_crash.pg_schema_url  # a fresh schema on the test PostgreSQL
 
 C = f"customer_id:{CUSTOMER}"
 
@@ -138,38 +140,40 @@ def test_other_stores_are_not_locked_and_say_so(caplog: Any) -> None:
 
 
 @pytest.mark.postgres
-def test_postgres_lock_is_per_schema_and_names_its_holder(backend: Backend) -> None:
-    if backend.name != "postgres":
-        pytest.skip("PostgreSQL only")
-    base = os.environ[PG_ENV]  # the same database, schema public
-    with nodelock.acquire(backend.url, "node-a", "pid 1 on host-1, port 8080") as lock:
-        schema = make_url(backend.url).query["options"].split("=")[1]
+def test_postgres_lock_is_per_schema_and_names_its_holder(pg_schema_url: URL) -> None:
+    url = pg_schema_url.render_as_string(hide_password=False)
+    public = pg_schema_url.difference_update_query(["options"])  # same database
+    with nodelock.acquire(url, "node-a", "pid 1 on host-1, port 8080") as lock:
+        schema = pg_schema_url.query["options"].split("=")[1]
         key = nodelock.advisory_key(schema, "node-a")
         assert lock.where == f"the PostgreSQL advisory lock {key} (schema {schema!r})"
-        with nodelock.acquire(base, "node-a"):  # another store's node of that name
-            pass
+        with nodelock.acquire(public.render_as_string(hide_password=False), "node-a"):
+            pass  # another store's node of that name
         with pytest.raises(NodeBusy) as refused:
-            nodelock.acquire(backend.url, "node-a")
+            nodelock.acquire(url, "node-a")
         assert refused.value.holder.startswith("'wsgate pid 1 on host-1, port 8080' from ")
         # The lock's session is not left in a transaction for the life of the process.
-        assert backend.scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
-            "'wsgate pid 1 on host-1, port 8080' AND state = 'idle'") == 1
+        engine = sa.create_engine(pg_schema_url)
+        try:
+            with engine.connect() as conn:
+                assert conn.execute(sa.text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+                    "'wsgate pid 1 on host-1, port 8080' AND state = 'idle'")).scalar() == 1
+        finally:
+            engine.dispose()
 
 
 @pytest.mark.postgres
-def test_postgres_lock_outlives_an_idle_session_timeout(backend: Backend) -> None:
-    if backend.name != "postgres":
-        pytest.skip("PostgreSQL only")
+def test_postgres_lock_outlives_an_idle_session_timeout(pg_schema_url: URL) -> None:
     import time
 
     # As if the DBA ended idle sessions after 100 ms: the lock's session is exempt.
-    options = make_url(backend.url).query["options"] + " -cidle_session_timeout=100"
-    url = make_url(backend.url).update_query_dict({"options": options})
-    with nodelock.acquire(url.render_as_string(hide_password=False), "node-a"):
+    options = pg_schema_url.query["options"] + " -cidle_session_timeout=100"
+    idle_limited = pg_schema_url.update_query_dict({"options": options})
+    with nodelock.acquire(idle_limited.render_as_string(hide_password=False), "node-a"):
         time.sleep(0.5)  # five timeouts: a session subject to it would be gone
         with pytest.raises(NodeBusy):
-            nodelock.acquire(backend.url, "node-a")
+            nodelock.acquire(pg_schema_url.render_as_string(hide_password=False), "node-a")
 
 
 def test_postgres_unreachable_is_an_error_not_a_refusal() -> None:
