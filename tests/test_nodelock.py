@@ -62,7 +62,7 @@ def test_a_node_id_is_locked_once_until_released(backend: Backend) -> None:
 def test_the_lock_of_a_killed_process_is_free_again(backend: Backend) -> None:
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time\n"
+         "import time\n"
          "from wsgate.audit import nodelock\n"
          f"nodelock.acquire({backend.url!r}, 'node-a')\n"
          "print('locked', flush=True)\n"
@@ -125,7 +125,8 @@ def test_sqlite_lock_file_that_cannot_be_made_is_an_error_naming_it(tmp_path: Pa
         nodelock.acquire(f"sqlite:///{tmp_path}/no/audit.db", "node-a")
 
 
-def test_in_memory_sqlite_needs_no_lock(tmp_path: Path) -> None:
+def test_in_memory_sqlite_needs_no_lock(tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.chdir(tmp_path)  # where a lock file of a relative name would appear
     for url in ("sqlite://", "sqlite:///:memory:",
                 "sqlite:///file:mem?mode=memory&cache=shared&uri=true"):
         with nodelock.acquire(url, "node-a") as a, nodelock.acquire(url, "node-a") as b:
