@@ -368,3 +368,35 @@ def test_sqlite_writer_keeps_wal_and_full_sync(tmp_path: Path) -> None:
                 store.WAL_CHECKPOINT_PAGES
     finally:
         engine.dispose()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_write_the_store_refuses_keeps_readyz_false_while_subscribes_fail(
+        backend: Backend, make_server: Any, caplog: Any) -> None:
+    # Not an outage: the store answers, but refuses the node's next row (another
+    # process wrote as this node and took its next seq). SELECT 1 still works.
+    server = await make_server(audit={"url": backend.url, "retry_interval": 0.05})
+    client = await server.connect()
+    assert (await client.subscribe(topic("a")))["topics"] == [topic("a")]
+    backend.execute(
+        "INSERT INTO audit_rows (node_id, seq, occurred_at, connection_id, action, topic, "
+        "outcome, code, kind, subject, customer_id, agent_id, authenticator, remote_addr, "
+        "origin, user_agent, prev_hash, row_hash) SELECT node_id, seq + 1, occurred_at, "
+        "'intruder', action, topic, outcome, code, kind, subject, customer_id, agent_id, "
+        "authenticator, remote_addr, origin, user_agent, row_hash, row_hash "
+        "FROM audit_rows WHERE seq = 1")
+    reply = await client.subscribe(topic("b"))
+    assert [r["code"] for r in reply["rejected"]] == ["audit_unavailable"]
+    writer: Any = server.gateway.audit
+    # The idle probe runs every 0.05 s: it either declares the store healthy or
+    # reports why it cannot.
+    await wait_until(lambda: writer.healthy() or "another process" in caplog.text)
+    response = await server.http.fetch(server.base + "/readyz", raise_error=False)
+    assert response.code == 503 and json.loads(response.body)["checks"]["audit"] is False
+    reply = await client.subscribe(topic("c"))
+    assert [r["code"] for r in reply["rejected"]] == ["audit_unavailable"]
+    assert not writer.healthy()
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"
+              and "another process" in r.getMessage()]
+    assert len(errors) == 1, errors
+    assert "'test-node'" in errors[0] and "seq 2" in errors[0] and "seq 1" in errors[0]

@@ -24,7 +24,8 @@ import tornado.httpclient
 import tornado.testing
 import tornado.websocket
 
-from tests import test_broker_redis
+from tests import audit_helpers, test_broker_redis
+from tests.audit_helpers import Backend
 from tests.conftest import (
     AGENT,
     CUSTOMER,
@@ -45,6 +46,7 @@ redis_url = test_broker_redis.redis_url
 numsub = test_broker_redis.numsub
 kill_named = test_broker_redis._kill_named
 closed_port_url = test_broker_redis.closed_port_url
+backend = audit_helpers.backend  # the audit store fixture: SQLite, and PostgreSQL
 
 PG_URL = os.environ.get("WSGATE_TEST_PG_URL",
                         "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -347,7 +349,7 @@ async def test_nodes_share_a_postgresql_audit_log_each_with_its_own_chain(
 # -- serve --workers ---------------------------------------------------------------
 
 
-def write_config(tmp_path: Path, port: int, broker_url: str) -> Path:
+def write_config(tmp_path: Path, port: int, broker_url: str, audit_url: str = "") -> Path:
     token = ('"admin-token" = { kind = "agent", subject = "alice", '
              f'customer_id = "{CUSTOMER}", agent_id = "{AGENT}", '
              'permissions = ["customer_admin"] }')
@@ -368,7 +370,7 @@ tokens = {{ {token} }}
 keys = ["{INGEST_KEY}"]
 
 [audit]
-url = "sqlite:///{tmp_path}/audit.db"
+url = "{audit_url or f'sqlite:///{tmp_path}/audit.db'}"
 journal_path = "{tmp_path}/audit.journal"
 
 [broker]
@@ -379,10 +381,18 @@ url = "{broker_url}"
 
 def start_workers(config: Path, log: Path, workers: int = 2) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
+        # Its own process group: a failed test kills the workers with it (stop_workers).
         return subprocess.Popen(
             [sys.executable, "-m", "wsgate", "serve", "--config", str(config),
              "--workers", str(workers)],
-            cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+            cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_workers(process: subprocess.Popen[Any]) -> None:
+    """Kill what start_workers started, workers included, unless it already exited."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def test_workers_refuse_the_memory_broker(tmp_path) -> None:
@@ -451,6 +461,65 @@ async def test_two_workers_share_the_port_and_events_reach_clients_of_both(
     finally:
         for client in clients:
             client.close()
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        stop_workers(process)
+
+
+def audit_rows(url: str) -> list[tuple[Any, ...]]:
+    from tests.test_hardening import db_rows
+
+    return [(r["node_id"], r["seq"], r["action"], r["topic"], r["code"], r["row_hash"])
+            for r in db_rows(url)]
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_a_second_serve_workers_of_the_same_config_exits_1_and_writes_nothing(
+        redis_url, backend: Backend, tmp_path) -> None:
+    sock, port = tornado.testing.bind_unused_port()
+    sock.close()
+    config = write_config(tmp_path, port, redis_url, backend.url)
+    log = tmp_path / "serve.log"
+    process = start_workers(config, log)
+    client = None
+    try:
+        await wait_for(lambda: log.read_text().count("wsgate serving on") == 2
+                       or process.poll() is not None, timeout=30, interval=0.1)
+        assert process.poll() is None, log.read_text()
+        ws = await tornado.websocket.websocket_connect(
+            f"ws://127.0.0.1:{port}/v1.0/ws?token=admin-token")
+        client = Client(ws)
+        assert (await client.recv())["type"] == "connected"
+        assert (await client.subscribe(C))["topics"] == [C]
+        before = audit_rows(backend.url)
+        # SO_REUSEPORT would let it bind the port too: the node lock turns it away.
+        second = subprocess.Popen(
+            [sys.executable, "-m", "wsgate", "serve", "--config", str(config), "--workers", "2"],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True)
+        try:
+            _, stderr = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: second.communicate(timeout=60))
+        finally:
+            if second.poll() is None:  # its workers too: they are its process group
+                os.killpg(second.pid, signal.SIGKILL)
+                second.communicate()
+        assert second.returncode == 1, stderr
+        assert stderr.startswith(f"wsgate: node id 'wk' is already served by another "
+                                 f"process (port {port}): "), stderr
+        assert "--workers 2" in stderr  # the holder said who it is
+        assert audit_rows(backend.url) == before
+        assert not list(tmp_path.glob("audit.journal*"))
+        assert (await client.subscribe(f"{C}:after"))["topics"] == [f"{C}:after"]
+        after = audit_rows(backend.url)
+        assert after[:-1] == before and after[-1][2:4] == ("subscribe", f"{C}:after")
+        assert not [r for r in after if r[4] == "unclean_shutdown"]
+        client.close()
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.get_running_loop().run_in_executor(
+            None, lambda: process.wait(timeout=20)) == 0, log.read_text()
+    finally:
+        if client is not None:
+            client.close()
+        stop_workers(process)
+    verify = subprocess.run([sys.executable, "-m", "wsgate", "audit", "verify", "--config",
+                             str(config)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 0, verify.stdout + verify.stderr

@@ -9,11 +9,15 @@ import socket
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from wsgate.audit.records import AuditUnavailable
 from wsgate.config import Config, ConfigError, load_config
 from wsgate.logs import setup_logging
 from wsgate.plugins import PERMISSIONS, Authenticator, Authorizer, PluginError, Principal
+
+if TYPE_CHECKING:
+    from wsgate.audit.nodelock import NodeBusy
 
 
 def _load(path: str) -> Config:
@@ -24,24 +28,40 @@ def _load(path: str) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from wsgate.app import serve
-
     config = _load(args.config)
     setup_logging(config.logging)
     if args.workers != 1:
         return _serve_workers(config, args.workers)
+    return _serve(config)
+
+
+def _serve(config: Config, sockets: list[socket.socket] | None = None) -> int:
+    """Run ``wsgate.app.serve``; a failure to start is one line on stderr and
+    the exit status (2: a plugin's config; 1: port, node lock or audit store)."""
+    from wsgate.app import ListenError, serve
+    from wsgate.audit.nodelock import NodeBusy, NodeLockError
+
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, sockets))
     except PluginError as exc:
-        print(f"wsgate: {args.config}: {exc}", file=sys.stderr)
+        print(f"wsgate: {config.source}: {exc}", file=sys.stderr)
         return 2
-    except AuditUnavailable as exc:
-        print(f"wsgate: the audit store cannot be opened: {exc}", file=sys.stderr)
+    except NodeBusy as exc:
+        print(_busy(exc, config.server.port), file=sys.stderr)
+        return 1
+    except (ListenError, NodeLockError, AuditUnavailable) as exc:
+        print(f"wsgate: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"wsgate: cannot serve: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _busy(exc: NodeBusy, port: int) -> str:
+    return (f"wsgate: node id {exc.node_id!r} is already served by another process "
+            f"(port {port}): {exc.detail}. Stop that process first, or give this one "
+            "another [server] node_id.")
 
 
 def _plugins(config: Config, path: str) -> tuple[Authenticator, Authorizer]:
@@ -68,6 +88,10 @@ def _serve_workers(config: Config, workers: int) -> int:
     journal (``<journal_path>.w<i>``) and, with ``[metrics] port`` P, metrics on
     P+i-1. SIGTERM or SIGINT to the parent drains every worker; a worker that
     dies later is restarted. Returns the exit status.
+
+    The parent holds the node lock of ``<node_id>`` (see
+    :mod:`wsgate.audit.nodelock`) and each worker its own node's: a second
+    ``serve`` of this config exits 1 before it forks.
     """
     import dataclasses
     import os
@@ -76,11 +100,13 @@ def _serve_workers(config: Config, workers: int) -> int:
 
     import tornado.netutil
 
-    from wsgate.app import build_plugins, node_id_for, serve
+    from wsgate.app import ListenError, build_plugins, listen, node_id_for
+    from wsgate.audit import nodelock
 
     if workers < 1:
         print("wsgate: --workers must be 1 or more", file=sys.stderr)
         return 2
+    parent = os.getpid()
     if config.broker.url == "memory://":
         print(f"wsgate: {config.source}: --workers {workers} needs a shared broker: with "
               '[broker] url = "memory://" an event posted to one worker would not reach '
@@ -94,15 +120,26 @@ def _serve_workers(config: Config, workers: int) -> int:
         return 2
     host = config.server.host
     try:
-        first = tornado.netutil.bind_sockets(config.server.port, host, reuse_port=True)
-    except OSError as exc:
-        print(f"wsgate: cannot serve: {exc}", file=sys.stderr)
+        first = listen(host, config.server.port, reuse_port=True)
+    except ListenError as exc:
+        print(f"wsgate: {exc}", file=sys.stderr)
         return 1
     port = first[0].getsockname()[1]
     base = node_id_for(dataclasses.replace(
         config, server=dataclasses.replace(config.server, port=port)))
+    # SO_REUSEPORT lets a second `serve --workers` with this config bind the
+    # port too: the lock on the base node id (no worker's) turns it away. The
+    # workers inherit it; each also takes its own node's lock.
+    try:
+        lock = nodelock.acquire(config.audit.url, base, f"pid {parent} on "
+                                f"{socket.gethostname()}, port {port}, --workers {workers}")
+    except nodelock.NodeBusy as exc:
+        print(_busy(exc, port), file=sys.stderr)
+        return 1
+    except nodelock.NodeLockError as exc:
+        print(f"wsgate: {exc}", file=sys.stderr)
+        return 1
     log = logging.getLogger("wsgate")
-    parent = os.getpid()
     running: dict[int, tuple[int, float]] = {}
     stopping = False
 
@@ -122,8 +159,7 @@ def _serve_workers(config: Config, workers: int) -> int:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             code = 1
             try:
-                asyncio.run(serve(worker_config(i), sockets))
-                code = 0
+                code = _serve(worker_config(i), sockets)
             except Exception:
                 log.exception("worker %d failed", i)
             finally:
@@ -168,6 +204,7 @@ def _serve_workers(config: Config, workers: int) -> int:
         else:
             log.error("worker %d exited (%d): starting it again", i, code)
             spawn(i, tornado.netutil.bind_sockets(port, host, reuse_port=True))
+    lock.release()
     return status
 
 

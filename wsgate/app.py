@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import logging
+import os
 import signal
 import socket
 from typing import Any
@@ -159,7 +161,7 @@ def serve_metrics(gateway: Gateway, sockets: list[socket.socket] | None = None
     if sockets is None:
         if not m.port:
             return None
-        sockets = tornado.netutil.bind_sockets(m.port, m.host)
+        sockets = listen(m.host, m.port)
     server = tornado.httpserver.HTTPServer(make_metrics_app(gateway), idle_connection_timeout=60)
     server.add_sockets(sockets)
     where = ", ".join("{}:{}".format(*s.getsockname()[:2]) for s in sockets)
@@ -233,20 +235,67 @@ def make_server(app: tornado.web.Application, config: Config) -> tornado.httpser
     return server
 
 
+class ListenError(Exception):
+    """A listening socket cannot be bound; the message names the address and why."""
+
+
+def listen(host: str | None, port: int, *, reuse_port: bool = False) -> list[socket.socket]:
+    """Bind ``host:port`` (every address of host) for serving.
+
+    Raises:
+        ListenError: naming ``host:port`` and the reason (port in use: another
+            process already listens there, maybe a wsgate serving this config).
+    """
+    try:
+        return tornado.netutil.bind_sockets(port, host or None, reuse_port=reuse_port)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            why += " (another process listens there: is this config served already?)"
+        raise ListenError(f"cannot listen on {host or '*'}:{port}: {why}") from None
+
+
 async def serve(config: Config, sockets: list[socket.socket] | None = None) -> None:
     """Run the gateway until SIGTERM or SIGINT, then drain and return.
 
     ``sockets``: listening sockets to serve, bound by ``serve --workers``;
     default: bind ``[server] host`` and ``port``.
+
+    In this order, so a second process started by mistake changes nothing:
+    bind the ports, take the node lock (:mod:`wsgate.audit.nodelock`), and only
+    then start the gateway, whose audit writer recovers from a crash of this
+    node (journal replay, ``unclean_shutdown`` rows). The lock is released last.
+
+    Raises:
+        ListenError: a port cannot be bound.
+        NodeBusy: another process serves this node id.
+        NodeLockError, AuditUnavailable: the audit store cannot be used.
+        PluginError: a plugin cannot be built.
     """
+    from wsgate.audit import nodelock
+
+    if sockets is None:
+        sockets = listen(config.server.host, config.server.port)
+    m = config.metrics
+    metrics_sockets = listen(m.host, m.port) if m.port else None
+    node_id = node_id_for(config)
+    port = sockets[0].getsockname()[1]
+    owner = f"pid {os.getpid()} on {socket.gethostname()}, port {port}"
+    lock = await asyncio.to_thread(nodelock.acquire, config.audit.url, node_id, owner)
+    try:
+        await _serve_locked(config, sockets, metrics_sockets)
+    finally:
+        lock.release()
+
+
+async def _serve_locked(config: Config, sockets: list[socket.socket],
+                        metrics_sockets: list[socket.socket] | None) -> None:
     gateway = build_gateway(config)
     await gateway.start()
     app = make_app(gateway)
     server = make_server(app, config)
-    if sockets is None:
-        sockets = tornado.netutil.bind_sockets(config.server.port, config.server.host)
     server.add_sockets(sockets)
-    metrics_server = serve_metrics(gateway)
+    metrics_server = serve_metrics(gateway, metrics_sockets)
     # Everything made so far (modules, plugins, SQLAlchemy, Tornado) lives as
     # long as the process: left out of the cyclic collector, a full collection
     # walks only the objects made while serving. Without this, each full

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from sqlalchemy import Connection, Engine, create_engine, delete, event, func, insert, select, text
 from sqlalchemy.engine import make_url
 
-from wsgate.audit import chain, proof
+from wsgate.audit import chain, nodelock, proof
 from wsgate.audit.orm import CHAIN_TABLES, CHECKPOINTS, VERSION_TABLE
 from wsgate.config import AuditConfig
 
@@ -100,9 +100,18 @@ def _alembic_config() -> AlembicConfig:
 
 
 def migrate(engine: Engine, revision: str = "head") -> None:
-    """Bring the audit schema to ``revision``, the latest by default (creates it when absent)."""
+    """Bring the audit schema to ``revision``, the latest by default (creates it when absent).
+
+    Concurrent migrations of one store take turns: on PostgreSQL under an
+    advisory lock, on a SQLite file under ``<file>.migrate.lock`` (see
+    :func:`nodelock.sqlite_migration_lock`), which also covers the engine's
+    first connection, where a new file is switched to WAL mode.
+
+    Raises:
+        nodelock.NodeLockError: a SQLite file's migration lock cannot be opened.
+    """
     cfg = _alembic_config()
-    with engine.begin() as conn:
+    with nodelock.sqlite_migration_lock(engine.url), engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
         cfg.attributes["connection"] = conn

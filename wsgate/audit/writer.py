@@ -225,6 +225,8 @@ class AuditWriter:
         self._healthy = False
         #: Copies of each signed checkpoint outside the store (``[audit] witness``), or None.
         self.witness = WitnessPublisher(config.witness) if config.witness else None
+        # The store's chain head of this node is not the writer's (see _probe).
+        self._head_moved = False
 
     @property
     def engine(self) -> Engine:
@@ -471,16 +473,38 @@ class AuditWriter:
 
     def _probe(self) -> None:
         """Try the store while it is marked unhealthy and nothing is queued, so
-        /readyz turns ready again without waiting for the next write."""
+        /readyz turns ready again without waiting for the next write.
+
+        Healthy again only when a write would now succeed: the store opens a
+        write transaction and this node's chains there end where the writer's
+        own heads are. A head that moved (another process wrote as this node)
+        makes every write fail, so the writer stays unhealthy, says why once,
+        and tries again after ``retry_interval``.
+        """
         assert self._engine is not None
         try:
             # The writer engine opens its transactions as writes (SQLite: BEGIN
             # IMMEDIATE), so a store another writer holds locked stays unhealthy.
             with self._engine.begin() as conn:
-                conn.execute(select(1))
+                stored = {name: store.load_head(conn, name, self.node_id)
+                          for name in CHAIN_TABLES}
         except Exception as exc:
             self._failed(exc)
             return
+        moved = [(name, head[0], self._heads[name][0]) for name, head in stored.items()
+                 if head != self._heads[name]]
+        if moved:
+            self._retry_at = time.monotonic() + self.retry_interval
+            if not self._head_moved:
+                self._head_moved = True
+                name, theirs, ours = moved[0]
+                log.error("audit: the %s chain of node %r ends at seq %d in the store, but "
+                          "this process wrote it up to seq %d: another process is writing as "
+                          "this node (or rows were changed outside wsgate). Subscribes stay "
+                          "refused: stop the other process, then restart this one.",
+                          name, self.node_id, theirs, ours)
+            return
+        self._head_moved = False
         log.info("audit store is reachable again")
         self._healthy = True
 
