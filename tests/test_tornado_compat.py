@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import importlib.util
+import json
 import os
 import random
 import socket
@@ -26,6 +27,7 @@ import tornado.util
 import tornado.web
 
 from wsgate import tornado_compat
+from wsgate.handlers.base import JSONHandler
 from wsgate.tornado_compat import (
     prepend_read,
     request_finished,
@@ -221,10 +223,16 @@ class Probe(tornado.web.RequestHandler):
         self.seen.append(("on_finish", request_finished(self)))
 
 
+class Teapot(JSONHandler):
+    def get(self) -> None:
+        raise tornado.web.HTTPError(418)
+
+
 @pytest.fixture
 def probe_url(io_loop: Any) -> Any:
     seen: list[tuple[str, bool]] = []
-    app = tornado.web.Application([(r"/(\w[\w-]*)", Probe, {"seen": seen})])
+    app = tornado.web.Application([(r"/json/teapot", Teapot),
+                                   (r"/(\w[\w-]*)", Probe, {"seen": seen})])
     listener, port = tornado.testing.bind_unused_port()
     server = tornado.httpserver.HTTPServer(app)
     server.add_sockets([listener])
@@ -249,6 +257,17 @@ async def test_response_reason_is_the_reason_in_the_status_line(probe_url, how, 
                                                                  raise_error=False)
     assert (response.code, response.reason) == (status, reason)
     assert response.body.decode() == reason
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_a_json_error_without_a_code_of_its_own_carries_the_reason(probe_url):
+    """3, as wsgate uses it: ``JSONHandler.write_error`` gives a status it has
+    no code for the reason phrase of its status line as the message."""
+    base, _ = probe_url
+    response = await tornado.httpclient.AsyncHTTPClient().fetch(f"{base}/json/teapot",
+                                                                raise_error=False)
+    assert (response.code, response.reason) == (418, "I'm a Teapot")
+    assert json.loads(response.body) == {"error": {"code": "error", "message": "I'm a Teapot"}}
 
 
 @pytest.mark.gen_test(timeout=10)
