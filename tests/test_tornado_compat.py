@@ -7,11 +7,14 @@ in wsgate/tornado_compat.py.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import importlib
 import importlib.util
+import inspect
 import json
 import os
+import pathlib
 import random
 import socket
 from typing import Any
@@ -35,6 +38,8 @@ from wsgate.tornado_compat import (
     take_read_buffer,
     websocket_mask_python,
 )
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -281,3 +286,154 @@ async def test_request_finished_turns_true_at_finish(probe_url, how, expected):
     base, seen = probe_url
     await tornado.httpclient.AsyncHTTPClient().fetch(f"{base}/{how}", raise_error=False)
     assert seen == expected
+
+
+# -- the fence ---------------------------------------------------------------------
+
+def is_private(name: str) -> bool:
+    return name.startswith("_") and name != "_" and not (name.startswith("__")
+                                                          and name.endswith("__"))
+
+
+def private_names_in(tree: ast.AST) -> set[str]:
+    """Private names a piece of Tornado's source defines: attributes it assigns
+    (``self._x = ...``), function, method and class names, names it assigns or
+    imports as. (Not names it only reads, such as ``os._exit``.)"""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            names.add(node.attr)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, ast.alias):
+            names.add(node.asname or node.name.split(".")[0])
+    return {n for n in names if is_private(n)}
+
+
+def tornado_private_names() -> set[str]:
+    package = pathlib.Path(tornado.__file__).parent
+    names: set[str] = set()
+    for path in package.rglob("*.py"):
+        if "test" not in path.relative_to(package).parts:
+            names |= private_names_in(ast.parse(path.read_text(encoding="utf-8")))
+    return names
+
+
+def own_private_names(cls: type) -> set[str]:
+    """Private names a Tornado class has: in its class dict, or set or read on self or cls."""
+    names = {n for n in vars(cls) if is_private(n)}
+    for node in ast.walk(ast.parse(inspect.getsource(cls))):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and \
+                node.value.id in ("self", "cls") and is_private(node.attr):
+            names.add(node.attr)
+    return names
+
+
+def module_name(path: pathlib.Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[0] == "plugins":
+        parts[0] = "wsgate_plugins"
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def fence_breaches(path: pathlib.Path, tornado_private: set[str]) -> list[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    where = path.relative_to(ROOT)
+    found: list[str] = []
+    # Names a tornado import binds here: "tornado" for `import tornado.web`,
+    # `web` for `from tornado import web`, `IOStream` for `from tornado.iostream import IOStream`.
+    bound: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "tornado":
+                    bound.add(alias.asname or "tornado")
+                    if any(is_private(p) for p in alias.name.split(".")):
+                        found.append(f"{where}:{node.lineno}: import {alias.name}")
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "tornado":
+            for alias in node.names:
+                bound.add(alias.asname or alias.name)
+                if any(is_private(p) for p in [*node.module.split("."), alias.name]):
+                    found.append(f"{where}:{node.lineno}: from {node.module} import {alias.name}")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and is_private(node.attr):
+            base: ast.expr = node
+            while isinstance(base, ast.Attribute):
+                base = base.value
+            if isinstance(base, ast.Name) and base.id in bound:
+                found.append(f"{where}:{node.lineno}: {ast.unparse(node)} "
+                             "(on a Tornado module or class)")
+            elif node.attr in tornado_private and not (
+                    isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                found.append(f"{where}:{node.lineno}: {ast.unparse(node)} (a Tornado private name)")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and \
+                node.func.id in ("getattr", "setattr", "hasattr", "delattr") and \
+                len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) and \
+                node.args[1].value in tornado_private:
+            found.append(f"{where}:{node.lineno}: {ast.unparse(node)} (a Tornado private name)")
+    module = None
+    for cls_node in (n for n in tree.body if isinstance(n, ast.ClassDef) and n.bases):
+        module = module or importlib.import_module(module_name(path))
+        cls = getattr(module, cls_node.name)
+        theirs: set[str] = set()
+        for base_cls in cls.__mro__:
+            if base_cls.__module__.split(".")[0] == "tornado":
+                theirs |= own_private_names(base_cls)
+        for node in ast.walk(cls_node):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and \
+                    node.value.id in ("self", "cls") and node.attr in theirs:
+                found.append(f"{where}:{node.lineno}: {ast.unparse(node)} "
+                             f"(private to {cls.__name__}'s Tornado base class)")
+        for stmt in cls_node.body:
+            if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                defined = {stmt.name}
+            elif isinstance(stmt, ast.Assign):
+                defined = {t.id for t in stmt.targets if isinstance(t, ast.Name)}
+            elif isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                defined = {stmt.target.id}
+            else:
+                continue
+            for name in sorted(defined & theirs):
+                found.append(f"{where}:{stmt.lineno}: {cls.__name__}.{name} "
+                             f"(overrides the private name of its Tornado base class)")
+    return found
+
+
+def test_only_the_compat_module_touches_tornado_private_names():
+    """Every Python file under wsgate/ and plugins/ except wsgate/tornado_compat.py,
+    parsed with ``ast``, is checked for five things; each is a Tornado private
+    name (one starting with ``_``, not a ``__dunder__``) used outside the fence:
+
+    - an ``import`` or ``from ... import`` of a tornado module whose dotted path
+      or imported name has a private part (``from tornado.util import _websocket_mask``);
+    - a private attribute on a name a tornado import bound in that file
+      (``tornado.util._websocket_mask``, ``IOStream._read_buffer``);
+    - ``x._name`` on anything but a bare ``self`` or ``cls``, where ``_name``
+      is a private name the installed Tornado's source (outside its tests)
+      defines: assigns as an attribute or a name, defines as a function, method
+      or class, or imports as: ``stream._read_buffer``, ``handler._reason``
+      (not ``os._exit``, which Tornado only calls);
+    - ``getattr``/``setattr``/``hasattr``/``delattr`` with such a name as a string;
+    - in a top-level class that subclasses a Tornado class (found by
+      importing the module), ``self._name``/``cls._name`` anywhere in its body,
+      or a method or class attribute ``_name`` defined in it, where ``_name`` is
+      in the class dict of one of the Tornado classes of its MRO or set or read
+      on ``self``/``cls`` in their source: ``self._finished`` in a
+      RequestHandler, and also a wsgate attribute or method that would
+      silently override Tornado's own of the same name.
+
+    A wsgate private name that merely coincides with one of Tornado's, on an
+    object that is not Tornado's, is reported too: rename it.
+    """
+    tornado_private = tornado_private_names()
+    assert {"_read_buffer", "_reason", "_finished", "_websocket_mask"} <= tornado_private
+    sources = sorted([*ROOT.glob("wsgate/**/*.py"), *ROOT.glob("plugins/**/*.py")])
+    assert ROOT / "wsgate" / "handlers" / "websocket.py" in sources
+    found = [breach for path in sources if path != ROOT / "wsgate" / "tornado_compat.py"
+             for breach in fence_breaches(path, tornado_private)]
+    assert not found, "Tornado private names outside wsgate/tornado_compat.py:\n" + \
+        "\n".join(found)
