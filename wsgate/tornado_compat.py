@@ -1,13 +1,14 @@
 """The one place wsgate touches Tornado's private names.
 
-wsgate takes sockets away from Tornado and gives them to it (the ingest fast
-path reads a connection before Tornado's HTTP server gets it; a WebSocket
-upgrade takes the socket away from Tornado), reuses Tornado's C helper for
-WebSocket masking, and reads two facts a ``RequestHandler`` keeps to itself.
-Tornado has no public API for any of these, so each is one small function
-here, and nothing else in ``wsgate/`` or ``plugins/`` may use a Tornado name
-that starts with ``_`` (tests/test_tornado_compat.py checks that, and pins
-every assumption below against the installed Tornado).
+wsgate hands connections to Tornado after reading from them (the ingest fast
+path, wsgate/app.py) and takes them away from it (the WebSocket upgrade,
+wsgate/handlers/websocket.py), unmasks frames with Tornado's C helper
+(wsgate/websocket.py), and reads two facts a ``RequestHandler`` keeps to
+itself (wsgate/handlers/base.py and ingest.py). Tornado has no public API for
+any of these, so each is one small function here, and nothing else in
+``wsgate/`` or ``plugins/`` may use a Tornado name that starts with ``_``
+(tests/test_tornado_compat.py checks that, and pins every assumption below
+against the installed Tornado).
 
 Assumptions about Tornado's private names:
 
@@ -37,10 +38,11 @@ tests, though no private name is involved):
    earlier write has reached the socket.
 
 Checked on Tornado 6.4, 6.4.2, 6.5, 6.5.2, 6.5.10, 6.6 and 6.6.1: the tests
-ran with each release's wheel first on ``PYTHONPATH``, and the
-``iostream.py``, ``util.py`` and ``web.py`` of 6.4 to 6.5.2 were read against
-6.6.1. setup.cfg allows ``tornado>=6.4,<6.7`` to match; the upper bound is
-raised only after tests/test_tornado_compat.py passes on the new release.
+passed with each release's wheel first on ``PYTHONPATH``, and every use of
+these names in the ``iostream.py``, ``util.py`` and ``web.py`` of 6.4, 6.4.2,
+6.5 and 6.5.2 was read against 6.6.1's. setup.cfg allows
+``tornado>=6.4,<6.7`` to match; the upper bound is raised only after
+tests/test_tornado_compat.py passes on the new release.
 """
 
 from __future__ import annotations
