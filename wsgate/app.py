@@ -33,6 +33,7 @@ from wsgate.plugins import (
     Authorizer,
     build_plugin,
 )
+from wsgate.tornado_compat import prepend_read
 from wsgate.websocket import ConnectionRegistry
 
 log = logging.getLogger("wsgate")
@@ -193,11 +194,8 @@ class GatewayHTTPServer(tornado.httpserver.HTTPServer):
             return
 
         def to_tornado(data: bytes) -> None:
-            if data:
-                # Any: the stream has read nothing yet; its buffer takes what we did.
-                buffered: Any = stream
-                buffered._read_buffer += data
-                buffered._read_buffer_size += len(data)
+            # The stream has read nothing yet: Tornado's parser reads ours first.
+            prepend_read(stream, data)
             super(GatewayHTTPServer, self).handle_stream(stream, address)
 
         remote = address[0] if isinstance(address, tuple) else ""

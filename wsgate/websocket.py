@@ -27,15 +27,7 @@ from wsgate import errors
 from wsgate.gateway import Connection, Gateway
 from wsgate.plugins import Principal
 from wsgate.protocol import ws_frame
-
-try:
-    # Tornado's C helper (tornado.speedups) when built; a pure Python fallback otherwise.
-    from tornado.util import _websocket_mask as websocket_mask
-except ImportError:  # pragma: no cover
-    def websocket_mask(mask: bytes, data: bytes) -> bytes:
-        n = len(data)
-        key = int.from_bytes((mask * (n // 4 + 1))[:n], "little")
-        return (int.from_bytes(data, "little") ^ key).to_bytes(n, "little")
+from wsgate.tornado_compat import websocket_mask
 
 log = logging.getLogger("wsgate.ws")
 

@@ -8,6 +8,7 @@ from typing import Any
 import tornado.web
 
 from wsgate.errors import HTTPFailure
+from wsgate.tornado_compat import response_reason
 
 #: The code and message of a bare HTTP error answer, by status.
 GENERIC_ERRORS = {
@@ -34,7 +35,7 @@ class JSONHandler(tornado.web.RequestHandler):
         self.finish(json.dumps(body))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
-        code, message = GENERIC_ERRORS.get(status_code, ("error", self._reason))
+        code, message = GENERIC_ERRORS.get(status_code, ("error", response_reason(self)))
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps({"error": {"code": code, "message": message}}))
 

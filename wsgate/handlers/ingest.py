@@ -33,6 +33,7 @@ from wsgate.errors import HTTPFailure
 from wsgate.events import InvalidEvents, decode_json, parse_body, validate_events
 from wsgate.gateway import Gateway
 from wsgate.handlers.base import JSONHandler
+from wsgate.tornado_compat import request_finished
 
 MAX_IDEMPOTENCY_KEY = 200
 #: Tornado's body limit for a chunked request, which data_received enforces itself.
@@ -274,7 +275,7 @@ class IngestHandler(JSONHandler):
         return {"events_accepted": self.accepted, "key_id": self.key_id}
 
     def data_received(self, chunk: bytes) -> None:
-        if self._finished or self.too_big:
+        if request_finished(self) or self.too_big:
             return
         self.size += len(chunk)
         if self.size > self.limit:

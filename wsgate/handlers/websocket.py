@@ -15,6 +15,7 @@ import tornado.web
 from wsgate.errors import HTTPFailure
 from wsgate.gateway import ConnectionRefused, Gateway
 from wsgate.plugins import Principal, Refused, Unavailable
+from wsgate.tornado_compat import take_read_buffer
 from wsgate.websocket import ConnectionRegistry, WebSocketConnection
 
 log = logging.getLogger("wsgate.ws")
@@ -138,9 +139,8 @@ class WebSocketHandler(tornado.web.RequestHandler):
         self.set_header("Sec-WebSocket-Accept", accept)
         self.finish()  # writes the 101 and the access log line
         connection: Any = request.connection
-        # Any: the stream's private counters and buffers are read below.
-        stream: Any = connection.detach()
-        if stream._total_write_index != stream._total_write_done_index:
+        stream: tornado.iostream.IOStream = connection.detach()
+        if stream.writing():
             # The 101 did not fit in the socket at once: let the stream finish it.
             try:
                 await stream.write(b"")
@@ -150,7 +150,7 @@ class WebSocketHandler(tornado.web.RequestHandler):
         if stream.closed() or sock is None:
             return
         # What the client sent behind its handshake, already read by the stream.
-        initial = bytes(stream._read_buffer[:stream._read_buffer_size])
+        initial = take_read_buffer(stream)
         # The socket leaves Tornado: no more IOStream callbacks on it.
         stream.io_loop.remove_handler(sock)
         protocol = WebSocketConnection(self.gateway, self.registry, principal,
