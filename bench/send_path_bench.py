@@ -26,12 +26,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.common import CUSTOMER, wsgate_config
+from wsgate.adapters.wsconn import ConnectionRegistry, WebSocketConnection
 from wsgate.app import build_gateway
 from wsgate.config import load_config
 from wsgate.events import Event
 from wsgate.plugins import Principal
 from wsgate.topics import parse_topic
-from wsgate.websocket import ConnectionRegistry, WebSocketConnection
 
 N = 1000
 FRAME = b"\x81\x7e\x00\xd3" + b"x" * 211
@@ -63,7 +63,7 @@ async def main(kind: str, events: int) -> None:
         ws = WebSocketConnection(gateway, registry, principal, "127.0.0.1", None, None, b"")
         await loop.connect_accepted_socket(lambda ws=ws: ws, ours)  # type: ignore[misc]
         assert ws.conn is not None
-        gateway._add(ws.conn, topic)
+        gateway.subscriptions.add(ws.conn, topic)
         peers.append(peer)
 
     def drain() -> None:

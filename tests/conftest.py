@@ -19,8 +19,10 @@ import tornado.httpserver
 import tornado.testing
 import tornado.websocket
 
-from wsgate.app import build_gateway, make_app
-from wsgate.app import make_server as make_http_server
+from wsgate.adapters.server import make_app
+from wsgate.adapters.server import make_server as make_http_server
+from wsgate.app import build_gateway
+from wsgate.broker import Broker
 from wsgate.config import Config, config_from_dict
 
 CUSTOMER = "5013bc52-da9a-11ee-844f-2fa34248de28"
@@ -119,9 +121,9 @@ class Client:
 class Server:
     """A gateway served on an unused port for one test."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, broker: Broker | None = None) -> None:
         self.config = config
-        self.gateway = build_gateway(config)
+        self.gateway = build_gateway(config, broker=broker)
         self.clients: list[Client] = []
         self.http = tornado.httpclient.AsyncHTTPClient()
 
@@ -129,7 +131,7 @@ class Server:
         await self.gateway.start()
         sock, self.port = tornado.testing.bind_unused_port()
         self.server: tornado.httpserver.HTTPServer = make_http_server(
-            make_app(self.gateway), self.config)
+            make_app(self.gateway, self.gateway.metrics), self.config)
         self.server.add_sockets([sock])
         self.base = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/v1.0/ws"
@@ -189,11 +191,15 @@ class Server:
 
 @pytest.fixture
 def make_server(io_loop: Any, tmp_path: Any) -> Any:
-    """An async factory: ``server = await make_server(**config_tables)``."""
+    """An async factory: ``server = await make_server(**config_tables)``; ``broker``
+    makes the broker from the config instead of the configured one."""
     servers: list[Server] = []
 
-    async def factory(config: Config | None = None, **tables: dict[str, Any]) -> Server:
-        server = Server(config or base_config(tmp_path, **tables))
+    async def factory(config: Config | None = None,
+                      broker: Callable[[Config], Broker] | None = None,
+                      **tables: dict[str, Any]) -> Server:
+        config = config or base_config(tmp_path, **tables)
+        server = Server(config, broker(config) if broker is not None else None)
         servers.append(server)
         return await server.start()
 

@@ -15,9 +15,9 @@ import tornado.web
 
 from tests import audit_helpers
 from tests.audit_helpers import ALICE, Backend, awrite_log, conn_info, minutes, rec, topic
+from wsgate.adapters.audit_api import audit_routes, routes
 from wsgate.audit.query import AuditReader
 from wsgate.audit.records import ConnectionInfo
-from wsgate.handlers.audit_api import audit_routes, routes
 
 backend = audit_helpers.backend  # the fixture: SQLite, and PostgreSQL when configured
 

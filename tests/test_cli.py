@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tests.conftest import CUSTOMER, event
-from wsgate.listen import listen
+from wsgate.adapters.listen import listen
 
 
 def run(*args, env=None):

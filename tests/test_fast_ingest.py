@@ -1,4 +1,4 @@
-"""The keep-alive fast path for ``POST /v1.0/events`` (wsgate/fasthttp.py).
+"""The keep-alive fast path for ``POST /v1.0/events`` (wsgate/adapters/fast_ingest.py).
 
 Plain ingest requests on a kept-alive connection are answered without
 Tornado; the first request of any other shape hands the connection to

@@ -17,7 +17,8 @@ from tests.conftest import (
     event,
     wait_for,
 )
-from wsgate.app import build_gateway, serve_metrics
+from wsgate.adapters.server import serve_metrics
+from wsgate.app import build_gateway
 from wsgate.audit.writer import AuditWriter
 from wsgate.config import ConfigError, config_from_dict
 
@@ -146,7 +147,7 @@ async def test_metrics_are_off_on_the_main_port_by_default(make_server):
 async def test_separate_metrics_listener_serves_without_a_key(make_server):
     server = await make_server()
     sock, port = tornado.testing.bind_unused_port()
-    listener = serve_metrics(server.gateway, [sock])
+    listener = serve_metrics(server.gateway, server.gateway.metrics, [sock])
     assert listener is not None
     try:
         await server.connect()
@@ -162,7 +163,7 @@ async def test_separate_metrics_listener_serves_without_a_key(make_server):
 
 def test_no_separate_listener_unless_configured(tmp_path):
     gateway = build_gateway(base_config(tmp_path))
-    assert serve_metrics(gateway) is None
+    assert serve_metrics(gateway, gateway.metrics) is None
 
 
 @pytest.mark.parametrize("table, message", [

@@ -107,11 +107,8 @@ class SlowHistoryBroker(MemoryBroker):
 
 @pytest.mark.gen_test(timeout=30)
 async def test_event_published_during_replay_arrives_once_after_it(make_server):
-    server = await make_server()
     gate = asyncio.Event()
-    broker = SlowHistoryBroker(server.config.history, gate)
-    await broker.start(server.gateway.deliver)
-    server.gateway.broker = broker
+    server = await make_server(broker=lambda config: SlowHistoryBroker(config.history, gate))
     client = await server.connect()
     await client.subscribe(ALL)
     last = await seen_event(server, client)

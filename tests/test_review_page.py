@@ -215,7 +215,7 @@ async def test_export_needs_the_key_and_checks_filters(make_server):
 @pytest.mark.gen_test(timeout=30)
 async def test_export_streams_every_page(make_server, monkeypatch):
     # Pages of 2 rows make the export read several pages and join them.
-    monkeypatch.setattr("wsgate.handlers.review.MAX_PAGE", 2)
+    monkeypatch.setattr("wsgate.adapters.review.MAX_PAGE", 2)
     server = await make_server(audit={"api_keys": [REVIEW_KEY]})
     client = await server.connect("admin-token")
     await client.subscribe(*CALLS[:5])

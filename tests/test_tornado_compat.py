@@ -1,8 +1,9 @@
-"""wsgate.tornado_compat: each assumption about Tornado, checked against the installed Tornado.
+"""wsgate.adapters.tornado_compat: each assumption about Tornado, checked against
+the installed Tornado.
 
 A Tornado release that changes one of them fails a test here instead of
 production. The numbers in the docstrings are those of the assumptions listed
-in wsgate/tornado_compat.py.
+in wsgate/adapters/tornado_compat.py.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ import tornado.testing
 import tornado.util
 import tornado.web
 
-from wsgate import tornado_compat
-from wsgate.handlers.base import JSONHandler
-from wsgate.tornado_compat import (
+from wsgate.adapters import tornado_compat
+from wsgate.adapters.base import JSONHandler
+from wsgate.adapters.tornado_compat import (
     prepend_read,
     request_finished,
     response_reason,
@@ -404,7 +405,7 @@ def fence_breaches(path: pathlib.Path, tornado_private: set[str]) -> list[str]:
 
 
 def test_only_the_compat_module_touches_tornado_private_names():
-    """Every Python file under wsgate/ and plugins/ except wsgate/tornado_compat.py,
+    """Every Python file under wsgate/ and plugins/ except wsgate/adapters/tornado_compat.py,
     parsed with ``ast``, is checked for five things; each is a Tornado private
     name (one starting with ``_``, not a ``__dunder__``) used outside the fence:
 
@@ -432,8 +433,9 @@ def test_only_the_compat_module_touches_tornado_private_names():
     tornado_private = tornado_private_names()
     assert {"_read_buffer", "_reason", "_finished", "_websocket_mask"} <= tornado_private
     sources = sorted([*ROOT.glob("wsgate/**/*.py"), *ROOT.glob("plugins/**/*.py")])
-    assert ROOT / "wsgate" / "handlers" / "websocket.py" in sources
-    found = [breach for path in sources if path != ROOT / "wsgate" / "tornado_compat.py"
+    assert ROOT / "wsgate" / "adapters" / "websocket.py" in sources
+    fence = ROOT / "wsgate" / "adapters" / "tornado_compat.py"
+    found = [breach for path in sources if path != fence
              for breach in fence_breaches(path, tornado_private)]
-    assert not found, "Tornado private names outside wsgate/tornado_compat.py:\n" + \
+    assert not found, "Tornado private names outside wsgate/adapters/tornado_compat.py:\n" + \
         "\n".join(found)

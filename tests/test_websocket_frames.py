@@ -1,4 +1,4 @@
-"""wsgate.websocket: RFC 6455 framing, close handshake and the shared pinger,
+"""wsgate.adapters.wsconn: RFC 6455 framing, close handshake and the shared pinger,
 over real sockets with a client that writes every byte itself."""
 
 from __future__ import annotations
@@ -372,7 +372,7 @@ async def test_messages_are_handled_one_at_a_time_in_order(make_server):
 async def test_a_peer_that_stops_reading_gets_every_frame_in_order_once_it_reads(make_server):
     from tests.conftest import event
     from tests.test_hardening import RawWebSocket
-    from wsgate.websocket import WebSocketConnection
+    from wsgate.adapters.wsconn import WebSocketConnection
 
     every = f"customer_id:{CUSTOMER}"
     server = await make_server(server={"max_output_buffer": 64 * 1024 * 1024})
@@ -419,7 +419,7 @@ async def test_a_peer_that_stops_reading_gets_every_frame_in_order_once_it_reads
 
 
 def test_close_frame_reason_fits_a_control_frame():
-    from wsgate.websocket import close_frame
+    from wsgate.adapters.wsconn import close_frame
 
     wire = close_frame(4008, "é" * 100)
     assert wire[0] == 0x88 and wire[1] <= 125 and len(wire) == 2 + wire[1]

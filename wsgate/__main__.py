@@ -244,7 +244,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
-    from wsgate.listen import listen
+    from wsgate.adapters.listen import listen
 
     try:
         return asyncio.run(listen(args.url, args.token, args.topics, since=args.since))

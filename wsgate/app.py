@@ -1,31 +1,23 @@
-"""The one place where objects are made: ``build_gateway`` and ``make_app``."""
+"""The composition root: the one place where objects are made (``build_gateway``,
+and through :mod:`wsgate.adapters.server` the Tornado application) and a node is run.
+
+``ListenError`` and ``listen`` are re-exported for ``wsgate serve``."""
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import gc
 import logging
 import os
 import signal
 import socket
-from typing import Any
 
-import tornado.httpserver
-import tornado.iostream
-import tornado.netutil
-import tornado.web
-
+from wsgate.adapters.server import ListenError, listen, make_app, make_server, serve_metrics
 from wsgate.audit.records import AuditSink
-from wsgate.broker import make_broker
+from wsgate.broker import Broker, make_broker
 from wsgate.config import Config
-from wsgate.fasthttp import MAX_HEAD, FastIngestConnection
 from wsgate.gateway import Gateway
-from wsgate.handlers.base import JSONHandler, NotFoundHandler
-from wsgate.handlers.ingest import IngestHandler, IngestService
-from wsgate.handlers.metrics import MetricsHandler, metrics_route
-from wsgate.handlers.websocket import WebSocketHandler
-from wsgate.logs import log_access
+from wsgate.metrics import GatewayMetrics
 from wsgate.plugins import (
     AUTHENTICATOR_GROUP,
     AUTHORIZER_GROUP,
@@ -33,10 +25,11 @@ from wsgate.plugins import (
     Authorizer,
     build_plugin,
 )
-from wsgate.tornado_compat import prepend_read
-from wsgate.websocket import ConnectionRegistry
 
 log = logging.getLogger("wsgate")
+
+__all__ = ["ListenError", "build_audit", "build_gateway", "build_plugins", "listen",
+           "node_id_for", "serve"]
 
 
 def node_id_for(config: Config) -> str:
@@ -62,195 +55,26 @@ def build_audit(config: Config, node_id: str) -> AuditSink:
     return AuditWriter(config.audit, node_id, retry_interval=config.audit.retry_interval)
 
 
-def build_gateway(config: Config, audit: AuditSink | None = None) -> Gateway:
-    """Everything a node needs, made from the config (not started)."""
+def build_gateway(config: Config, audit: AuditSink | None = None,
+                  metrics: GatewayMetrics | None = None, broker: Broker | None = None
+                  ) -> Gateway:
+    """Everything a node needs, made from the config (not started).
+
+    The gateway reports to ``metrics`` (a fresh GatewayMetrics by default),
+    which reads the gateway back at scrape time; it is ``gateway.metrics``.
+    ``audit`` and ``broker`` replace the configured ones (tests, tools).
+    """
     authenticator, authorizer = build_plugins(config)
     node_id = node_id_for(config)
     if audit is None:
         audit = build_audit(config, node_id)
-    return Gateway(config, authenticator, authorizer, audit,
-                   make_broker(config.broker.url, config.history))
-
-
-class HealthHandler(JSONHandler):
-    """``/healthz``: the process answers."""
-
-    def get(self) -> None:
-        self.write_json(200, {"status": "ok"})
-
-
-class ReadyHandler(JSONHandler):
-    """``/readyz``: audit store and broker reachable, not draining."""
-
-    def initialize(self, gateway: Gateway) -> None:
-        self.gateway = gateway
-
-    def get(self) -> None:
-        checks = {
-            "audit": self.gateway.audit.healthy(),
-            "broker": self.gateway.broker.healthy(),
-            "accepting": not self.gateway.draining,
-        }
-        self.write_json(200 if all(checks.values()) else 503,
-                        {"ready": all(checks.values()), "checks": checks})
-
-
-def log_request(handler: tornado.web.RequestHandler) -> None:
-    """Tornado's access log hook: one line per request (see :func:`log_access`)."""
-    status = handler.get_status()
-    req = handler.request
-    own = getattr(handler, "log_fields", None)
-    log_access(status, req.method or "", req.uri or "", req.remote_ip or "",
-               req.request_time(), own() if callable(own) else None,
-               quiet=isinstance(handler, MetricsHandler))
-
-
-def make_app(gateway: Gateway) -> tornado.web.Application:
-    """The Tornado application serving gateway."""
-    s = gateway.config.server
-    registry = ConnectionRegistry(s.ping_interval, s.ping_timeout)
-    ingest = IngestService(gateway, gateway.config.ingest)
-    routes: list[Any] = [
-        (r"/v1\.0/ws", WebSocketHandler, {"gateway": gateway, "registry": registry}),
-        (r"/v1\.0/events", IngestHandler, {"service": ingest}),
-        (r"/healthz", HealthHandler),
-        (r"/readyz", ReadyHandler, {"gateway": gateway}),
-        metrics_route(gateway.metrics, gateway.config.metrics.keys),
-    ]
-    routes.extend(_audit_routes(gateway))
-    return tornado.web.Application(
-        routes,
-        default_handler_class=NotFoundHandler,
-        log_function=log_request,
-        compress_response=False,
-        # Read by make_server only: the upgraded connections it must close too.
-        websocket_registry=registry,
-        # Read by make_server only: its keep-alive fast path answers ingest requests.
-        ingest_service=ingest,
-    )
-
-
-def _audit_routes(gateway: Gateway) -> list[Any]:
-    """The audit API and the review page, sharing one reader (none without api_keys).
-
-    Raises:
-        AuditStoreError: the configured verify key cannot be read.
-    """
-    from wsgate.audit.query import AuditReader
-    from wsgate.handlers.audit_api import audit_routes
-    from wsgate.handlers.review import review_routes
-
-    audit = gateway.config.audit
-    reader = AuditReader.from_config(audit) if audit.api_keys else None
-    return [*audit_routes(reader, audit.api_keys), *review_routes(reader, audit.api_keys)]
-
-
-def make_metrics_app(gateway: Gateway) -> tornado.web.Application:
-    """The private metrics listener's application: ``/metrics`` (no key) and nothing else."""
-    return tornado.web.Application([metrics_route(gateway.metrics, None)],
-                                   default_handler_class=NotFoundHandler,
-                                   log_function=log_request)
-
-
-def serve_metrics(gateway: Gateway, sockets: list[socket.socket] | None = None
-                  ) -> tornado.httpserver.HTTPServer | None:
-    """Start the ``[metrics] port`` listener, or return None when none is configured.
-
-    ``sockets`` (tests) replaces binding ``[metrics] host`` and ``port``.
-    """
-    m = gateway.config.metrics
-    if sockets is None:
-        if not m.port:
-            return None
-        sockets = listen(m.host, m.port)
-    server = tornado.httpserver.HTTPServer(make_metrics_app(gateway), idle_connection_timeout=60)
-    server.add_sockets(sockets)
-    where = ", ".join("{}:{}".format(*s.getsockname()[:2]) for s in sockets)
-    log.info("metrics served on %s/metrics", where)
-    return server
-
-
-class GatewayHTTPServer(tornado.httpserver.HTTPServer):
-    """Tornado's HTTP server, with the ingest fast path in front of it.
-
-    Every accepted connection starts in a :class:`wsgate.fasthttp.FastIngestConnection`,
-    which answers plain keep-alive ingest requests itself and hands the
-    connection to Tornado at the first request that is anything else.
-    ``close_all_connections`` also closes those and the WebSocket connections
-    that left Tornado at the upgrade.
-    """
-
-    websockets: ConnectionRegistry | None = None
-    ingest: IngestService | None = None
-
-    def initialize(self, *args: Any, **kwargs: Any) -> None:
-        super().initialize(*args, **kwargs)
-        #: The connections the fast path serves now.
-        self.fast: set[FastIngestConnection] = set()
-
-    def handle_stream(self, stream: tornado.iostream.IOStream, address: Any) -> None:
-        if self.ingest is None or stream.socket is None:
-            super().handle_stream(stream, address)
-            return
-
-        def to_tornado(data: bytes) -> None:
-            # The stream has read nothing yet: Tornado's parser reads ours first.
-            prepend_read(stream, data)
-            super(GatewayHTTPServer, self).handle_stream(stream, address)
-
-        remote = address[0] if isinstance(address, tuple) else ""
-        # The same limits as Tornado's own (idle_connection_timeout is its header
-        # timeout); make_server always sets both from [server].
-        params = self.conn_params
-        assert params.header_timeout is not None and params.body_timeout is not None
-        conn = FastIngestConnection(stream.socket, remote, self.ingest, params.header_timeout,
-                                    params.body_timeout, to_tornado, self.fast.discard)
-        self.fast.add(conn)
-        conn.start()
-
-    async def close_all_connections(self) -> None:
-        for conn in list(self.fast):
-            conn.drain()
-        while self.fast:  # each in the middle of an answer closes once it is written
-            await asyncio.sleep(0.01)
-        await super().close_all_connections()
-        if self.websockets is not None:
-            await self.websockets.close_all()
-
-
-def make_server(app: tornado.web.Application, config: Config) -> tornado.httpserver.HTTPServer:
-    s = config.server
-    server = GatewayHTTPServer(
-        app,
-        xheaders=False,
-        idle_connection_timeout=s.idle_connection_timeout,
-        body_timeout=s.body_timeout,
-        max_body_size=config.ingest.max_body_bytes + 1,
-        max_header_size=MAX_HEAD,
-    )
-    server.websockets = app.settings.get("websocket_registry")
-    server.ingest = app.settings.get("ingest_service")
-    return server
-
-
-class ListenError(Exception):
-    """A listening socket cannot be bound; the message names the address and why."""
-
-
-def listen(host: str | None, port: int, *, reuse_port: bool = False) -> list[socket.socket]:
-    """Bind ``host:port`` (every address of host) for serving.
-
-    Raises:
-        ListenError: naming ``host:port`` and the reason (port in use: another
-            process already listens there, maybe a wsgate serving this config).
-    """
-    try:
-        return tornado.netutil.bind_sockets(port, host or None, reuse_port=reuse_port)
-    except OSError as exc:
-        why = exc.strerror or str(exc)
-        if exc.errno == errno.EADDRINUSE:
-            why += " (another process listens there: is this config served already?)"
-        raise ListenError(f"cannot listen on {host or '*'}:{port}: {why}") from None
+    if metrics is None:
+        metrics = GatewayMetrics()
+    if broker is None:
+        broker = make_broker(config.broker.url, config.history)
+    gateway = Gateway(config, authenticator, authorizer, audit, broker, metrics)
+    metrics.watch(gateway)
+    return gateway
 
 
 async def serve(config: Config, sockets: list[socket.socket] | None = None) -> None:
@@ -288,12 +112,13 @@ async def serve(config: Config, sockets: list[socket.socket] | None = None) -> N
 
 async def _serve_locked(config: Config, sockets: list[socket.socket],
                         metrics_sockets: list[socket.socket] | None) -> None:
-    gateway = build_gateway(config)
+    metrics = GatewayMetrics()
+    gateway = build_gateway(config, metrics=metrics)
     await gateway.start()
-    app = make_app(gateway)
+    app = make_app(gateway, metrics)
     server = make_server(app, config)
     server.add_sockets(sockets)
-    metrics_server = serve_metrics(gateway, metrics_sockets)
+    metrics_server = serve_metrics(gateway, metrics, metrics_sockets)
     # Everything made so far (modules, plugins, SQLAlchemy, Tornado) lives as
     # long as the process: left out of the cyclic collector, a full collection
     # walks only the objects made while serving. Without this, each full

@@ -20,6 +20,13 @@ AUDIT_UNAVAILABLE = "audit_unavailable"
 BAD_REQUEST = "bad_request"
 UNAUTHENTICATED = "unauthenticated"
 
+# Codes of HTTP error bodies (the WebSocket upgrade, ingest, the audit API).
+UNAVAILABLE = "unavailable"
+SHUTTING_DOWN = "shutting_down"
+TOO_MANY_CONNECTIONS = "too_many_connections"
+ORIGIN_NOT_ALLOWED = "origin_not_allowed"
+NOT_FOUND = "not_found"
+
 # WebSocket close codes (SPEC §2).
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
@@ -30,6 +37,9 @@ CLOSE_TOO_BIG = 1009
 CLOSE_EXPIRED = 4001
 CLOSE_REVOKED = 4003
 CLOSE_SLOW_CONSUMER = 4008
+#: Not sent by anyone: the code recorded for a connection that ended without a
+#: close frame (RFC 6455 reserves 1006 for this).
+CLOSE_NO_CODE = 1006
 
 # Why an accepted subscription ended: the code of an accepted unsubscribe row (SPEC §5).
 END_CLIENT = "client"
@@ -68,3 +78,25 @@ class HTTPFailure(Exception):
         if self.details is not None:
             err["details"] = self.details
         return {"error": err}
+
+
+class ConnectionRefused(Exception):
+    """The core refuses to open a connection; an adapter answers ``status`` with
+    the JSON error body of ``code`` and the message."""
+
+    status = 503
+    code = UNAVAILABLE
+
+
+class Draining(ConnectionRefused):
+    """The node is shutting down: reconnect to another."""
+
+    status = 503
+    code = SHUTTING_DOWN
+
+
+class TooManyConnections(ConnectionRefused):
+    """The principal or the address holds its limit of connections."""
+
+    status = 429
+    code = TOO_MANY_CONNECTIONS

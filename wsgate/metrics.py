@@ -30,22 +30,22 @@ from prometheus_client.exposition import choose_encoder
 if TYPE_CHECKING:
     from wsgate.audit.witness import WitnessPublisher
     from wsgate.events import Event
-    from wsgate.gateway import Gateway
+    from wsgate.gateway.observer import NodeState
 
 log = logging.getLogger("wsgate.metrics")
 
 #: Latency buckets in seconds: sub-millisecond local work up to multi-second stalls.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                    1.0, 2.5, 5.0, 10.0)
-#: Close code recorded when a peer went away without sending one (RFC 6455 1006).
-CLOSE_NO_CODE = 1006
 
 
 class GatewayMetrics:
     """The instruments of one gateway and the registry that serves them.
 
-    Made by :class:`wsgate.gateway.Gateway` (one per gateway); the gateway calls
-    :meth:`watch` on itself so the scrape-time numbers are read from it.
+    Made by the composition root (``wsgate.app.build_gateway``), one per gateway:
+    the gateway reports to it as its :class:`~wsgate.gateway.observer.Observer`,
+    and :meth:`watch` makes a scrape read the gateway's
+    :class:`~wsgate.gateway.observer.NodeState`.
     """
 
     def __init__(self) -> None:
@@ -78,9 +78,9 @@ class GatewayMetrics:
         #: ``ingest_requests`` children by status (``labels()`` takes a lock per call).
         self._ingest_by_status: dict[int, Any] = {}
 
-    def watch(self, gateway: Gateway) -> None:
-        """Serve gateway's state (connections, stats, health) at scrape time."""
-        self.registry.register(GatewayCollector(gateway))
+    def watch(self, node: NodeState) -> None:
+        """Serve the node's state (connections, counters, health) at scrape time."""
+        self.registry.register(GatewayCollector(node))
 
     # -- calls from the gateway and the handlers --------------------------------
 
@@ -92,6 +92,10 @@ class GatewayMetrics:
     def closed(self, code: int) -> None:
         """Count one closed connection under its close code."""
         self.disconnects.labels(str(code)).inc()
+
+    def audit_waited(self, seconds: float) -> None:
+        """Observe how long one subscribe waited for its audit rows."""
+        self.audit_write_seconds.observe(seconds)
 
     def ingested(self, status: int, accepted: int, seconds: float) -> None:
         """Record one answered ingest request."""
@@ -139,8 +143,8 @@ class GatewayCollector:
     answer) leaves only its own metric out of the scrape.
     """
 
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
+    def __init__(self, node: NodeState) -> None:
+        self.node = node
 
     def describe(self) -> Iterable[Metric]:
         # Naming no metrics up front keeps registration from calling collect()
@@ -148,11 +152,11 @@ class GatewayCollector:
         return ()
 
     def collect(self) -> Iterator[Metric]:
-        gw = self.gateway
-        yield _gauge("wsgate_connections", "Open WebSocket connections.",
-                     lambda: len(gw.connections))
+        gw = self.node
+        yield _gauge("wsgate_connections", "Open WebSocket connections.", gw.open_connections)
         yield _gauge("wsgate_subscriptions", "Subscriptions held by open connections.",
-                     lambda: len(gw.index))
+                     gw.subscription_count)
+        counters = gw.counters()
         for key, name, doc in (
                 ("events_received", "wsgate_events_received",
                  "Events this node received from the broker for delivery."),
@@ -162,30 +166,28 @@ class GatewayCollector:
                  "Connections closed with 4008 because their unsent output passed the limit."),
         ):
             counter = CounterMetricFamily(name, doc)
-            counter.add_metric([], gw.stats.get(key, 0))
+            counter.add_metric([], counters.get(key, 0))
             yield counter
         yield _gauge("wsgate_audit_up", "1 when the last audit write reached the store.",
                      lambda: int(bool(gw.audit.healthy())))
-        depth = getattr(gw.audit, "queue_depth", None)
-        if callable(depth):
-            yield _gauge("wsgate_audit_queue_rows",
-                         "Audit rows waiting for the writer (group commit queue).", depth)
-        witness = getattr(gw.audit, "witness", None)
-        if witness is not None:
-            yield from _witness_metrics(witness)
+        yield _gauge("wsgate_audit_queue_rows",
+                     "Audit rows waiting for the writer (group commit queue).",
+                     gw.audit.queue_depth)
+        if gw.audit.witness is not None:
+            yield from _witness_metrics(gw.audit.witness)
         yield _gauge("wsgate_broker_up", "1 when the broker can publish and receive.",
                      lambda: int(bool(gw.broker.healthy())))
-        for attr, name, doc in (
+        # Only brokers that can fail (Redis) keep these counts.
+        failures = gw.broker.failure_counts()
+        for key, name, doc in (
                 ("publish_failures", "wsgate_broker_publish_failures",
                  "Events the broker could not publish (ingest answered 503)."),
                 ("connect_failures", "wsgate_broker_connect_failures",
                  "Broker connections lost or not made."),
         ):
-            # Only brokers that can fail (Redis) keep these counts.
-            value = getattr(gw.broker, attr, None)
-            if isinstance(value, int):
+            if key in failures:
                 counter = CounterMetricFamily(name, doc)
-                counter.add_metric([], value)
+                counter.add_metric([], failures[key])
                 yield counter
         yield _gauge("wsgate_history_events", "Events held in resume history on this node.",
                      gw.broker.history_size)

@@ -10,9 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from wsgate.plugins import Principal
+
+if TYPE_CHECKING:
+    from wsgate.audit.witness import WitnessPublisher
 
 SUBSCRIBE = "subscribe"
 UNSUBSCRIBE = "unsubscribe"
@@ -101,8 +104,14 @@ class AuditSink(Protocol):
     async def write_events(self, events: Sequence[EventRecord]) -> None:
         """Record ingested events. Same failure rule as write_ends."""
 
+    #: Where each signed checkpoint is copied outside the store, or None (for /metrics).
+    witness: WitnessPublisher | None
+
     def healthy(self) -> bool:
         """True when the last write reached the store."""
+
+    def queue_depth(self) -> int:
+        """Rows waiting to be written (for /metrics)."""
 
     async def close(self) -> None:
         """Flush everything queued (database or journal), then release the store."""

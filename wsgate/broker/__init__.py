@@ -4,7 +4,7 @@ to the gateway's local delivery."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
 from wsgate.config import HistoryConfig
@@ -51,6 +51,10 @@ class Broker(Protocol):
 
     def history_size(self) -> int:
         """Events this node holds in history (for /metrics)."""
+
+    def failure_counts(self) -> Mapping[str, int]:
+        """Failure totals for /metrics: ``publish_failures`` and ``connect_failures``
+        for a broker that can fail (Redis); empty for one that cannot."""
 
     def healthy(self) -> bool:
         """True when events can be published and received."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from wsgate.broker import Deliver
 from wsgate.config import HistoryConfig
@@ -82,6 +82,9 @@ class MemoryBroker:
     async def ready(self, scope_keys: Iterable[str], timeout: float = 1.0) -> bool:
         """Always: every event is local."""
         return True
+
+    def failure_counts(self) -> Mapping[str, int]:
+        return {}  # nothing between publish and delivery can fail
 
     def healthy(self) -> bool:
         return self._deliver is not None

@@ -48,7 +48,7 @@ import ssl
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -275,6 +275,10 @@ class RedisBroker:
             await self._client.aclose()
             self._client = None
         self._sub_up = False
+
+    def failure_counts(self) -> Mapping[str, int]:
+        return {"publish_failures": self.publish_failures,
+                "connect_failures": self.connect_failures}
 
     def healthy(self) -> bool:
         """True while the subscriber connection is up and the last publish (or

@@ -7,8 +7,8 @@ from typing import Any
 
 import tornado.web
 
+from wsgate.adapters.tornado_compat import response_reason
 from wsgate.errors import HTTPFailure
-from wsgate.tornado_compat import response_reason
 
 #: The code and message of a bare HTTP error answer, by status.
 GENERIC_ERRORS = {

@@ -12,8 +12,8 @@ import hmac
 from collections.abc import Sequence
 from typing import Any
 
+from wsgate.adapters.base import JSONHandler
 from wsgate.errors import UNAUTHENTICATED, HTTPFailure
-from wsgate.handlers.base import JSONHandler
 from wsgate.metrics import GatewayMetrics
 
 

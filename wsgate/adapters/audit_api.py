@@ -24,11 +24,11 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from wsgate.adapters.base import JSONHandler
 from wsgate.audit.query import DEFAULT_PAGE, MAX_PAGE, AuditFilter, AuditReader, FilterError
 from wsgate.audit.witness import WitnessError
 from wsgate.config import AuditConfig
 from wsgate.errors import UNAUTHENTICATED, HTTPFailure
-from wsgate.handlers.base import JSONHandler
 
 FILTERS = ("customer", "agent", "subject", "topic_prefix", "connection", "outcome",
            "since", "until")

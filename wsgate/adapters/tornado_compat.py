@@ -2,9 +2,9 @@
 
 wsgate hands connections to Tornado after reading from them (the ingest fast
 path, wsgate/app.py) and takes them away from it (the WebSocket upgrade,
-wsgate/handlers/websocket.py), unmasks frames with Tornado's C helper
-(wsgate/websocket.py), and reads two facts a ``RequestHandler`` keeps to
-itself (wsgate/handlers/base.py and ingest.py). Tornado has no public API for
+wsgate/adapters/websocket.py), unmasks frames with Tornado's C helper
+(wsgate/adapters/wsconn.py), and reads two facts a ``RequestHandler`` keeps to
+itself (wsgate/adapters/base.py and ingest.py). Tornado has no public API for
 any of these, so each is one small function here, and nothing else in
 ``wsgate/`` or ``plugins/`` may use a Tornado name that starts with ``_``
 (tests/test_tornado_compat.py checks that, and pins every assumption below

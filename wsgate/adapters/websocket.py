@@ -12,11 +12,11 @@ from typing import Any
 import tornado.iostream
 import tornado.web
 
-from wsgate.errors import HTTPFailure
-from wsgate.gateway import ConnectionRefused, Gateway
+from wsgate.adapters.tornado_compat import take_read_buffer
+from wsgate.adapters.wsconn import ConnectionRegistry, WebSocketConnection
+from wsgate.errors import ConnectionRefused, HTTPFailure
+from wsgate.gateway import Gateway
 from wsgate.plugins import Principal, Refused, Unavailable
-from wsgate.tornado_compat import take_read_buffer
-from wsgate.websocket import ConnectionRegistry, WebSocketConnection
 
 log = logging.getLogger("wsgate.ws")
 
@@ -47,7 +47,7 @@ def credential_from(handler: tornado.web.RequestHandler) -> str | None:
 
 class WebSocketHandler(tornado.web.RequestHandler):
     """Checks origin, credential and limits, answers the RFC 6455 handshake, then
-    hands the socket to a :class:`wsgate.websocket.WebSocketConnection`.
+    hands the socket to a :class:`wsgate.adapters.wsconn.WebSocketConnection`.
 
     Tornado serves the HTTP part only: once the 101 is written (and logged) the
     connection is detached from Tornado's HTTP server and its IOStream, and
@@ -97,7 +97,7 @@ class WebSocketHandler(tornado.web.RequestHandler):
         try:
             self.gateway.admit(principal, self.request.remote_ip or "")
         except ConnectionRefused as exc:
-            self._refuse(exc.failure)
+            self._refuse(HTTPFailure(exc.status, exc.code, str(exc)))
             return
         accept = self._handshake()
         if accept is None:

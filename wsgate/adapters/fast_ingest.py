@@ -10,7 +10,7 @@ the main server accepts starts here, on the raw socket:
   HTTP/1.1``, a ``Content-Length`` body within ``[ingest] max_body_bytes``,
   every header once, plain ASCII, no ``Transfer-Encoding``, ``Expect`` or
   ``Upgrade``) is answered here, through the same
-  :class:`wsgate.handlers.ingest.IngestService` as Tornado's handler, with the
+  :class:`wsgate.adapters.ingest.IngestService` as Tornado's handler, with the
   same status, body, metrics and access log line;
 - at the first request that is anything else (another path, a WebSocket
   upgrade, a chunked body, HTTP/1.0, a header this parser does not take), the
@@ -37,9 +37,9 @@ from typing import Any
 
 import tornado
 
+from wsgate.adapters.base import GENERIC_ERRORS
 from wsgate.errors import HTTPFailure
-from wsgate.handlers.base import GENERIC_ERRORS
-from wsgate.handlers.ingest import IngestService
+from wsgate.ingest import IngestService
 from wsgate.logs import log_access
 
 log = logging.getLogger("wsgate")

@@ -1,4 +1,4 @@
-"""``POST /v1.0/events``: backends publish events (SPEC §3).
+"""What an ingest request means (SPEC §3), for both HTTP adapters.
 
 Authentication is either ``Authorization: Bearer <ingest key>`` or an HMAC
 signature::
@@ -10,9 +10,9 @@ A signed request must be within ``[ingest] signature_window`` seconds of the
 server clock and is accepted once (a replay gets 409). An ``Idempotency-Key``
 header makes a retried POST publish once: the retry gets the first answer.
 
-What an ingest request means lives in :class:`IngestService`, which knows no
-HTTP server: Tornado's :class:`IngestHandler` and the keep-alive fast path in
-:mod:`wsgate.fasthttp` both call it, so both give the same answers.
+:class:`IngestService` knows no HTTP server: Tornado's
+:class:`wsgate.adapters.ingest.IngestHandler` and the keep-alive fast path in
+:mod:`wsgate.adapters.fast_ingest` both call it, so both give the same answers.
 """
 
 from __future__ import annotations
@@ -25,19 +25,13 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
-import tornado.web
-
 from wsgate.broker import BrokerUnavailable
 from wsgate.config import IngestConfig
 from wsgate.errors import HTTPFailure
 from wsgate.events import InvalidEvents, decode_json, parse_body, validate_events
 from wsgate.gateway import Gateway
-from wsgate.handlers.base import JSONHandler
-from wsgate.tornado_compat import request_finished
 
 MAX_IDEMPOTENCY_KEY = 200
-#: Tornado's body limit for a chunked request, which data_received enforces itself.
-_UNLIMITED = 1 << 62
 
 
 def key_id(secret: str, kind: str) -> str:
@@ -235,69 +229,3 @@ class IngestService:
             raise HTTPFailure(503, "broker_unavailable",
                               f"events cannot be published now ({exc}); retry") from None
         return {"accepted": len(events), "event_ids": [e.event_id for e in events]}
-
-
-@tornado.web.stream_request_body
-class IngestHandler(JSONHandler):
-    """Tornado's side of the ingest endpoint: reads the body (chunked, or after
-    ``Expect: 100-continue``, or whatever the fast path leaves to Tornado)
-    and answers what :class:`IngestService` says."""
-
-    def initialize(self, service: IngestService) -> None:
-        self.service = service
-        self.limit = service.limit
-        self.chunks: list[bytes] = []
-        self.size = 0
-        self.key_id: str | None = None
-        self.too_big = False
-        #: Events published by this request (0 for a failure or an idempotent retry).
-        self.accepted = 0
-
-    def prepare(self) -> None:
-        failure, self.key_id = self.service.precheck(self.request.headers)
-        if failure is not None:
-            self.fail(failure)
-            return
-        connection: Any = self.request.connection
-        if connection is not None:
-            # Leave room so our own 413 answers, not Tornado's generic 400. A chunked
-            # body announces no length: Tornado would cut it with a bare 400 at the
-            # first chunk header past its limit, so data_received counts it instead.
-            chunked = "Content-Length" not in self.request.headers
-            connection.set_max_body_size(_UNLIMITED if chunked else self.limit + 1)
-
-    def on_finish(self) -> None:
-        self.service.gateway.metrics.ingested(self.get_status(), self.accepted,
-                                              self.request.request_time())
-
-    def log_fields(self) -> dict[str, Any]:
-        """Fields for this request's access log line (never the key itself)."""
-        return {"events_accepted": self.accepted, "key_id": self.key_id}
-
-    def data_received(self, chunk: bytes) -> None:
-        if request_finished(self) or self.too_big:
-            return
-        self.size += len(chunk)
-        if self.size > self.limit:
-            self.too_big = True
-            self.chunks.clear()
-            # Answering now makes Tornado stop reading the body and close the
-            # connection once the answer is sent.
-            self.fail(HTTPFailure(413, "payload_too_large",
-                                  f"the body is over {self.limit} bytes"))
-            return
-        self.chunks.append(chunk)
-
-    async def post(self) -> None:
-        if self.too_big:
-            self.fail(HTTPFailure(413, "payload_too_large",
-                                  f"the body is over {self.limit} bytes"))
-            return
-        try:
-            answer, self.key_id, self.accepted = await self.service.complete(
-                self.request.headers, b"".join(self.chunks), self.key_id)
-        except HTTPFailure as failure:
-            self.key_id = failure.key_id or self.key_id
-            self.fail(failure)
-            return
-        self.write_json(202, answer)

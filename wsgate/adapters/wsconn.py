@@ -1,6 +1,6 @@
 """The WebSocket connection layer: RFC 6455 framing on a plain ``asyncio.Protocol``.
 
-The Tornado handler (wsgate/handlers/websocket.py) answers the upgrade and
+The Tornado handler (wsgate/adapters/websocket.py) answers the upgrade and
 hands the socket over; from then on a connection is one
 :class:`WebSocketConnection` (a protocol object with ``__slots__``) and the
 asyncio transport under it. Compared with Tornado's WebSocket layer it keeps no
@@ -24,10 +24,10 @@ import os
 from collections import deque
 
 from wsgate import errors
+from wsgate.adapters.tornado_compat import websocket_mask
 from wsgate.gateway import Connection, Gateway
 from wsgate.plugins import Principal
 from wsgate.protocol import ws_frame
-from wsgate.tornado_compat import websocket_mask
 
 log = logging.getLogger("wsgate.ws")
 

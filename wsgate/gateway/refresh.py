@@ -1,0 +1,127 @@
+"""Refresh: a connection's principal over time (SPEC §2 "Expiry and refresh").
+
+- expiry: a connection closes with 4001 when its principal's ``expires_at`` passes;
+- renewal: ``authenticate`` with a new token of the same principal extends it
+  (an audit ``renew`` row either way; a refused token counts against the
+  connection's refusal limit, a backend that cannot decide does not);
+- re-authorization: every ``[server] refresh_interval`` the authenticator
+  re-checks each principal and the authorizer each held topic (4003 when refused).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+
+from wsgate import errors, protocol
+from wsgate.audit.records import ACCEPTED, REJECTED, RENEW, SUBSCRIBE, AuditSink, ConnectionInfo
+from wsgate.gateway.admission import Admission
+from wsgate.gateway.connection import Connection, rfc3339, utcnow
+from wsgate.gateway.delivery import Close
+from wsgate.gateway.limits import MessageLimits
+from wsgate.plugins import Decision, Principal, Refused, Unavailable
+from wsgate.topics import Topic
+
+log = logging.getLogger("wsgate.gateway")
+
+
+class Refresh:
+    """Expiry timers, renewals and the periodic re-check.
+
+    Args:
+        admission: authenticates renewal tokens.
+        decide: the checked authorizer (Subscriptions.decide).
+        audit: where renew rows go.
+        limits: counts refused renewals.
+        close, close_flooding: the facade's.
+    """
+
+    def __init__(self, admission: Admission, decide: Callable[[Principal, Topic, str], Decision],
+                 audit: AuditSink, limits: MessageLimits, close: Close,
+                 close_flooding: Callable[[Connection], None]) -> None:
+        self.admission = admission
+        self.decide = decide
+        self.audit = audit
+        self.limits = limits
+        self.close = close
+        self.close_flooding = close_flooding
+
+    def schedule_expiry(self, conn: Connection) -> None:
+        """(Re)arm the 4001 close at the principal's ``expires_at``, if it has one."""
+        if conn.expiry is not None:
+            conn.expiry.cancel()
+            conn.expiry = None
+        expires_at = conn.principal.expires_at
+        if expires_at is not None:
+            delay = max(0.0, (expires_at - utcnow()).total_seconds())
+            conn.expiry = asyncio.get_running_loop().call_later(
+                delay, self.close, conn, errors.CLOSE_EXPIRED, "credential expired")
+
+    def _become(self, conn: Connection, principal: Principal) -> None:
+        info = conn.info
+        conn.info = ConnectionInfo(info.connection_id, principal, info.authenticator,
+                                   info.remote_addr, info.origin, info.user_agent)
+        self.schedule_expiry(conn)
+
+    async def renew(self, conn: Connection, msg: protocol.ClientMessage) -> None:
+        """``authenticate``: a new token for the same principal extends the connection."""
+        try:
+            principal = await self.admission.authenticate(msg.token)
+        except (Refused, Unavailable) as exc:
+            await self.audit.write_ends([conn.record(RENEW, "", REJECTED,
+                                                     errors.UNAUTHENTICATED)])
+            conn.transport.send_text(protocol.error(errors.UNAUTHENTICATED, str(exc), msg))
+            # Each refusal is an audit row: it counts like a refused topic (a
+            # backend that cannot decide is not the client's fault).
+            if isinstance(exc, Refused) and self.limits.too_many_refused(conn, 1):
+                self.close_flooding(conn)
+            return
+        old = conn.principal
+        if (principal.subject, principal.kind, principal.customer_id) != \
+                (old.subject, old.kind, old.customer_id):
+            await self.audit.write_ends([conn.record(RENEW, "", REJECTED,
+                                                     errors.UNAUTHENTICATED)])
+            conn.transport.send_text(protocol.error(
+                errors.UNAUTHENTICATED, "the new token is for another principal; "
+                "open a new connection for it", msg))
+            if self.limits.too_many_refused(conn, 1):
+                self.close_flooding(conn)
+            return
+        if conn.closed:
+            return
+        self._become(conn, principal)
+        await self.audit.write_ends([conn.record(RENEW, "", ACCEPTED)])
+        conn.transport.send_text(protocol.authenticated(msg, rfc3339(principal.expires_at)))
+
+    async def loop(self, interval: float, connections: Mapping[str, Connection]) -> None:
+        """Re-check every connection every ``interval`` seconds, until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            await self.refresh_all(connections)
+
+    async def refresh_all(self, connections: Mapping[str, Connection]) -> None:
+        """Ask the authenticator to re-check every connected principal (4003 when refused)."""
+        authenticator = self.admission.authenticator
+        for conn in list(connections.values()):
+            if conn.closed:
+                continue
+            try:
+                principal = await authenticator.refresh(conn.principal)
+            except Unavailable:
+                continue
+            except Exception:
+                log.exception("authenticator %s failed to refresh", authenticator.name)
+                continue
+            if conn.closed:
+                continue
+            if principal is None or not isinstance(principal, Principal) or \
+                    principal.subject != conn.principal.subject:
+                self.close(conn, errors.CLOSE_REVOKED, "rights revoked")
+                continue
+            if any(not self.decide(principal, t, SUBSCRIBE).allowed
+                   for t in conn.subscriptions.values()):
+                self.close(conn, errors.CLOSE_REVOKED, "rights revoked")
+                continue
+            if principal != conn.principal:
+                self._become(conn, principal)
