@@ -17,6 +17,7 @@ from tests.audit_helpers import (
     KEY1,
     T0,
     Backend,
+    awrite_log,
     conn_info,
     end,
     rec,
@@ -400,3 +401,35 @@ async def test_a_write_the_store_refuses_keeps_readyz_false_while_subscribes_fai
               and "another process" in r.getMessage()]
     assert len(errors) == 1, errors
     assert "'test-node'" in errors[0] and "seq 2" in errors[0] and "seq 1" in errors[0]
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_journaled_rows_that_clash_with_stored_ones_are_kept_not_dropped(
+        backend: Backend, caplog: Any) -> None:
+    """A journal entry whose seq another process already filled (with another row)
+    cannot be stored: it is copied aside and named in a CRITICAL line, never lost."""
+    from wsgate.audit import chain
+    from wsgate.audit.journal import Journal
+    from wsgate.audit.writer import _RowMaker
+
+    config = backend.config()
+    await awrite_log(backend, [("sub", [rec(topic("call", str(i)))]) for i in range(3)])
+    head = backend.scalar("SELECT row_hash FROM audit_rows WHERE seq = 3")
+
+    def chained(topic_text: str, prev: str) -> dict[str, Any]:
+        row = _RowMaker()(end(topic_text))
+        row.update(node_id="node-a", seq=4, prev_hash=prev)
+        row["row_hash"] = chain.row_hash(chain.CHAIN_ROWS, row)
+        return row
+
+    ours, theirs = chained(topic("call", "0"), head), chained(topic("call", "1"), head)
+    Journal(config.journal_path).append([("rows", ours)])
+    backend.execute("INSERT INTO audit_rows (" + ", ".join(theirs) + ") VALUES (" +
+                    ", ".join(":" + k for k in theirs) + ")", **theirs)
+    w = AuditWriter(config, "node-a")
+    await w.start()
+    await w.close()
+    kept = sorted(Path(config.journal_path).parent.glob("audit.journal.conflict-*"))
+    assert len(kept) == 1
+    assert json.loads(kept[0].read_text())["row"]["row_hash"] == ours["row_hash"]
+    assert any(r.levelname == "CRITICAL" and "clash" in r.getMessage() for r in caplog.records)

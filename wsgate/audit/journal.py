@@ -48,6 +48,25 @@ class Journal:
         finally:
             os.close(fd)
 
+    def set_aside(self) -> Path:
+        """Copy the journal to ``<path>.conflict-<unix time>`` (fsynced) and return
+        that path: rows that could not be stored are kept for a person to review.
+
+        Raises:
+            OSError: the copy cannot be written.
+        """
+        import time
+
+        target = self.path.with_name(f"{self.path.name}.conflict-{int(time.time())}")
+        data = self.path.read_bytes()
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return target
+
     def read(self) -> list[tuple[str, dict[str, Any]]]:
         """Every complete entry, in order.
 

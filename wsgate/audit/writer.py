@@ -694,6 +694,9 @@ class AuditWriter:
             return False
         entries = self._journal.read()
         own: dict[str, list[dict[str, Any]]] = {name: [] for name in CHAIN_TABLES}
+        # Journaled rows whose seq the store holds with another row: something else
+        # wrote as this node. They cannot be stored; they are kept, not dropped.
+        clashes: list[dict[str, Any]] = []
         assert self._engine is not None
         try:
             with self._engine.begin() as conn:
@@ -701,13 +704,16 @@ class AuditWriter:
                     rows = [r for c, r in entries if c == name]
                     if not rows:
                         continue
-                    stored: set[tuple[str, int]] = set()
+                    stored: dict[tuple[str, int], str] = {}
                     for node_id in {r["node_id"] for r in rows}:
                         low = min(r["seq"] for r in rows if r["node_id"] == node_id)
-                        stored |= {(node_id, int(s)) for (s,) in conn.execute(
-                            select(table.c.seq).where(table.c.node_id == node_id,
-                                                      table.c.seq >= low))}
+                        stored.update({(node_id, int(s)): str(h) for s, h in conn.execute(
+                            select(table.c.seq, table.c.row_hash).where(
+                                table.c.node_id == node_id, table.c.seq >= low))})
                     fresh = [r for r in rows if (r["node_id"], r["seq"]) not in stored]
+                    clashes += [r for r in rows
+                                if stored.get((r["node_id"], r["seq"]), r["row_hash"])
+                                != r["row_hash"]]
                     if fresh:
                         _insert(conn, table, fresh)
                     own[name] = [r for r in fresh if r["node_id"] == self.node_id]
@@ -717,7 +723,18 @@ class AuditWriter:
         except Exception as exc:
             self._failed(exc)
             return False
-        self._journal.clear()
+        kept: Any = None
+        if clashes:
+            try:
+                kept = self._journal.set_aside()
+            except OSError as exc:
+                kept = f"{self._journal.path} (it could not be copied aside: {exc})"
+            log.critical("audit: %d journaled rows of node %s (from seq %d) clash with rows the "
+                         "store holds at the same seq: another process wrote as this node. "
+                         "They were not stored; the journal is kept in %s for review.",
+                         len(clashes), self.node_id, min(r["seq"] for r in clashes), kept)
+        if not isinstance(kept, str):  # left in place when it could not be copied
+            self._journal.clear()
         self._journal_pending = False
         self._signed(checkpoints)
         self._healthy = True
