@@ -27,7 +27,6 @@ from sqlalchemy.exc import SQLAlchemyError
 from wsgate.adapters.base import JSONHandler
 from wsgate.audit.query import DEFAULT_PAGE, MAX_PAGE, AuditFilter, AuditReader, FilterError
 from wsgate.audit.witness import WitnessError
-from wsgate.config import AuditConfig
 from wsgate.errors import (
     AUDIT_UNAVAILABLE,
     BAD_REQUEST,
@@ -146,16 +145,6 @@ class AuditVerifyHandler(AuditKeyHandler):
 
 
 Route = tuple[str, type, dict[str, Any]]
-
-
-def routes(config: AuditConfig) -> list[Route]:
-    """The audit API's URL specs for the ``[audit]`` config (a reader on its store).
-
-    Raises:
-        AuditStoreError: the configured verify or signing key cannot be read.
-    """
-    reader = AuditReader.from_config(config) if config.api_keys else None
-    return audit_routes(reader, config.api_keys)
 
 
 def audit_routes(reader: AuditReader | None, api_keys: Sequence[str]) -> list[Route]:

@@ -89,15 +89,6 @@ Entry = tuple[str, dict[str, Any]]  # (chain name, row without node_id/seq/hashe
 _Settlement = list[tuple["Done", "Exception | None"]]
 
 
-def record_row(rec: AuditRecord) -> dict[str, Any]:
-    """The stored fields of an AuditRecord (before chaining).
-
-    Raises:
-        ValueError: ``occurred_at`` is naive.
-    """
-    return _row_of(rec, _connection_fields(rec.connection))
-
-
 def _connection_fields(c: ConnectionInfo) -> dict[str, Any]:
     """The stored fields a connection gives each of its rows, cleaned."""
     p = c.principal
@@ -123,10 +114,12 @@ def _row_of(rec: AuditRecord, connection_fields: dict[str, Any]) -> dict[str, An
 
 
 class _RowMaker:
-    """record_row for the writer thread: each connection's fields are cleaned once.
+    """The stored fields of an AuditRecord (before chaining), made on the writer
+    thread: each connection's fields are cleaned once.
 
     Keeps the ConnectionInfo it cached (so its id is not reused while cached);
-    forgets everything past a few thousand connections.
+    forgets everything past a few thousand connections. Calling it raises
+    ValueError when the record's ``occurred_at`` is naive.
     """
 
     _LIMIT = 4096
