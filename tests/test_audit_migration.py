@@ -10,7 +10,7 @@ from sqlalchemy import text
 from tests import audit_helpers
 from tests.audit_helpers import Backend, minutes, rec, topic, write_log
 from wsgate.audit import chain, store
-from wsgate.audit.writer import record_row
+from wsgate.audit.writer import _RowMaker
 
 backend = audit_helpers.backend  # the fixture: SQLite, and PostgreSQL when configured
 
@@ -21,9 +21,10 @@ def legacy_log(b: Backend, rows: int, checkpoint_at: tuple[int, ...]) -> None:
     engine = b.engine()
     store.migrate(engine, "0001")
     prev = chain.GENESIS
+    make_row = _RowMaker()  # the writer's own: rows as the writer stores them
     with engine.begin() as conn:
         for seq in range(1, rows + 1):
-            row: dict[str, Any] = record_row(rec(topic("call", str(seq)), at=minutes(seq)))
+            row: dict[str, Any] = make_row(rec(topic("call", str(seq)), at=minutes(seq)))
             row.update(node_id="node-a", seq=seq, prev_hash=prev)
             row["row_hash"] = prev = chain.row_hash(chain.CHAIN_ROWS, row)
             conn.execute(text(f"INSERT INTO audit_rows ({', '.join(row)}) VALUES "

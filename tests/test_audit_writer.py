@@ -24,9 +24,17 @@ from tests.audit_helpers import (
     topic,
 )
 from tests.conftest import wait_for
-from wsgate.audit import store
-from wsgate.audit.records import REJECTED, AuditUnavailable, EventRecord
-from wsgate.audit.writer import AuditWriter
+from wsgate.audit import chain, store
+from wsgate.audit.orm import EVENTS, ROWS
+from wsgate.audit.records import (
+    REJECTED,
+    AuditRecord,
+    AuditUnavailable,
+    ConnectionInfo,
+    EventRecord,
+)
+from wsgate.audit.writer import _EVENT_LIMITS, _ROW_LIMITS, AuditWriter
+from wsgate.plugins import Principal
 
 backend = audit_helpers.backend  # the fixture: SQLite, and PostgreSQL when configured
 
@@ -433,3 +441,54 @@ async def test_journaled_rows_that_clash_with_stored_ones_are_kept_not_dropped(
     assert len(kept) == 1
     assert json.loads(kept[0].read_text())["row"]["row_hash"] == ours["row_hash"]
     assert any(r.levelname == "CRITICAL" and "clash" in r.getMessage() for r in caplog.records)
+
+
+def test_each_text_limit_is_its_columns_width() -> None:
+    # Every text column a client or a principal fills is cut, to the width orm.py
+    # gives it; the topic shorter, at chain.MAX_TEXT (it is indexed).
+    assert set(_ROW_LIMITS) == {c.name for c in ROWS.c} - {
+        "id", "node_id", "seq", "occurred_at", "prev_hash", "row_hash"}
+    for name, limit in _ROW_LIMITS.items():
+        width = ROWS.c[name].type.length
+        assert limit == (chain.MAX_TEXT if name == "topic" else width), name
+        assert limit <= width, name
+    assert set(_EVENT_LIMITS) == {"event_id", "type", "ingest_key_id", "payload_sha256"}
+    for name, limit in _EVENT_LIMITS.items():
+        assert limit == EVENTS.c[name].type.length, name
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_text_longer_than_its_column_is_cut_and_still_committed(backend: Backend) -> None:
+    # PostgreSQL refuses a value longer than its column: each such value would fail
+    # the whole group commit. Each is cut to exactly its limit, ending in "...".
+    def over(name: str, limits: dict[str, int] = _ROW_LIMITS) -> str:
+        return name[0] * (limits[name] + 10)
+
+    principal = Principal(kind="agent", subject=over("subject"),
+                          customer_id=over("customer_id"), agent_id=over("agent_id"))
+    conn = ConnectionInfo(over("connection_id"), principal, over("authenticator"),
+                          over("remote_addr"), over("origin"), over("user_agent"))
+    long_row = AuditRecord(T0, conn, over("action"), over("topic"), over("outcome"),
+                           over("code"))
+    long_event = EventRecord(*(over(n, _EVENT_LIMITS) for n in (
+        "event_id", "type")), (topic("call"),), over("ingest_key_id", _EVENT_LIMITS),
+        over("payload_sha256", _EVENT_LIMITS), T0)
+    w = AuditWriter(backend.config(), "node-a")
+    await w.start()
+    try:
+        await w.write_subscribes([long_row])
+        await w.write_events([long_event])
+    finally:
+        await w.close()
+    [row] = rows(backend)
+    assert row["kind"] == "agent"  # a Principal takes no other kind than its three
+    for name, limit in _ROW_LIMITS.items():
+        if name != "kind":
+            assert row[name] == name[0] * (limit - 3) + "...", name
+    with backend.engine().connect() as c:
+        from sqlalchemy import text
+
+        [stored] = [dict(r._mapping) for r in c.execute(text("SELECT * FROM audit_events"))]
+    for name, limit in _EVENT_LIMITS.items():
+        assert stored[name] == name[0] * (limit - 3) + "...", name
+    assert store.verify(backend.engine(), backend.key.public_key()).ok

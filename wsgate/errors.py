@@ -2,7 +2,9 @@
 
 Reply codes go in ``rejected`` entries and ``error`` frames, close codes end
 WebSocket connections, and :class:`HTTPFailure` carries an HTTP status with the
-JSON error body ``{"error": {"code": ..., "message": ...}}``.
+JSON error body ``{"error": {"code": ..., "message": ...}}``. The strings are
+fixed by SPEC and docs/protocol.md: clients, backends and operators match on
+them. Use the names, never the strings (tests/test_errors.py checks both).
 """
 
 from __future__ import annotations
@@ -20,12 +22,39 @@ AUDIT_UNAVAILABLE = "audit_unavailable"
 BAD_REQUEST = "bad_request"
 UNAUTHENTICATED = "unauthenticated"
 
-# Codes of HTTP error bodies (the WebSocket upgrade, ingest, the audit API).
-UNAVAILABLE = "unavailable"
-SHUTTING_DOWN = "shutting_down"
-TOO_MANY_CONNECTIONS = "too_many_connections"
-ORIGIN_NOT_ALLOWED = "origin_not_allowed"
+# Codes of HTTP error bodies (docs/protocol.md, "HTTP error codes"). HTTP answers
+# also carry BAD_REQUEST and UNAUTHENTICATED (above) and AUDIT_UNAVAILABLE.
+# Any endpoint:
 NOT_FOUND = "not_found"
+METHOD_NOT_ALLOWED = "method_not_allowed"
+INTERNAL_ERROR = "internal_error"
+#: Any other status Tornado answers by itself; the message is its reason phrase.
+HTTP_ERROR = "error"
+# The WebSocket upgrade:
+ORIGIN_NOT_ALLOWED = "origin_not_allowed"
+AUTH_UNAVAILABLE = "auth_unavailable"
+UPGRADE_REQUIRED = "upgrade_required"
+TOO_MANY_CONNECTIONS = "too_many_connections"
+SHUTTING_DOWN = "shutting_down"
+#: The code of a ConnectionRefused that names none (its subclasses do).
+UNAVAILABLE = "unavailable"
+# Ingest:
+UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+PAYLOAD_TOO_LARGE = "payload_too_large"
+BATCH_TOO_LARGE = "batch_too_large"
+BAD_JSON = "bad_json"
+REPLAYED = "replayed"
+INVALID_EVENT = "invalid_event"
+BROKER_UNAVAILABLE = "broker_unavailable"
+
+#: The code and message of a bare HTTP error answer, by status (Tornado's own
+#: errors, an unknown path, a failure of the server); other statuses get HTTP_ERROR.
+GENERIC_ERRORS: dict[int, tuple[str, str]] = {
+    400: (BAD_REQUEST, "the request is malformed"),
+    404: (NOT_FOUND, "no such endpoint"),
+    405: (METHOD_NOT_ALLOWED, "this endpoint does not take that method"),
+    500: (INTERNAL_ERROR, "the server failed; the error is logged"),
+}
 
 # WebSocket close codes (SPEC §2).
 CLOSE_NORMAL = 1000

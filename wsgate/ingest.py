@@ -25,6 +25,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
+from wsgate import errors
 from wsgate.broker import BrokerUnavailable
 from wsgate.config import IngestConfig
 from wsgate.errors import HTTPFailure
@@ -97,18 +98,18 @@ class IngestService:
         """
         ctype = headers.get("content-type", "")
         if ctype.split(";")[0].strip().lower() != "application/json":
-            return HTTPFailure(415, "unsupported_media_type",
+            return HTTPFailure(415, errors.UNSUPPORTED_MEDIA_TYPE,
                                "send the events as Content-Type: application/json"), None
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            return HTTPFailure(413, "payload_too_large",
+            return HTTPFailure(413, errors.PAYLOAD_TOO_LARGE,
                                f"the body is {length} bytes; at most {self.limit} "
                                "are accepted"), None
         auth = headers.get("authorization")
         if auth is not None:
             scheme, _, value = auth.partition(" ")
             if scheme.lower() != "bearer" or not value.strip():
-                return HTTPFailure(401, "unauthenticated",
+                return HTTPFailure(401, errors.UNAUTHENTICATED,
                                    "the Authorization header must be 'Bearer <ingest key>'"), None
             given = value.strip().encode()
             found = None
@@ -116,11 +117,11 @@ class IngestService:
                 if hmac.compare_digest(given, secret):
                     found = kid
             if found is None:
-                return HTTPFailure(401, "unauthenticated", "the ingest key is not valid"), None
+                return HTTPFailure(401, errors.UNAUTHENTICATED, "the ingest key is not valid"), None
             return None, found
         if headers.get("x-wsgate-signature") is None:
             return HTTPFailure(
-                401, "unauthenticated",
+                401, errors.UNAUTHENTICATED,
                 "no credentials: send 'Authorization: Bearer <ingest key>' or an "
                 "X-Wsgate-Timestamp and X-Wsgate-Signature header"), None
         return None, None
@@ -151,7 +152,7 @@ class IngestService:
             answer = await self._validate_and_publish(body, kid)
             return answer, kid, answer["accepted"]
         if not idem or len(idem) > MAX_IDEMPOTENCY_KEY:
-            raise HTTPFailure(400, "bad_request",
+            raise HTTPFailure(400, errors.BAD_REQUEST,
                               f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
         scoped = f"{kid}\x00{idem}"
         while True:
@@ -182,12 +183,12 @@ class IngestService:
         stamp = headers.get("x-wsgate-timestamp", "")
         signature = headers.get("x-wsgate-signature", "")
         if not stamp.isdigit() or not signature.startswith("v1="):
-            raise HTTPFailure(401, "unauthenticated",
+            raise HTTPFailure(401, errors.UNAUTHENTICATED,
                               "X-Wsgate-Timestamp must be unix seconds and X-Wsgate-Signature "
                               "'v1=<hex HMAC-SHA256>'")
         window = self.config.signature_window
         if abs(time.time() - int(stamp)) > window:
-            raise HTTPFailure(401, "unauthenticated",
+            raise HTTPFailure(401, errors.UNAUTHENTICATED,
                               f"the signature timestamp is more than {window} s from the "
                               "server's clock")
         given = signature[3:].strip().lower().encode()
@@ -198,9 +199,9 @@ class IngestService:
             if hmac.compare_digest(given, expected):
                 found = kid
         if found is None:
-            raise HTTPFailure(401, "unauthenticated", "the signature does not match")
+            raise HTTPFailure(401, errors.UNAUTHENTICATED, "the signature does not match")
         if self.seen_signatures.get(signature) is not None:
-            replayed = HTTPFailure(409, "replayed", "this signed request was already received")
+            replayed = HTTPFailure(409, errors.REPLAYED, "this signed request was already received")
             replayed.key_id = found
             raise replayed
         self.seen_signatures.put(signature, True)
@@ -208,24 +209,24 @@ class IngestService:
 
     async def _validate_and_publish(self, body: bytes, kid: str) -> dict[str, Any]:
         if self.gateway.draining:
-            raise HTTPFailure(503, "shutting_down", "the server is shutting down; retry")
+            raise HTTPFailure(503, errors.SHUTTING_DOWN, "the server is shutting down; retry")
         try:
             parsed = decode_json(body)
         except ValueError as exc:
-            raise HTTPFailure(400, "bad_json", f"the body is not valid JSON: {exc}") from None
+            raise HTTPFailure(400, errors.BAD_JSON, f"the body is not valid JSON: {exc}") from None
         try:
             raw_events = parse_body(parsed, self.config.max_batch)
             events = validate_events(raw_events)
         except OverflowError as exc:
-            raise HTTPFailure(413, "batch_too_large", str(exc)) from None
+            raise HTTPFailure(413, errors.BATCH_TOO_LARGE, str(exc)) from None
         except InvalidEvents as exc:
-            raise HTTPFailure(422, "invalid_event",
+            raise HTTPFailure(422, errors.INVALID_EVENT,
                               f"{len(exc.details)} problem(s); nothing was published",
                               details=exc.details) from None
         hashes = [hashlib.sha256(e.data_json.encode()).hexdigest() for e in events]
         try:
             await self.gateway.publish(events, kid, hashes)
         except BrokerUnavailable as exc:
-            raise HTTPFailure(503, "broker_unavailable",
+            raise HTTPFailure(503, errors.BROKER_UNAVAILABLE,
                               f"events cannot be published now ({exc}); retry") from None
         return {"accepted": len(events), "event_ids": [e.event_id for e in events]}

@@ -24,6 +24,7 @@ from datetime import datetime
 from importlib.metadata import entry_points
 from typing import Any, TypeVar
 
+from wsgate import errors
 from wsgate.topics import Topic
 
 AUTHENTICATOR_GROUP = "wsgate.authenticators"
@@ -99,7 +100,7 @@ class Decision:
         return _ALLOW
 
     @classmethod
-    def deny(cls, message: str, code: str = "forbidden") -> Decision:
+    def deny(cls, message: str, code: str = errors.FORBIDDEN) -> Decision:
         return cls(False, code, message)
 
 

@@ -27,8 +27,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from wsgate.adapters.base import JSONHandler
 from wsgate.audit.query import DEFAULT_PAGE, MAX_PAGE, AuditFilter, AuditReader, FilterError
 from wsgate.audit.witness import WitnessError
-from wsgate.config import AuditConfig
-from wsgate.errors import UNAUTHENTICATED, HTTPFailure
+from wsgate.errors import (
+    AUDIT_UNAVAILABLE,
+    BAD_REQUEST,
+    NOT_FOUND,
+    UNAUTHENTICATED,
+    HTTPFailure,
+)
 
 FILTERS = ("customer", "agent", "subject", "topic_prefix", "connection", "outcome",
            "since", "until")
@@ -48,7 +53,7 @@ class AuditKeyHandler(JSONHandler):
 
     def _authorized(self) -> bool:
         if not self.api_keys:
-            self.fail(HTTPFailure(404, "not_found",
+            self.fail(HTTPFailure(404, NOT_FOUND,
                                   "the audit API is off: set [audit] api_keys to enable it"))
             return False
         header = self.request.headers.get("Authorization", "")
@@ -68,7 +73,7 @@ class AuditKeyHandler(JSONHandler):
         return True
 
     def _store_failed(self, exc: Exception) -> None:
-        self.fail(HTTPFailure(503, "audit_unavailable",
+        self.fail(HTTPFailure(503, AUDIT_UNAVAILABLE,
                               f"the audit store cannot be read now ({exc.__class__.__name__})"))
 
 
@@ -79,7 +84,7 @@ class AuditKeyHandler(JSONHandler):
         try:
             return AuditFilter.parse(**args)
         except FilterError as exc:
-            self.fail(HTTPFailure(400, "bad_request", str(exc)))
+            self.fail(HTTPFailure(400, BAD_REQUEST, str(exc)))
             return None
 
     async def fetch_page(self, flt: AuditFilter, cursor: str | None,
@@ -89,7 +94,7 @@ class AuditKeyHandler(JSONHandler):
         try:
             page: dict[str, Any] = await self.reader.apage(flt, cursor, limit)
         except FilterError as exc:
-            self.fail(HTTPFailure(400, "bad_request", str(exc)))
+            self.fail(HTTPFailure(400, BAD_REQUEST, str(exc)))
             return None
         except SQLAlchemyError as exc:
             self._store_failed(exc)
@@ -109,7 +114,7 @@ class AuditAPIHandler(AuditKeyHandler):
         except ValueError:
             limit = 0
         if not 1 <= limit <= MAX_PAGE:
-            self.fail(HTTPFailure(400, "bad_request",
+            self.fail(HTTPFailure(400, BAD_REQUEST,
                                   f"limit: must be a number from 1 to {MAX_PAGE}"))
             return
         flt = self.parsed_filter()
@@ -134,22 +139,12 @@ class AuditVerifyHandler(AuditKeyHandler):
             self._store_failed(exc)
             return
         except WitnessError as exc:  # its message names the witness, never a secret
-            self.fail(HTTPFailure(503, "audit_unavailable", f"verify cannot read a witness: {exc}"))
+            self.fail(HTTPFailure(503, AUDIT_UNAVAILABLE, f"verify cannot read a witness: {exc}"))
             return
         self.write_json(200, result.to_dict())
 
 
 Route = tuple[str, type, dict[str, Any]]
-
-
-def routes(config: AuditConfig) -> list[Route]:
-    """The audit API's URL specs for the ``[audit]`` config (a reader on its store).
-
-    Raises:
-        AuditStoreError: the configured verify or signing key cannot be read.
-    """
-    reader = AuditReader.from_config(config) if config.api_keys else None
-    return audit_routes(reader, config.api_keys)
 
 
 def audit_routes(reader: AuditReader | None, api_keys: Sequence[str]) -> list[Route]:

@@ -8,15 +8,7 @@ from typing import Any
 import tornado.web
 
 from wsgate.adapters.tornado_compat import response_reason
-from wsgate.errors import HTTPFailure
-
-#: The code and message of a bare HTTP error answer, by status.
-GENERIC_ERRORS = {
-    400: ("bad_request", "the request is malformed"),
-    404: ("not_found", "no such endpoint"),
-    405: ("method_not_allowed", "this endpoint does not take that method"),
-    500: ("internal_error", "the server failed; the error is logged"),
-}
+from wsgate.errors import GENERIC_ERRORS, HTTP_ERROR, HTTPFailure
 
 
 class JSONHandler(tornado.web.RequestHandler):
@@ -35,7 +27,7 @@ class JSONHandler(tornado.web.RequestHandler):
         self.finish(json.dumps(body))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
-        code, message = GENERIC_ERRORS.get(status_code, ("error", response_reason(self)))
+        code, message = GENERIC_ERRORS.get(status_code, (HTTP_ERROR, response_reason(self)))
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps({"error": {"code": code, "message": message}}))
 

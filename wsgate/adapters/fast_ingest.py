@@ -37,8 +37,7 @@ from typing import Any
 
 import tornado
 
-from wsgate.adapters.base import GENERIC_ERRORS
-from wsgate.errors import HTTPFailure
+from wsgate.errors import GENERIC_ERRORS, HTTPFailure
 from wsgate.ingest import IngestService
 from wsgate.logs import log_access
 

@@ -9,7 +9,7 @@ import tornado.web
 
 from wsgate.adapters.base import JSONHandler
 from wsgate.adapters.tornado_compat import request_finished
-from wsgate.errors import HTTPFailure
+from wsgate.errors import PAYLOAD_TOO_LARGE, HTTPFailure
 from wsgate.ingest import IngestService
 
 #: Tornado's body limit for a chunked request, which data_received enforces itself.
@@ -62,14 +62,14 @@ class IngestHandler(JSONHandler):
             self.chunks.clear()
             # Answering now makes Tornado stop reading the body and close the
             # connection once the answer is sent.
-            self.fail(HTTPFailure(413, "payload_too_large",
+            self.fail(HTTPFailure(413, PAYLOAD_TOO_LARGE,
                                   f"the body is over {self.limit} bytes"))
             return
         self.chunks.append(chunk)
 
     async def post(self) -> None:
         if self.too_big:
-            self.fail(HTTPFailure(413, "payload_too_large",
+            self.fail(HTTPFailure(413, PAYLOAD_TOO_LARGE,
                                   f"the body is over {self.limit} bytes"))
             return
         try:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from wsgate.adapters.base import JSONHandler
-from wsgate.errors import UNAUTHENTICATED, HTTPFailure
+from wsgate.errors import NOT_FOUND, UNAUTHENTICATED, HTTPFailure
 from wsgate.metrics import GatewayMetrics
 
 
@@ -33,7 +33,7 @@ class MetricsHandler(JSONHandler):
         if self.keys is None:
             return True
         if not self.keys:
-            self.fail(HTTPFailure(404, "not_found",
+            self.fail(HTTPFailure(404, NOT_FOUND,
                                   "metrics are not served on this port: set [metrics] keys "
                                   "to scrape it here, or [metrics] port for a private listener"))
             return False

@@ -12,6 +12,7 @@ from typing import Any
 import tornado.iostream
 import tornado.web
 
+from wsgate import errors
 from wsgate.adapters.tornado_compat import take_read_buffer
 from wsgate.adapters.wsconn import ConnectionRegistry, WebSocketConnection
 from wsgate.errors import ConnectionRefused, HTTPFailure
@@ -68,7 +69,7 @@ class WebSocketHandler(tornado.web.RequestHandler):
         if origin is not None and not origin_allowed(
                 origin, self.gateway.config.server.allowed_origins):
             shown = origin if len(origin) <= 100 else origin[:100] + "..."
-            self._refuse(HTTPFailure(403, "origin_not_allowed",
+            self._refuse(HTTPFailure(403, errors.ORIGIN_NOT_ALLOWED,
                                      f"origin {shown!r} is not in [server] allowed_origins"))
             return
         try:
@@ -76,22 +77,22 @@ class WebSocketHandler(tornado.web.RequestHandler):
         except tornado.web.HTTPError:
             # A token that is not UTF-8 once unescaped: Tornado's own 400 would
             # log the raw URI, token included, and answer in HTML.
-            self._refuse(HTTPFailure(400, "bad_request",
+            self._refuse(HTTPFailure(400, errors.BAD_REQUEST,
                                      "the token query parameter is not valid UTF-8"))
             return
         if credential is None:
             self._refuse(HTTPFailure(
-                401, "unauthenticated",
+                401, errors.UNAUTHENTICATED,
                 "no credential: pass ?token=..., an 'Authorization: Bearer ...' header "
                 "or a 'token' cookie"))
             return
         try:
             principal = await self.gateway.authenticate(credential)
         except Refused as exc:
-            self._refuse(HTTPFailure(401, "unauthenticated", f"credential refused: {exc}"))
+            self._refuse(HTTPFailure(401, errors.UNAUTHENTICATED, f"credential refused: {exc}"))
             return
         except Unavailable as exc:
-            self._refuse(HTTPFailure(503, "auth_unavailable",
+            self._refuse(HTTPFailure(503, errors.AUTH_UNAVAILABLE,
                                      f"cannot check the credential now: {exc}; retry later"))
             return
         try:
@@ -109,14 +110,14 @@ class WebSocketHandler(tornado.web.RequestHandler):
         (the answers Tornado's WebSocketHandler gives: 400, or 426 for a version)."""
         headers = self.request.headers
         if headers.get("Upgrade", "").lower() != "websocket":
-            self._refuse(HTTPFailure(400, "bad_request", 'can "Upgrade" only to "websocket"'))
+            self._refuse(HTTPFailure(400, errors.BAD_REQUEST, 'can "Upgrade" only to "websocket"'))
             return None
         if "upgrade" not in (s.strip().lower() for s in headers.get("Connection", "").split(",")):
-            self._refuse(HTTPFailure(400, "bad_request", '"Connection" must be "Upgrade"'))
+            self._refuse(HTTPFailure(400, errors.BAD_REQUEST, '"Connection" must be "Upgrade"'))
             return None
         if headers.get("Sec-WebSocket-Version") not in ("7", "8", "13"):
             self.set_header("Sec-WebSocket-Version", "13")
-            self._refuse(HTTPFailure(426, "upgrade_required", "WebSocket version 13 only"))
+            self._refuse(HTTPFailure(426, errors.UPGRADE_REQUIRED, "WebSocket version 13 only"))
             return None
         key = headers.get("Sec-WebSocket-Key", "")
         try:
@@ -124,7 +125,8 @@ class WebSocketHandler(tornado.web.RequestHandler):
         except ValueError:
             valid = False
         if not valid or not headers.get("Host"):
-            self._refuse(HTTPFailure(400, "bad_request", "missing or invalid WebSocket headers"))
+            self._refuse(HTTPFailure(400, errors.BAD_REQUEST,
+                                     "missing or invalid WebSocket headers"))
             return None
         digest = hashlib.sha1(key.encode() + WEBSOCKET_GUID).digest()
         return base64.b64encode(digest).decode()

@@ -32,13 +32,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, Table, and_, exists, insert, select
+from sqlalchemy import Connection, Engine, String, Table, and_, exists, insert, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import aliased
 
 from wsgate.audit import chain, store
 from wsgate.audit.journal import Journal
-from wsgate.audit.orm import CHAIN_TABLES, CHECKPOINTS, ROWS, AuditRow
+from wsgate.audit.orm import CHAIN_TABLES, CHECKPOINTS, EVENTS, ROWS, AuditRow
 from wsgate.audit.records import (
     ACCEPTED,
     SUBSCRIBE,
@@ -54,32 +54,39 @@ from wsgate.errors import END_UNCLEAN_SHUTDOWN
 
 log = logging.getLogger("wsgate.audit")
 
-# Column widths of orm.AuditRow: PostgreSQL refuses a longer value, and one
-# over-long client string must not fail a whole group commit.
+
+def _width(table: Table, name: str) -> int:
+    """The n of a String(n) column of the audit schema (orm.py is the one source)."""
+    kind = table.c[name].type
+    if not isinstance(kind, String) or kind.length is None:
+        raise TypeError(f"{table.name}.{name} is not a String(n) column")
+    return kind.length
+
+
+# Text is cut to its column's width: PostgreSQL refuses a longer value, and one
+# over-long client string must not fail a whole group commit. The topic is cut
+# shorter, at chain.MAX_TEXT: it is indexed, and PostgreSQL's btree limits an
+# entry's bytes.
 _ROW_LIMITS = {
-    "connection_id": 200, "action": 32, "topic": chain.MAX_TEXT, "outcome": 16, "code": 64,
-    "kind": 32, "subject": 512, "customer_id": 64, "agent_id": 64, "authenticator": 200,
-    "remote_addr": 128, "origin": 1024, "user_agent": 1024,
+    name: chain.MAX_TEXT if name == "topic" else _width(ROWS, name)
+    for name in ("connection_id", "action", "topic", "outcome", "code", "kind", "subject",
+                 "customer_id", "agent_id", "authenticator", "remote_addr", "origin",
+                 "user_agent")
 }
+_ACTION_WIDTH = _ROW_LIMITS["action"]
+_OUTCOME_WIDTH = _ROW_LIMITS["outcome"]
+_CODE_WIDTH = _ROW_LIMITS["code"]
 _CONNECTION_FIELDS = ("connection_id", "kind", "subject", "customer_id", "agent_id",
                       "authenticator", "remote_addr", "origin", "user_agent")
 # The fields of an audit_rows row that are the same for all rows of a connection
 # on this node: the key of a chain.RowTemplate.
 _FIXED_FIELDS = (*_CONNECTION_FIELDS, "node_id")
 _fixed_of = operator.itemgetter(*_FIXED_FIELDS)
-_EVENT_LIMITS = {"event_id": 64, "type": 200, "ingest_key_id": 200, "payload_sha256": 64}
+_EVENT_LIMITS = {name: _width(EVENTS, name)
+                 for name in ("event_id", "type", "ingest_key_id", "payload_sha256")}
 
 Entry = tuple[str, dict[str, Any]]  # (chain name, row without node_id/seq/hashes)
 _Settlement = list[tuple["Done", "Exception | None"]]
-
-
-def record_row(rec: AuditRecord) -> dict[str, Any]:
-    """The stored fields of an AuditRecord (before chaining).
-
-    Raises:
-        ValueError: ``occurred_at`` is naive.
-    """
-    return _row_of(rec, _connection_fields(rec.connection))
 
 
 def _connection_fields(c: ConnectionInfo) -> dict[str, Any]:
@@ -99,18 +106,20 @@ def _row_of(rec: AuditRecord, connection_fields: dict[str, Any]) -> dict[str, An
     clean = chain.clean_text
     row = connection_fields.copy()
     row["occurred_at"] = chain.format_time(rec.occurred_at)
-    row["action"] = clean(rec.action, 32)
+    row["action"] = clean(rec.action, _ACTION_WIDTH)
     row["topic"] = clean(rec.topic, chain.MAX_TEXT)
-    row["outcome"] = clean(rec.outcome, 16)
-    row["code"] = clean(rec.code, 64)
+    row["outcome"] = clean(rec.outcome, _OUTCOME_WIDTH)
+    row["code"] = clean(rec.code, _CODE_WIDTH)
     return row
 
 
 class _RowMaker:
-    """record_row for the writer thread: each connection's fields are cleaned once.
+    """The stored fields of an AuditRecord (before chaining), made on the writer
+    thread: each connection's fields are cleaned once.
 
     Keeps the ConnectionInfo it cached (so its id is not reused while cached);
-    forgets everything past a few thousand connections.
+    forgets everything past a few thousand connections. Calling it raises
+    ValueError when the record's ``occurred_at`` is naive.
     """
 
     _LIMIT = 4096
