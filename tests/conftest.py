@@ -104,6 +104,19 @@ class Client:
     async def unsubscribe(self, *topics: str, **extra: Any) -> Any:
         return await self.request({"type": "unsubscribe", "topics": list(topics), **extra})
 
+    async def subscribe_until_accepted(self, topic: str, timeout: float = 20.0) -> Any:
+        """Retry a subscribe refused with audit_unavailable until the audit store
+        takes it; return the reply. Any other refusal fails at once."""
+        async def accepted() -> Any:
+            reply = await self.subscribe(topic)
+            if reply["topics"] == [topic]:
+                return reply
+            assert [r["code"] for r in reply["rejected"]] == ["audit_unavailable"], reply
+            return None
+
+        return await wait_for(accepted, timeout, interval=0.1,
+                              message="the audit store did not recover")
+
     async def no_frame(self, wait: float = 0.2) -> None:
         """Assert nothing arrives within wait seconds (after a ping round trip)."""
         reply = await self.request({"type": "ping", "id": "probe"})

@@ -345,12 +345,7 @@ async def test_audit_unavailable_fails_closed(make_server, tmp_path):
     await client.no_frame()
     # The store is back: subscribing works again without a restart (the writer
     # retries the store after its back-off).
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 20
-    while (again := await client.subscribe(CALL))["topics"] != [CALL]:
-        assert again["rejected"][0]["code"] == "audit_unavailable"
-        assert loop.time() < deadline, "the audit store did not recover"
-        await asyncio.sleep(0.2)
+    await client.subscribe_until_accepted(CALL)
 
 
 # -- logs ---------------------------------------------------------------------------
