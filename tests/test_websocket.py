@@ -1,6 +1,5 @@
 """SPEC §2 against a real server: admission, replies, codes, delivery, audit rows."""
 
-import asyncio
 import logging
 
 import pytest
@@ -359,7 +358,7 @@ async def test_token_never_logged(make_server, caplog):
     await client.subscribe(CALL)
     await server.refused(token="admin-token-but-wrong")
     client.close()
-    await asyncio.sleep(0.05)
+    await wait_for(lambda: "connection closed" in caplog.text)
     text = caplog.text
     assert "token=***" in text
     assert "admin-token" not in text
