@@ -189,17 +189,20 @@ class ScriptedAuthenticator(Authenticator):
     :class:`Principal` is returned, an exception raised, an awaitable awaited
     (the plugin hangs until the test resolves it) and its result returned. Any
     other credential is refused with a message that quotes it, as a careless
-    plugin's would. ``refreshed`` maps a subject to what ``refresh`` does: a
-    principal (or None: revoked) is returned, an exception raised; a subject not
-    in it keeps its principal. Takes no options.
+    plugin's would. ``calls`` counts the ``authenticate`` calls. ``refreshed``
+    maps a subject to what ``refresh`` does: a principal (or None: revoked) is
+    returned, an exception raised; a subject not in it keeps its principal.
+    Takes no options.
     """
 
     def __init__(self, options: Mapping[str, Any]) -> None:
         super().__init__(options)
         self.answers: dict[str, Any] = {}
+        self.calls = 0
         self.refreshed: dict[str, Principal | None | Exception] = {}
 
     async def authenticate(self, credential: str) -> Principal:
+        self.calls += 1
         answer = self.answers.get(credential)
         if answer is None:
             raise Refused(f"unknown credential {credential}")

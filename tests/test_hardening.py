@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -32,10 +31,10 @@ from tests.conftest import (
     event,
     wait_for,
 )
-from tests.fakes import FakeTransport
+from tests.fakes import SCRIPTED_AUTH, FakeTransport, ScriptedAuthenticator
 from wsgate.app import build_gateway
 from wsgate.gateway import MinuteCount
-from wsgate.plugins import Authenticator, Principal, Refused
+from wsgate.plugins import Principal
 
 C = CUSTOMER
 X = "0c4b4cf2-da9b-11ee-b3a6-5f2b4c1d2e3f"
@@ -47,28 +46,19 @@ SECRET_TOKEN = "s3cr3t-T0KEN-d0-not-log"
 SOAK = os.environ.get("WSGATE_SOAK") == "1"
 
 
-class CountingAuthenticator(Authenticator):
-    """A real authenticator plugin (loaded by ``module:Class``) that counts its calls.
-
-    ``SECRET_TOKEN`` is alice; ``explode-<anything>`` raises an exception whose
-    message carries the credential (a careless plugin); anything else is refused
-    with a message that repeats it.
-    """
-
-    def __init__(self, options: Mapping[str, Any]) -> None:
-        super().__init__(options)
-        self.calls = 0
-
-    async def authenticate(self, credential: str) -> Principal:
-        self.calls += 1
-        if credential == SECRET_TOKEN:
-            return ALICE
-        if credential.startswith("explode-"):
-            raise RuntimeError(f"backend rejected request for credential {credential}")
-        raise Refused(f"unknown credential {credential}")
+EXPLODING_TOKEN = "explode-Zq9Wv2"
 
 
-COUNTING = {"auth": {"plugin": "tests.test_hardening:CountingAuthenticator", "options": {}}}
+async def scripted_server(make_server: Any) -> Any:
+    """A server whose authenticator (a ScriptedAuthenticator, counting its calls) takes
+    ``SECRET_TOKEN`` for alice, raises an exception quoting ``EXPLODING_TOKEN`` for
+    it (a careless plugin) and refuses anything else with a message that repeats it."""
+    server = await make_server(**SCRIPTED_AUTH)
+    server.gateway.authenticator.answers.update({
+        SECRET_TOKEN: ALICE,
+        EXPLODING_TOKEN: RuntimeError(f"backend rejected request for credential "
+                                      f"{EXPLODING_TOKEN}")})
+    return server
 
 
 def db_rows(url: str, table: str = "audit_rows") -> list[dict[str, Any]]:
@@ -131,9 +121,9 @@ HOSTILE_ORIGINS = [
 
 @pytest.mark.gen_test(timeout=30)
 async def test_hostile_origins_get_403_before_the_authenticator_and_the_audit_log(make_server):
-    server = await make_server(**COUNTING)
+    server = await scripted_server(make_server)
     auth = server.gateway.authenticator
-    assert isinstance(auth, CountingAuthenticator)
+    assert isinstance(auth, ScriptedAuthenticator)
     for origin in HOSTILE_ORIGINS:
         status, body = await server.refused(token=SECRET_TOKEN, headers={"Origin": origin})
         assert status == 403, origin
@@ -158,8 +148,8 @@ async def test_tokens_appear_in_no_log_line_and_no_audit_column(make_server, cap
     for name in ("tornado", "tornado.access", "tornado.application", "tornado.general",
                  "tornado.websocket", "wsgate", "asyncio"):
         caplog.set_level(logging.DEBUG, logger=name)
-    server = await make_server(**COUNTING)
-    secrets = [SECRET_TOKEN, "explode-Zq9Wv2", "refused-Kp7Yx4", "renew-Ee5Rt1",
+    server = await scripted_server(make_server)
+    secrets = [SECRET_TOKEN, EXPLODING_TOKEN, "refused-Kp7Yx4", "renew-Ee5Rt1",
                "cookie-Uu3Ii8", "bad-utf8-Hh6Jj0", INGEST_KEY]
     # A session: connect by query, header and cookie; subscribe, errors, renew, close.
     client = await server.connect(SECRET_TOKEN, headers={"User-Agent": "pytest"})
@@ -168,14 +158,14 @@ async def test_tokens_appear_in_no_log_line_and_no_audit_column(make_server, cap
     assert (await client.recv())["code"] == "bad_request"
     renew = await client.request({"type": "authenticate", "token": "renew-Ee5Rt1", "id": 1})
     assert renew["type"] == "error" and renew["code"] == "unauthenticated"
-    boom = await client.request({"type": "authenticate", "token": "explode-Zq9Wv2"})
+    boom = await client.request({"type": "authenticate", "token": EXPLODING_TOKEN})
     assert boom["type"] == "error" and boom["code"] == "unauthenticated"
     await server.connect(None, headers={"Authorization": f"Bearer {SECRET_TOKEN}"})
     await server.connect(None, headers={"Cookie": f"token={SECRET_TOKEN}"})
     assert (await server.refused("refused-Kp7Yx4"))[0] == 401
     assert (await server.refused(None, headers={"Cookie": "token=cookie-Uu3Ii8"}))[0] == 401
     # The exception path: the plugin raises with the credential in its message.
-    status, body = await server.refused("explode-Zq9Wv2")
+    status, body = await server.refused(EXPLODING_TOKEN)
     assert status == 503
     # A token that is not valid UTF-8 once unescaped.
     http = tornado.httpclient.AsyncHTTPClient()
