@@ -236,7 +236,6 @@ class Node:
     """
 
     def __init__(self, config: Config, broker: Broker | None = None) -> None:
-        self.config = config
         self.audit = ControlledAuditSink(config.server.node_id)
         self.gateway = build_gateway(config, audit=self.audit, broker=broker)
 

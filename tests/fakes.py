@@ -21,13 +21,16 @@ import asyncio
 import inspect
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wsgate.audit.records import AuditRecord, EventRecord
 from wsgate.broker.memory import MemoryBroker
 from wsgate.config import HistoryConfig
 from wsgate.events import Event
 from wsgate.plugins import Authenticator, Principal, Refused
+
+if TYPE_CHECKING:
+    from wsgate.audit.witness import WitnessPublisher
 
 
 def unframe(wire: bytes) -> bytes:
@@ -129,7 +132,7 @@ class ControlledAuditSink:
         node_id: the gateway's ``node_id`` (read from its sink).
     """
 
-    witness = None
+    witness: WitnessPublisher | None = None
 
     def __init__(self, node_id: str = "test-node") -> None:
         self.node_id = node_id
@@ -209,8 +212,8 @@ class ScriptedAuthenticator(Authenticator):
         if isinstance(answer, BaseException):
             raise answer
         if inspect.isawaitable(answer):
-            return await answer  # type: ignore[no-any-return]
-        return answer  # type: ignore[no-any-return]
+            return await answer
+        return answer
 
     async def refresh(self, principal: Principal) -> Principal | None:
         answer = self.refreshed.get(principal.subject, principal)
