@@ -7,8 +7,9 @@ import asyncio
 
 import pytest
 
-from tests.conftest import CUSTOMER, event
+from tests.conftest import CUSTOMER, event, wait_for
 from tests.fakes import HeldBroker
+from wsgate.events import now_rfc3339
 
 ALL = f"customer_id:{CUSTOMER}"
 CALL = f"customer_id:{CUSTOMER}:call"
@@ -23,11 +24,20 @@ def held_history(read_first: bool):
     return lambda config: HeldBroker(config.history, read_first=read_first)
 
 
+async def in_a_new_millisecond() -> None:
+    """Wait until the next event's published_at (milliseconds) differs from the last's."""
+    stamp = now_rfc3339()
+    await wait_for(lambda: now_rfc3339() != stamp, interval=0.001)
+
+
 @pytest.mark.gen_test
 async def test_resume_replays_the_missed_events_in_order_then_live(make_node):
     node = await make_node()
     [last] = await node.publish(event(data={"n": 0}))
-    missed = [e for n in (1, 2, 3) for e in await node.publish(event(data={"n": n}))]
+    missed = []
+    for n in (1, 2, 3):
+        await in_a_new_millisecond()  # ordered by time as well as by arrival
+        missed += await node.publish(event(data={"n": n}))
     conn, peer = await node.connect()
     await node.subscribe(conn, ALL, since=last.event_id, id="r")
     frames = peer.take()
