@@ -1,4 +1,5 @@
-"""Shared fixtures: a real gateway on an unused port, WebSocket clients, ingest calls.
+"""Shared fixtures: a real gateway on an unused port, WebSocket clients, ingest calls;
+a gateway without sockets for the fast tests of its rooms; the polling helper.
 
 Services: ``WSGATE_TEST_PG_URL`` and ``WSGATE_TEST_REDIS_URL`` name the real
 PostgreSQL and Redis. Tests that need one skip with a message when it is not
@@ -8,6 +9,7 @@ reachable, except under CI (``CI=true``), where they fail.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 from collections.abc import Callable
@@ -19,11 +21,14 @@ import tornado.httpserver
 import tornado.testing
 import tornado.websocket
 
+from tests.fakes import ControlledAuditSink, FakeTransport
 from wsgate.adapters.server import make_app
 from wsgate.adapters.server import make_server as make_http_server
 from wsgate.app import build_gateway
 from wsgate.broker import Broker
 from wsgate.config import Config, config_from_dict
+from wsgate.events import Event, validate_events
+from wsgate.gateway import Connection
 
 CUSTOMER = "5013bc52-da9a-11ee-844f-2fa34248de28"
 OTHER_CUSTOMER = "6a1f4c2e-da9a-11ee-8d7e-0b6f3c2d1e4f"
@@ -98,6 +103,19 @@ class Client:
 
     async def unsubscribe(self, *topics: str, **extra: Any) -> Any:
         return await self.request({"type": "unsubscribe", "topics": list(topics), **extra})
+
+    async def subscribe_until_accepted(self, topic: str, timeout: float = 20.0) -> Any:
+        """Retry a subscribe refused with audit_unavailable until the audit store
+        takes it; return the reply. Any other refusal fails at once."""
+        async def accepted() -> Any:
+            reply = await self.subscribe(topic)
+            if reply["topics"] == [topic]:
+                return reply
+            assert [r["code"] for r in reply["rejected"]] == ["audit_unavailable"], reply
+            return None
+
+        return await wait_for(accepted, timeout, interval=0.1,
+                              message="the audit store did not recover")
 
     async def no_frame(self, wait: float = 0.2) -> None:
         """Assert nothing arrives within wait seconds (after a ping round trip)."""
@@ -208,18 +226,118 @@ def make_server(io_loop: Any, tmp_path: Any) -> Any:
         io_loop.run_sync(server.stop, timeout=15)
 
 
+class Node:
+    """One gateway without sockets, for the fast tests of its rooms.
+
+    Made by ``build_gateway`` with a :class:`ControlledAuditSink` (``audit``)
+    and the memory broker (or the one given); each client is a
+    :class:`FakeTransport`, opened through the gateway as the WebSocket
+    adapter opens one.
+    """
+
+    def __init__(self, config: Config, broker: Broker | None = None) -> None:
+        self.audit = ControlledAuditSink(config.server.node_id)
+        self.gateway = build_gateway(config, audit=self.audit, broker=broker)
+
+    async def start(self) -> Node:
+        await self.gateway.start()
+        return self
+
+    async def connect(self, token: str = "admin-token",
+                      remote_addr: str = "127.0.0.1") -> tuple[Connection, FakeTransport]:
+        """Authenticate, admit and open a connection (raising what the adapter would
+        turn into an HTTP refusal); its ``connected`` frame is taken already."""
+        principal = await self.gateway.authenticate(token)
+        self.gateway.admit(principal, remote_addr)
+        peer = FakeTransport()
+        conn = self.gateway.open(peer, principal, remote_addr, "https://app.example.com",
+                                 "pytest")
+        hello = peer.take()
+        assert [f["type"] for f in hello] == ["connected"], hello
+        return conn, peer
+
+    def send(self, conn: Connection, message: Any) -> asyncio.Future[None]:
+        """Hand one client message to the gateway, as the WebSocket layer does; the
+        future is done once the gateway has finished with it (replied)."""
+        raw = message if isinstance(message, (str, bytes)) else json.dumps(message)
+        handled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not self.gateway.receive(conn, raw, lambda: handled.set_result(None)):
+            handled.set_result(None)
+        return handled
+
+    async def request(self, conn: Connection, message: Any, timeout: float = 5.0) -> None:
+        """send, commit the audit rows it submitted, and wait until it is handled."""
+        handled = self.send(conn, message)
+        self.audit.commit()
+        await asyncio.wait_for(handled, timeout)
+
+    async def subscribe(self, conn: Connection, *topics: str, **extra: Any) -> None:
+        await self.request(conn, {"type": "subscribe", "topics": list(topics), **extra})
+
+    async def publish(self, *bodies: dict[str, Any]) -> list[Event]:
+        """Publish ingest bodies (see :func:`event`) through the gateway and its broker."""
+        events = validate_events(list(bodies))
+        await self.gateway.publish(events, "test-key", ["0" * 64] * len(events))
+        return events
+
+
+@pytest.fixture
+def make_node(io_loop: Any, tmp_path: Any) -> Any:
+    """An async factory: ``node = await make_node(**config_tables)``, a started
+    :class:`Node` (no periodic re-check unless ``server`` sets one); ``broker``
+    makes the broker from the config."""
+    nodes: list[Node] = []
+
+    async def factory(broker: Callable[[Config], Broker] | None = None,
+                      **tables: dict[str, Any]) -> Node:
+        tables["server"] = {"refresh_interval": 0, **tables.get("server", {})}
+        config = base_config(tmp_path, **tables)
+        node = Node(config, broker(config) if broker is not None else None)
+        nodes.append(node)
+        return await node.start()
+
+    yield factory
+    for node in nodes:
+        io_loop.run_sync(node.gateway.shutdown, timeout=5)
+
+
 async def wait_for(predicate: Callable[[], Any], timeout: float = 5.0,
-                   interval: float = 0.01) -> Any:
-    """Poll predicate until it is truthy; fail after timeout."""
+                   interval: float = 0.01,
+                   message: str | Callable[[], str] = "condition not met in time") -> Any:
+    """Poll predicate until it returns something truthy, and return that; fail after timeout.
+
+    The one polling helper of the suite. ``predicate`` may return an awaitable
+    (awaited each round: an HTTP probe, a retried request); an exception it
+    raises fails at once. ``message`` is the failure's text, or a function that
+    gives it (called on failure, to show the last state).
+    """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
         value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         if loop.time() > deadline:
-            raise AssertionError("condition not met in time")
+            raise AssertionError(message() if callable(message) else message)
         await asyncio.sleep(interval)
+
+
+async def next_turn() -> None:
+    """Return once every callback already scheduled on the event loop has run (the
+    loop runs them in order): for a test that asserts something did not happen."""
+    loop = asyncio.get_running_loop()
+    turned = loop.create_future()
+    loop.call_soon(turned.set_result, None)
+    await turned
+
+
+def wait_for_blocking(predicate: Callable[[], Any], timeout: float = 5.0,
+                      interval: float = 0.01,
+                      message: str | Callable[[], str] = "condition not met in time") -> Any:
+    """:func:`wait_for` in a test without an event loop, whose work runs in threads."""
+    return asyncio.run(wait_for(predicate, timeout, interval, message))
 
 
 def event(type_: str = "call_created", **fields: Any) -> dict[str, Any]:

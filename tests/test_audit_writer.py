@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +36,6 @@ from wsgate.audit.writer import _EVENT_LIMITS, _ROW_LIMITS, AuditWriter
 from wsgate.plugins import Principal
 
 backend = audit_helpers.backend  # the fixture: SQLite, and PostgreSQL when configured
-
-
-async def wait_until(predicate: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 def rows(b: Backend, where: str = "1=1") -> list[dict[str, Any]]:
@@ -145,7 +136,7 @@ async def test_store_down_refuses_subscribes_journals_ends_then_recovers_once(
                 await w.write_subscribes([rec(topic("d"))])
             await w.write_ends([end(topic("b"), "disconnect")])
             assert len(journal_lines(backend)) == 3
-        await wait_until(lambda: w.healthy() and not journal_lines(backend))
+        await wait_for(lambda: w.healthy() and not journal_lines(backend), timeout=10)
         await w.write_subscribes([rec(topic("e"))])
     finally:
         await w.close()
@@ -168,7 +159,7 @@ async def test_journal_replayed_twice_after_a_crash_stores_each_row_once(
         with backend.outage():
             await w.write_ends([end(topic("a")), end(topic("b"))])
         saved = Path(cfg.journal_path).read_text()
-        await wait_until(lambda: not journal_lines(backend))
+        await wait_for(lambda: not journal_lines(backend), timeout=10)
     finally:
         await w.close()
     # The process died after the commit but before the journal was emptied.
@@ -345,7 +336,7 @@ async def test_submitted_subscribes_are_answered_by_callback_once_each(
         with backend.outage():
             submit("d")  # its commit fails: only d is refused
             await answered("d")
-        await wait_until(w.healthy)
+        await wait_for(w.healthy, timeout=10)
         submit("e")
         await answered("e")
     finally:
@@ -399,7 +390,7 @@ async def test_a_write_the_store_refuses_keeps_readyz_false_while_subscribes_fai
     writer: Any = server.gateway.audit
     # The idle probe runs every 0.05 s: it either declares the store healthy or
     # reports why it cannot.
-    await wait_until(lambda: writer.healthy() or "another process" in caplog.text)
+    await wait_for(lambda: writer.healthy() or "another process" in caplog.text, timeout=10)
     response = await server.http.fetch(server.base + "/readyz", raise_error=False)
     assert response.code == 503 and json.loads(response.body)["checks"]["audit"] is False
     reply = await client.subscribe(topic("c"))

@@ -2,6 +2,7 @@
 
 from bench import loadgen
 from bench.index_bench import run as run_index
+from tests.conftest import wait_for
 
 
 def test_index_bench_runs_at_toy_scale():
@@ -66,13 +67,11 @@ def test_stamped_client_reads_one_frame_at_a_time():
         real = client.data_received
         client.data_received = lambda data: (reads.append(len(data)), real(data))
         await loop.sock_sendall(peer, b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
-        while not client.upgraded:
-            await asyncio.sleep(0.01)
+        await wait_for(lambda: client.upgraded)
         reads.clear()
         client.seen = set()
         await loop.sock_sendall(peer, ticks)  # one write: three frames in one segment
-        while stats.frames < 3:
-            await asyncio.sleep(0.01)
+        await wait_for(lambda: stats.frames >= 3)
         client.close()
         peer.close()
         listener.close()

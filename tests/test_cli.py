@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import CUSTOMER, event
+from tests.conftest import CUSTOMER, event, wait_for
 from wsgate.adapters.listen import listen
 
 
@@ -89,12 +89,10 @@ async def test_listen_prints_each_frame_as_a_json_line(make_server):
     def lines():
         return [json.loads(line) for line in out.getvalue().splitlines()]
 
-    while len(lines()) < 2:
-        await asyncio.sleep(0.01)
+    await wait_for(lambda: len(lines()) >= 2)
     status, body = await server.post(event())
     assert status == 202
-    while len(lines()) < 3:
-        await asyncio.sleep(0.01)
+    await wait_for(lambda: len(lines()) >= 3)
     connected, subscribed, frame = lines()
     assert connected["type"] == "connected"
     assert subscribed["type"] == "subscribed" and subscribed["topics"] == [
@@ -113,8 +111,7 @@ async def test_listen_since_resumes(make_server):
     task = asyncio.ensure_future(listen(server.ws_url, "admin-token",
                                         [f"customer_id:{CUSTOMER}"],
                                         since=first["event_ids"][0], out=out))
-    while out.getvalue().count("\n") < 3:
-        await asyncio.sleep(0.01)
+    await wait_for(lambda: out.getvalue().count("\n") >= 3)
     connected, subscribed, replayed = (json.loads(x) for x in out.getvalue().splitlines())
     assert subscribed["recovered"] is True
     assert replayed["event_id"] == missed["event_ids"][0]

@@ -27,7 +27,7 @@ import tornado.websocket
 from sqlalchemy.engine import make_url
 
 from tests.audit_helpers import PG_ENV, TCPProxy
-from tests.conftest import CUSTOMER, TOKENS, event, service_missing
+from tests.conftest import CUSTOMER, TOKENS, event, service_missing, wait_for
 from tests.test_hardening import SOAK, db_rows
 
 C = CUSTOMER
@@ -41,17 +41,6 @@ async def ping_time(client: Any) -> float:
     start = loop.time()
     assert (await client.request({"type": "ping", "id": "rt"})) == {"type": "pong", "id": "rt"}
     return loop.time() - start
-
-
-async def subscribe_until_accepted(client: Any, topic: str, timeout: float = 20.0) -> Any:
-    """Retry a subscribe refused with audit_unavailable until the store takes it."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while (reply := await client.subscribe(topic))["topics"] != [topic]:
-        assert [r["code"] for r in reply["rejected"]] == ["audit_unavailable"], reply
-        assert loop.time() < deadline, "the audit store did not recover"
-        await asyncio.sleep(0.1)
-    return reply
 
 
 # -- disk full ---------------------------------------------------------------------------
@@ -111,7 +100,7 @@ async def test_disk_full_refuses_subscribes_journals_ends_and_recovers(make_serv
         assert not [r for r in rows if r["topic"].startswith(f"{ALL}:full")]
         limit.full = False
         # Recovers without a restart: after the back-off, subscribes commit again.
-        await subscribe_until_accepted(client, f"{ALL}:after")
+        await client.subscribe_until_accepted(f"{ALL}:after")
     finally:
         limit.close()
     rows = db_rows(server.config.audit.url)
@@ -209,7 +198,7 @@ async def test_postgres_unreachable_fails_closed_and_recovers(make_server, pg_sc
         assert (await other.recv())["type"] == "call_created"
         await client.no_frame()
         proxy.restore()
-        await subscribe_until_accepted(client, f"{ALL}:c")
+        await client.subscribe_until_accepted(f"{ALL}:c")
         engine = sa.create_engine(pg_schema_url)
         try:
             with engine.connect() as db:
@@ -279,27 +268,23 @@ class ServeProcess:
 
     async def ready(self, timeout: float = 30.0) -> None:
         http = tornado.httpclient.AsyncHTTPClient()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
+
+        async def healthy() -> bool:
             assert self.proc.poll() is None, self.output()
             try:
                 response = await http.fetch(f"http://127.0.0.1:{self.port}/healthz",
                                             raise_error=False, request_timeout=1)
-                if response.code == 200:
-                    return
             except OSError:
-                pass
-            assert loop.time() < deadline, "wsgate serve did not start:\n" + self.output()
-            await asyncio.sleep(0.05)
+                return False
+            return response.code == 200
+
+        await wait_for(healthy, timeout, interval=0.05,
+                       message=lambda: "wsgate serve did not start:\n" + self.output())
 
     async def wait(self, timeout: float) -> int:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while (code := self.proc.poll()) is None:
-            assert loop.time() < deadline, "wsgate serve did not exit:\n" + self.output()
-            await asyncio.sleep(0.02)
-        return code
+        await wait_for(lambda: self.proc.poll() is not None, timeout, interval=0.02,
+                       message=lambda: "wsgate serve did not exit:\n" + self.output())
+        return self.proc.returncode
 
     def output(self) -> str:
         if not self.log.closed:

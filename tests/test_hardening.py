@@ -10,14 +10,10 @@ and crashes in test_crash.py; SIGTERM in test_shutdown.py.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import os
-import socket
-import struct
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -35,9 +31,10 @@ from tests.conftest import (
     event,
     wait_for,
 )
+from tests.fakes import SCRIPTED_AUTH, FakeTransport, ScriptedAuthenticator
 from wsgate.app import build_gateway
 from wsgate.gateway import MinuteCount
-from wsgate.plugins import Authenticator, Principal, Refused
+from wsgate.plugins import Principal
 
 C = CUSTOMER
 X = "0c4b4cf2-da9b-11ee-b3a6-5f2b4c1d2e3f"
@@ -49,28 +46,19 @@ SECRET_TOKEN = "s3cr3t-T0KEN-d0-not-log"
 SOAK = os.environ.get("WSGATE_SOAK") == "1"
 
 
-class CountingAuthenticator(Authenticator):
-    """A real authenticator plugin (loaded by ``module:Class``) that counts its calls.
-
-    ``SECRET_TOKEN`` is alice; ``explode-<anything>`` raises an exception whose
-    message carries the credential (a careless plugin); anything else is refused
-    with a message that repeats it.
-    """
-
-    def __init__(self, options: Mapping[str, Any]) -> None:
-        super().__init__(options)
-        self.calls = 0
-
-    async def authenticate(self, credential: str) -> Principal:
-        self.calls += 1
-        if credential == SECRET_TOKEN:
-            return ALICE
-        if credential.startswith("explode-"):
-            raise RuntimeError(f"backend rejected request for credential {credential}")
-        raise Refused(f"unknown credential {credential}")
+EXPLODING_TOKEN = "explode-Zq9Wv2"
 
 
-COUNTING = {"auth": {"plugin": "tests.test_hardening:CountingAuthenticator", "options": {}}}
+async def scripted_server(make_server: Any) -> Any:
+    """A server whose authenticator (a ScriptedAuthenticator, counting its calls) takes
+    ``SECRET_TOKEN`` for alice, raises an exception quoting ``EXPLODING_TOKEN`` for
+    it (a careless plugin) and refuses anything else with a message that repeats it."""
+    server = await make_server(**SCRIPTED_AUTH)
+    server.gateway.authenticator.answers.update({
+        SECRET_TOKEN: ALICE,
+        EXPLODING_TOKEN: RuntimeError(f"backend rejected request for credential "
+                                      f"{EXPLODING_TOKEN}")})
+    return server
 
 
 def db_rows(url: str, table: str = "audit_rows") -> list[dict[str, Any]]:
@@ -95,104 +83,6 @@ def dump_database(url: str) -> str:
         return "\n".join(out)
     finally:
         engine.dispose()
-
-
-class RawWebSocket:
-    """A WebSocket client on a bare non-blocking socket.
-
-    It reads only when a test asks it to (so it can play a slow or dead
-    peer), never answers pings by itself, and masks what it sends.
-    """
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buf = b""
-
-    @classmethod
-    async def connect(cls, port: int, token: str = "admin-token",
-                      rcvbuf: int | None = None) -> RawWebSocket:
-        loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        if rcvbuf is not None:
-            # Before connect, so the advertised window stays small.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self = cls(sock)
-        try:
-            await loop.sock_connect(sock, ("127.0.0.1", port))
-            key = base64.b64encode(os.urandom(16)).decode()
-            await loop.sock_sendall(sock, (
-                f"GET /v1.0/ws?token={token} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-            while b"\r\n\r\n" not in self.buf:
-                await self._fill(5.0)
-        except BaseException:
-            sock.close()
-            raise
-        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101"), head
-        return self
-
-    async def _fill(self, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
-        data = await asyncio.wait_for(loop.sock_recv(self.sock, 65536), timeout)
-        if not data:
-            raise EOFError("the server closed the connection")
-        self.buf += data
-
-    async def send_text(self, text: str) -> None:
-        payload = text.encode()
-        mask = os.urandom(4)
-        n = len(payload)
-        if n < 126:
-            header = bytes((0x81, 0x80 | n))
-        elif n < 65536:
-            header = bytes((0x81, 0x80 | 126)) + struct.pack(">H", n)
-        else:
-            header = bytes((0x81, 0x80 | 127)) + struct.pack(">Q", n)
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        await asyncio.get_running_loop().sock_sendall(self.sock, header + mask + masked)
-
-    async def recv_frame(self, timeout: float = 5.0) -> tuple[int, bytes]:
-        """The next frame as (opcode, payload)."""
-        while True:
-            if len(self.buf) >= 2:
-                n = self.buf[1] & 0x7F
-                start = 2 if n < 126 else 4 if n == 126 else 10
-                if len(self.buf) >= start:
-                    if n == 126:
-                        n = struct.unpack(">H", self.buf[2:4])[0]
-                    elif n == 127:
-                        n = struct.unpack(">Q", self.buf[2:10])[0]
-                    if len(self.buf) >= start + n:
-                        opcode = self.buf[0] & 0x0F
-                        payload = self.buf[start:start + n]
-                        self.buf = self.buf[start + n:]
-                        return opcode, payload
-            await self._fill(timeout)
-
-    async def recv_json(self, timeout: float = 5.0) -> Any:
-        """The next text frame as JSON (pings are skipped, and not answered)."""
-        while True:
-            opcode, payload = await self.recv_frame(timeout)
-            if opcode == 0x1:
-                return json.loads(payload)
-            assert opcode in (0x9, 0xA), (opcode, payload)
-
-    async def eof(self, timeout: float) -> None:
-        """Read and drop everything until the server closes the TCP connection."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            self.buf = b""
-            try:
-                await self._fill(max(0.01, deadline - loop.time()))
-            except (EOFError, ConnectionError):
-                return
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 async def raw_http(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -231,9 +121,9 @@ HOSTILE_ORIGINS = [
 
 @pytest.mark.gen_test(timeout=30)
 async def test_hostile_origins_get_403_before_the_authenticator_and_the_audit_log(make_server):
-    server = await make_server(**COUNTING)
+    server = await scripted_server(make_server)
     auth = server.gateway.authenticator
-    assert isinstance(auth, CountingAuthenticator)
+    assert isinstance(auth, ScriptedAuthenticator)
     for origin in HOSTILE_ORIGINS:
         status, body = await server.refused(token=SECRET_TOKEN, headers={"Origin": origin})
         assert status == 403, origin
@@ -258,8 +148,8 @@ async def test_tokens_appear_in_no_log_line_and_no_audit_column(make_server, cap
     for name in ("tornado", "tornado.access", "tornado.application", "tornado.general",
                  "tornado.websocket", "wsgate", "asyncio"):
         caplog.set_level(logging.DEBUG, logger=name)
-    server = await make_server(**COUNTING)
-    secrets = [SECRET_TOKEN, "explode-Zq9Wv2", "refused-Kp7Yx4", "renew-Ee5Rt1",
+    server = await scripted_server(make_server)
+    secrets = [SECRET_TOKEN, EXPLODING_TOKEN, "refused-Kp7Yx4", "renew-Ee5Rt1",
                "cookie-Uu3Ii8", "bad-utf8-Hh6Jj0", INGEST_KEY]
     # A session: connect by query, header and cookie; subscribe, errors, renew, close.
     client = await server.connect(SECRET_TOKEN, headers={"User-Agent": "pytest"})
@@ -268,14 +158,14 @@ async def test_tokens_appear_in_no_log_line_and_no_audit_column(make_server, cap
     assert (await client.recv())["code"] == "bad_request"
     renew = await client.request({"type": "authenticate", "token": "renew-Ee5Rt1", "id": 1})
     assert renew["type"] == "error" and renew["code"] == "unauthenticated"
-    boom = await client.request({"type": "authenticate", "token": "explode-Zq9Wv2"})
+    boom = await client.request({"type": "authenticate", "token": EXPLODING_TOKEN})
     assert boom["type"] == "error" and boom["code"] == "unauthenticated"
     await server.connect(None, headers={"Authorization": f"Bearer {SECRET_TOKEN}"})
     await server.connect(None, headers={"Cookie": f"token={SECRET_TOKEN}"})
     assert (await server.refused("refused-Kp7Yx4"))[0] == 401
     assert (await server.refused(None, headers={"Cookie": "token=cookie-Uu3Ii8"}))[0] == 401
     # The exception path: the plugin raises with the credential in its message.
-    status, body = await server.refused("explode-Zq9Wv2")
+    status, body = await server.refused(EXPLODING_TOKEN)
     assert status == 503
     # A token that is not valid UTF-8 once unescaped.
     http = tornado.httpclient.AsyncHTTPClient()
@@ -393,28 +283,6 @@ async def test_hostile_event_topics_and_ids_are_refused_by_ingest(make_server):
 # -- 4. any client message, end to end -------------------------------------------------
 
 
-class CollectingTransport:
-    """A Transport that keeps what the gateway sends (a real one, not a mock)."""
-
-    def __init__(self) -> None:
-        self.texts: list[str] = []
-        self.wires: list[bytes] = []
-        self.closes: list[tuple[int, str]] = []
-
-    def send_text(self, text: str) -> None:
-        self.texts.append(text)
-
-    def send_wire(self, frame: bytes) -> int:
-        self.wires.append(frame)
-        return 0
-
-    def pending_bytes(self) -> int:
-        return 0
-
-    def close(self, code: int, reason: str) -> None:
-        self.closes.append((code, reason))
-
-
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(min_value=-(2**80), max_value=2**80)
     | st.floats() | st.text(st.characters(codec=None, exclude_categories=())),
@@ -482,10 +350,10 @@ def test_any_client_message_gets_one_reply_through_a_real_gateway(tmp_path):
     gateway = build_gateway(config)
     try:
         loop.run_until_complete(gateway.start())
-        transport = CollectingTransport()
+        transport = FakeTransport()
         principal = loop.run_until_complete(gateway.authenticate("admin-token"))
         conn = gateway.open(transport, principal, "127.0.0.1", None, "hypothesis")
-        assert json.loads(transport.texts.pop())["type"] == "connected"
+        assert json.loads(transport.sent.pop())["type"] == "connected"
 
         @settings(max_examples=5000 if SOAK else 200, deadline=None,
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -493,9 +361,9 @@ def test_any_client_message_gets_one_reply_through_a_real_gateway(tmp_path):
         def one_message(raw: str | bytes) -> None:
             loop.run_until_complete(gateway.handle_message(conn, raw))
             assert transport.closes == [] and not conn.closed
-            assert len(transport.texts) == 1, transport.texts
-            text = transport.texts.pop()
-            assert text.isascii()  # valid UTF-8 on the wire whatever came in
+            assert len(transport.sent) == 1, transport.sent
+            text = transport.sent.pop()
+            assert isinstance(text, str) and text.isascii()  # valid UTF-8 whatever came in
             frame = json.loads(text)
             assert frame["type"] in ("subscribed", "unsubscribed", "pong", "authenticated",
                                      "error"), frame
@@ -717,12 +585,7 @@ async def test_audit_unavailable_is_not_counted_against_the_client(make_server):
     finally:
         blocker.dispose()
     # Ten refusals, all the server's fault: the connection is still served.
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 20
-    while (reply := await client.subscribe(CALL))["topics"] != [CALL]:
-        assert reply["rejected"][0]["code"] == "audit_unavailable"
-        assert loop.time() < deadline, "the audit store did not recover"
-        await asyncio.sleep(0.2)
+    await client.subscribe_until_accepted(CALL)
     # The client's own refusals do count: one is the limit, two are past it.
     assert len((await client.subscribe(f"customer_id:{OTHER_CUSTOMER}"))["rejected"]) == 1
     assert len((await client.subscribe(f"customer_id:{OTHER_CUSTOMER}:x"))["rejected"]) == 1

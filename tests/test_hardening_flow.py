@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import CUSTOMER, event, wait_for
-from tests.test_hardening import SOAK, RawWebSocket, db_rows
+from tests.test_hardening import SOAK, db_rows
+from tests.wsclient import RawWebSocket
 
 C = CUSTOMER
 ALL = f"customer_id:{C}"
@@ -58,9 +59,9 @@ async def test_slow_consumer_is_closed_4008_with_bounded_memory_and_others_keep_
     server = await make_server(server={"max_output_buffer": limit})
     slow = await RawWebSocket.connect(server.port, rcvbuf=4096)
     try:
-        hello = await slow.recv_json()
+        hello = await slow.recv_json(skip_pings=True)
         await slow.send_text(json.dumps({"type": "subscribe", "topics": [ALL]}))
-        assert (await slow.recv_json())["topics"] == [ALL]
+        assert (await slow.recv_json(skip_pings=True))["topics"] == [ALL]
         conn = server.gateway.connections[hello["connection_id"]]
         meter = PendingMeter(conn.transport)
         conn.transport = meter
@@ -89,7 +90,7 @@ async def test_slow_consumer_is_closed_4008_with_bounded_memory_and_others_keep_
         # It is told why: a close frame with 4008 (after whatever the kernel still held).
         code = None
         while code is None:
-            opcode, payload = await slow.recv_frame(timeout=10)
+            opcode, payload = await slow.recv(timeout=10)
             if opcode == 0x8:
                 code = int.from_bytes(payload[:2], "big")
         assert code == 4008
@@ -112,9 +113,9 @@ async def test_dead_peer_is_closed_by_the_ping_timeout_and_its_subscriptions_end
     server = await make_server(server={"ping_interval": 0.5, "ping_timeout": 0.5})
     dead = await RawWebSocket.connect(server.port)
     try:
-        hello = await dead.recv_json()
+        hello = await dead.recv_json(skip_pings=True)
         await dead.send_text(json.dumps({"type": "subscribe", "topics": [ALL]}))
-        assert (await dead.recv_json())["topics"] == [ALL]
+        assert (await dead.recv_json(skip_pings=True))["topics"] == [ALL]
         alive = await server.connect()  # answers pings (Tornado's client does)
         await alive.subscribe(ALL)
         started = time.monotonic()

@@ -1,6 +1,5 @@
 """/metrics after scripted sessions, its protection, and /healthz and /readyz transitions."""
 
-import asyncio
 import json
 import sqlite3
 
@@ -193,14 +192,16 @@ async def readiness(server):
 
 
 async def until_ready_is(server, wanted, timeout=10.0):
-    """Poll /readyz until it answers wanted; fail after timeout."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        code, body = await readiness(server)
-        if code == wanted:
-            return body
-        assert asyncio.get_running_loop().time() < deadline, f"/readyz stayed {code}: {body}"
-        await asyncio.sleep(0.02)
+    """Poll /readyz until it answers wanted; return its body."""
+    last = []
+
+    async def answered():
+        last[:] = await readiness(server)
+        return last[0] == wanted
+
+    await wait_for(answered, timeout, interval=0.02,
+                   message=lambda: f"/readyz stayed {last[0]}: {last[1]}")
+    return last[1]
 
 
 async def quick_outage_server(tmp_path):

@@ -22,7 +22,7 @@ from sqlalchemy.engine import URL
 
 from tests import audit_helpers, test_crash
 from tests.audit_helpers import Backend
-from tests.conftest import CUSTOMER, TOKENS, Client
+from tests.conftest import CUSTOMER, TOKENS, Client, wait_for_blocking
 from tests.test_crash import REPO, ServeProcess, audit_cli, toml_value, unused_port
 from tests.test_hardening import db_rows
 from wsgate.audit import nodelock, store
@@ -88,16 +88,14 @@ def test_the_lock_of_a_killed_process_is_free_again(backend: Backend) -> None:
 
 
 def _acquire_within(url: str, node_id: str, timeout: float) -> nodelock.NodeLock:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
+    def attempt() -> nodelock.NodeLock | None:
         try:
             return nodelock.acquire(url, node_id)
         except NodeBusy:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+            return None
+
+    return wait_for_blocking(attempt, timeout, interval=0.05,
+                             message=f"{node_id} was still locked after {timeout} s")
 
 
 def test_sqlite_lock_file_sits_beside_the_database_named_by_the_node_id(

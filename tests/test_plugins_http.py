@@ -11,6 +11,7 @@ from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
 from tornado.web import Application, RequestHandler
 
+from tests.conftest import wait_for
 from wsgate.plugins import OptionError, Principal, Refused, Unavailable
 from wsgate_plugins.http import HTTPAuthenticator
 
@@ -109,13 +110,6 @@ def scenario(test):
     def wrapper(*args, **kwargs):
         asyncio.run(test(*args, **kwargs))
     return wrapper
-
-
-async def wait_for(condition, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
 
 
 @scenario

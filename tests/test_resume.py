@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from tests.conftest import AGENT, CUSTOMER, event
-from wsgate.broker.memory import MemoryBroker
+from tests.fakes import HeldBroker
 
 ALL = f"customer_id:{CUSTOMER}"
 
@@ -90,25 +90,12 @@ async def test_replay_obeys_permissions(make_server):
     await agent.no_frame()
 
 
-class SlowHistoryBroker(MemoryBroker):
-    """The memory broker, with a history read that yields to the loop first,
-    as a networked history (Redis) does."""
-
-    def __init__(self, history, gate):
-        super().__init__(history)
-        self.gate = gate
-
-    async def history_since(self, scope_key, event_id):
-        found = await super().history_since(scope_key, event_id)
-        self.gate.set()
-        await asyncio.sleep(0.1)
-        return found
-
-
 @pytest.mark.gen_test(timeout=30)
 async def test_event_published_during_replay_arrives_once_after_it(make_server):
-    gate = asyncio.Event()
-    server = await make_server(broker=lambda config: SlowHistoryBroker(config.history, gate))
+    # The history is read, then held until the event below is published, as a
+    # networked history's answer can be on its way while live events come.
+    server = await make_server(broker=lambda config: HeldBroker(config.history))
+    reading = server.gateway.broker.reading
     client = await server.connect()
     await client.subscribe(ALL)
     last = await seen_event(server, client)
@@ -116,8 +103,9 @@ async def test_event_published_during_replay_arrives_once_after_it(make_server):
     _, missed = await server.post(event(data={"n": "missed"}))
     again = await server.connect()
     await again.send({"type": "subscribe", "topics": [ALL], "since": last})
-    await gate.wait()
+    await asyncio.wait_for(reading.reached.wait(), 5)
     _, during = await server.post(event(data={"n": "during"}))
+    reading.open()
     reply = await again.recv()
     assert reply["type"] == "subscribed" and reply["recovered"] is True
     assert (await again.recv())["event_id"] == missed["event_ids"][0]

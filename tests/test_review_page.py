@@ -15,7 +15,7 @@ import shutil
 import pytest
 import tornado.httpclient
 
-from tests.conftest import CUSTOMER, OTHER_CUSTOMER, service_missing
+from tests.conftest import CUSTOMER, OTHER_CUSTOMER, service_missing, wait_for
 from wsgate.audit.query import FIELDS
 
 pytestmark = pytest.mark.browser
@@ -57,21 +57,21 @@ async def audit_history(server):
 
 
 async def server_rows(server, expect, timeout=10.0):
-    """Wait until the audit API reports expect rows."""
-    import asyncio
+    """Wait until the audit API reports expect rows; return them."""
     import json
 
     http = tornado.httpclient.AsyncHTTPClient()
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
+    rows = []
+
+    async def reported():
         response = await http.fetch(server.base + "/v1.0/audit?limit=1000",
                                     headers={"Authorization": f"Bearer {REVIEW_KEY}"})
-        rows = json.loads(response.body)["rows"]
-        if len(rows) >= expect:
-            assert len(rows) == expect, rows
-            return rows
-        assert asyncio.get_running_loop().time() < deadline, f"only {len(rows)} rows"
-        await asyncio.sleep(0.02)
+        rows[:] = json.loads(response.body)["rows"]
+        assert len(rows) <= expect, rows
+        return len(rows) == expect
+
+    await wait_for(reported, timeout, interval=0.02, message=lambda: f"only {len(rows)} rows")
+    return rows
 
 
 @pytest.mark.gen_test(timeout=60)

@@ -14,7 +14,8 @@ import tornado.websocket
 
 from tests.conftest import CUSTOMER
 from tests.test_crash import ServeProcess, audit_cli, unused_port, write_config
-from tests.test_hardening import RawWebSocket, db_rows
+from tests.test_hardening import db_rows
+from tests.wsclient import RawWebSocket
 
 ALL = f"customer_id:{CUSTOMER}"
 
@@ -40,9 +41,9 @@ async def test_sigterm_closes_1001_writes_shutdown_ends_and_exits_0(tmp_path: Pa
             held[cid] = topics
         # A peer that never reads and never answers the close handshake.
         mute = await RawWebSocket.connect(port)
-        mute_id = (await mute.recv_json())["connection_id"]
+        mute_id = (await mute.recv_json(skip_pings=True))["connection_id"]
         await mute.send_text(json.dumps({"type": "subscribe", "topics": [ALL]}))
-        assert (await mute.recv_json())["topics"] == [ALL]
+        assert (await mute.recv_json(skip_pings=True))["topics"] == [ALL]
         held[mute_id] = [ALL]
 
         started = time.monotonic()

@@ -5,113 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import time
 from typing import Any
 
 import pytest
 
-from tests.conftest import CUSTOMER, wait_for
+from tests.conftest import CUSTOMER, event, wait_for
+from tests.wsclient import SAMPLE_KEY, RawWebSocket, close_payload, frame
 from wsgate import errors
+from wsgate.adapters.wsconn import WebSocketConnection, close_frame
 
 CALL = f"customer_id:{CUSTOMER}:call"
-SAMPLE_KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 §1.3
-
-
-def frame(opcode: int, payload: bytes = b"", fin: bool = True, mask: bool = True,
-          rsv: int = 0) -> bytes:
-    """One client frame, masked unless told otherwise."""
-    n = len(payload)
-    head = bytes((opcode | (0x80 if fin else 0) | rsv,))
-    bit = 0x80 if mask else 0
-    if n < 126:
-        head += bytes((bit | n,))
-    elif n < 65536:
-        head += bytes((bit | 126,)) + n.to_bytes(2, "big")
-    else:
-        head += bytes((bit | 127,)) + n.to_bytes(8, "big")
-    if not mask:
-        return head + payload
-    key = os.urandom(4)
-    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-
-
-def close_payload(code: int, reason: str = "") -> bytes:
-    return code.to_bytes(2, "big") + reason.encode()
-
-
-class Peer:
-    """A client on a plain TCP stream: sends raw bytes, reads server frames."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def connect(cls, port: int, after_handshake: bytes = b"",
-                      headers: str | None = None) -> tuple[Peer, bytes]:
-        """Connect and send the handshake; return the peer and the response head."""
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        if headers is None:
-            headers = (f"Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                       f"Sec-WebSocket-Key: {SAMPLE_KEY}\r\nSec-WebSocket-Version: 13\r\n")
-        writer.write((f"GET /v1.0/ws?token=admin-token HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-                      f"{headers}\r\n").encode() + after_handshake)
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-        return cls(reader, writer), head
-
-    @classmethod
-    async def open(cls, port: int, after_handshake: bytes = b"") -> tuple[Peer, dict[str, Any]]:
-        peer, head = await cls.connect(port, after_handshake)
-        assert head.startswith(b"HTTP/1.1 101"), head
-        hello = await peer.recv_json()
-        assert hello["type"] == "connected"
-        return peer, hello
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def recv(self, timeout: float = 5.0) -> tuple[int, bytes]:
-        """The next server frame: (opcode, payload). Server frames are never masked."""
-        async def read() -> tuple[int, bytes]:
-            b0, b1 = await self.reader.readexactly(2)
-            assert not b1 & 0x80, "a server frame was masked"
-            n = b1 & 0x7F
-            if n == 126:
-                n = int.from_bytes(await self.reader.readexactly(2), "big")
-            elif n == 127:
-                n = int.from_bytes(await self.reader.readexactly(8), "big")
-            return b0 & 0x0F, await self.reader.readexactly(n)
-        return await asyncio.wait_for(read(), timeout)
-
-    async def recv_json(self) -> Any:
-        opcode, payload = await self.recv()
-        assert opcode == 1, (opcode, payload)
-        return json.loads(payload)
-
-    async def recv_close(self, timeout: float = 5.0) -> int | None:
-        """Skip to the server's close frame; return its code."""
-        while True:
-            opcode, payload = await self.recv(timeout)
-            if opcode == 8:
-                return int.from_bytes(payload[:2], "big") if payload else None
-
-    async def eof(self, timeout: float) -> float:
-        """Wait until the server closes the TCP connection; return how long it took."""
-        started = time.monotonic()
-        while await asyncio.wait_for(self.reader.read(65536), timeout):
-            pass
-        return time.monotonic() - started
-
-    def close(self) -> None:
-        self.writer.close()
-
-
 @pytest.mark.gen_test(timeout=30)
 async def test_handshake_answers_the_rfc_accept_value(make_server):
     server = await make_server()
-    peer, head = await Peer.connect(server.port)
+    peer, head = await RawWebSocket.handshake(server.port)
     try:
         lines = head.decode().split("\r\n")
         assert lines[0] == "HTTP/1.1 101 Switching Protocols"
@@ -135,7 +42,7 @@ async def test_handshake_answers_the_rfc_accept_value(make_server):
 async def test_bad_handshakes_are_refused_after_the_credential_check(make_server, headers,
                                                                      status):
     server = await make_server()
-    peer, head = await Peer.connect(server.port, headers=headers.format(key=SAMPLE_KEY))
+    peer, head = await RawWebSocket.handshake(server.port, headers=headers.format(key=SAMPLE_KEY))
     try:
         assert head.startswith(f"HTTP/1.1 {status} ".encode()), head
         assert server.gateway.connections == {}
@@ -147,7 +54,7 @@ async def test_bad_handshakes_are_refused_after_the_credential_check(make_server
 async def test_frames_sent_with_the_handshake_are_read(make_server):
     server = await make_server()
     ping = json.dumps({"type": "ping", "id": "early"}).encode()
-    peer, _ = await Peer.open(server.port, after_handshake=frame(1, ping))
+    peer, _ = await RawWebSocket.open(server.port, after_handshake=frame(1, ping))
     try:
         assert await peer.recv_json() == {"type": "pong", "id": "early"}
     finally:
@@ -157,7 +64,7 @@ async def test_frames_sent_with_the_handshake_are_read(make_server):
 @pytest.mark.gen_test(timeout=30)
 async def test_fragmented_message_with_a_ping_between_and_bytes_dribbled(make_server):
     server = await make_server()
-    peer, _ = await Peer.open(server.port)
+    peer, _ = await RawWebSocket.open(server.port)
     try:
         text = json.dumps({"type": "subscribe", "topics": [CALL], "id": "frag"}).encode()
         wire = (frame(1, text[:5], fin=False) + frame(9, b"are you there")
@@ -181,7 +88,7 @@ async def test_fragmented_message_with_a_ping_between_and_bytes_dribbled(make_se
 @pytest.mark.gen_test(timeout=30)
 async def test_binary_message_gets_bad_request_and_the_connection_stays(make_server):
     server = await make_server()
-    peer, _ = await Peer.open(server.port)
+    peer, _ = await RawWebSocket.open(server.port)
     try:
         await peer.send(frame(2, b'{"type":"ping"}'))
         reply = await peer.recv_json()
@@ -213,8 +120,8 @@ PROTOCOL_ERRORS = [
 @pytest.mark.parametrize("name, wire, code", PROTOCOL_ERRORS, ids=[p[0] for p in PROTOCOL_ERRORS])
 async def test_protocol_errors_close_with_their_code(make_server, name, wire, code):
     server = await make_server()
-    peer, hello = await Peer.open(server.port)
-    other, _ = await Peer.open(server.port)
+    peer, hello = await RawWebSocket.open(server.port)
+    other, _ = await RawWebSocket.open(server.port)
     try:
         await peer.send(wire)
         assert await peer.recv_close() == code
@@ -232,7 +139,7 @@ async def test_protocol_errors_close_with_their_code(make_server, name, wire, co
 @pytest.mark.gen_test(timeout=30)
 async def test_message_size_limit_is_exact_for_frames_and_fragmented_messages(make_server):
     server = await make_server(server={"max_message_size": 1000})
-    peer, _ = await Peer.open(server.port)
+    peer, _ = await RawWebSocket.open(server.port)
     try:
         exact = ('{"type":"ping","id":"x"' + " " * (1000 - 24) + "}").encode()
         assert len(exact) == 1000
@@ -246,7 +153,7 @@ async def test_message_size_limit_is_exact_for_frames_and_fragmented_messages(ma
         assert await peer.recv_close() == errors.CLOSE_TOO_BIG
     finally:
         peer.close()
-    peer, _ = await Peer.open(server.port)
+    peer, _ = await RawWebSocket.open(server.port)
     try:
         # A single frame announcing 2 GiB: refused on its header, nothing buffered.
         await peer.send(bytes((0x81, 0x80 | 127)) + (1 << 31).to_bytes(8, "big"))
@@ -267,7 +174,7 @@ async def test_message_size_limit_is_exact_for_frames_and_fragmented_messages(ma
 async def test_client_close_is_echoed_and_the_server_closes_tcp(make_server, sent, echoed,
                                                                 recorded):
     server = await make_server()
-    peer, hello = await Peer.open(server.port)
+    peer, hello = await RawWebSocket.open(server.port)
     try:
         await peer.send(frame(1, json.dumps({"type": "subscribe", "topics": [CALL]}).encode()))
         assert (await peer.recv_json())["topics"] == [CALL]
@@ -285,8 +192,8 @@ async def test_client_close_is_echoed_and_the_server_closes_tcp(make_server, sen
 @pytest.mark.gen_test(timeout=30)
 async def test_server_close_waits_briefly_for_an_echo_then_aborts(make_server):
     server = await make_server()
-    peer, hello = await Peer.open(server.port)
-    polite, polite_hello = await Peer.open(server.port)
+    peer, hello = await RawWebSocket.open(server.port)
+    polite, polite_hello = await RawWebSocket.open(server.port)
     try:
         for p, h in ((peer, hello), (polite, polite_hello)):
             conn = server.gateway.connections[h["connection_id"]]
@@ -308,21 +215,23 @@ async def test_shared_pinger_pings_silent_peers_and_aborts_those_that_do_not_ans
     server = await make_server(server={"ping_interval": 0.4, "ping_timeout": 0.4})
     registry = server.server.websockets
     assert registry is not None
-    silent, silent_hello = await Peer.open(server.port)
-    answering, _ = await Peer.open(server.port)
+    silent, silent_hello = await RawWebSocket.open(server.port)
+    answering, _ = await RawWebSocket.open(server.port)
     try:
         assert len(registry.connections) == 2
         # Both are pinged once they have been silent for the interval.
         assert await silent.recv(timeout=3) == (9, b"")
         assert await answering.recv(timeout=3) == (9, b"")
         await answering.send(frame(0xA))
-        started = time.monotonic()
+        answered = 0
 
         async def keep_answering() -> None:
+            nonlocal answered
             while True:
                 opcode, payload = await answering.recv(timeout=5)
                 if opcode == 9:
                     await answering.send(frame(0xA, payload))
+                    answered += 1
 
         answers = asyncio.ensure_future(keep_answering())
         # The silent one is dropped (no close handshake with a dead peer) ...
@@ -330,7 +239,7 @@ async def test_shared_pinger_pings_silent_peers_and_aborts_those_that_do_not_ans
         await wait_for(lambda: silent_hello["connection_id"] not in server.gateway.connections)
         assert m_value(server, "1006") == 1
         # ... the answering one stays, several pings later.
-        await asyncio.sleep(max(0.0, 2.0 - (time.monotonic() - started)))
+        await wait_for(lambda: answered >= 4 or answers.done())
         assert not answers.done()
         answers.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -352,7 +261,7 @@ def m_value(server: Any, code: str) -> float:
 @pytest.mark.gen_test(timeout=30)
 async def test_messages_are_handled_one_at_a_time_in_order(make_server):
     server = await make_server(server={"max_messages_per_second": 10_000})
-    peer, _ = await Peer.open(server.port)
+    peer, _ = await RawWebSocket.open(server.port)
     try:
         wire = b""
         for i in range(100):
@@ -370,17 +279,13 @@ async def test_messages_are_handled_one_at_a_time_in_order(make_server):
 
 @pytest.mark.gen_test(timeout=60)
 async def test_a_peer_that_stops_reading_gets_every_frame_in_order_once_it_reads(make_server):
-    from tests.conftest import event
-    from tests.test_hardening import RawWebSocket
-    from wsgate.adapters.wsconn import WebSocketConnection
-
     every = f"customer_id:{CUSTOMER}"
     server = await make_server(server={"max_output_buffer": 64 * 1024 * 1024})
     slow = await RawWebSocket.connect(server.port, rcvbuf=4096)
     try:
-        hello = await slow.recv_json()
+        hello = await slow.recv_json(skip_pings=True)
         await slow.send_text(json.dumps({"type": "subscribe", "topics": [every]}))
-        assert (await slow.recv_json())["topics"] == [every]
+        assert (await slow.recv_json(skip_pings=True))["topics"] == [every]
         ws = server.gateway.connections[hello["connection_id"]].transport
         assert isinstance(ws, WebSocketConnection) and ws.backlog == 0
         pad = "x" * 4096
@@ -404,23 +309,21 @@ async def test_a_peer_that_stops_reading_gets_every_frame_in_order_once_it_reads
         await slow.send_text(json.dumps({"type": "ping"}))
         got = []
         while len(got) < sent:
-            msg = await slow.recv_json(timeout=10)
+            msg = await slow.recv_json(timeout=10, skip_pings=True)
             assert msg["type"] == "call_created", msg
             got.append(msg["data"]["n"])
         assert got == list(range(sent))
-        assert (await slow.recv_json(timeout=10)) == {"type": "pong"}
+        assert (await slow.recv_json(timeout=10, skip_pings=True)) == {"type": "pong"}
         # Drained: the next frame goes straight to the socket again.
         await wait_for(lambda: ws.transport.get_write_buffer_size() == 0)
         await post(1)
-        assert (await slow.recv_json(timeout=10))["data"]["n"] == sent - 1
+        assert (await slow.recv_json(timeout=10, skip_pings=True))["data"]["n"] == sent - 1
         assert ws.backlog == 0
     finally:
         slow.close()
 
 
 def test_close_frame_reason_fits_a_control_frame():
-    from wsgate.adapters.wsconn import close_frame
-
     wire = close_frame(4008, "é" * 100)
     assert wire[0] == 0x88 and wire[1] <= 125 and len(wire) == 2 + wire[1]
     (wire[4:]).decode()  # cut on a character boundary

@@ -18,7 +18,7 @@ import pytest
 import tornado.httpclient
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import wait_for
+from tests.conftest import wait_for, wait_for_blocking
 from wsgate.audit.witness import WitnessError, WitnessPublisher, read_witness
 from wsgate.config import ConfigError, config_from_dict
 
@@ -40,14 +40,6 @@ def checkpoints(first, count, node="node-a"):
              "prev_hash": f"{seq - 1:064x}", "policy": None, "kind": "periodic",
              "signed_at": "2024-05-01T12:00:00.000000Z", "key_id": "0123456789abcdef",
              "signature": f"sig-{seq}"} for seq in range(first, first + count)]
-
-
-def until(predicate, timeout=10.0):
-    """Poll predicate until it is truthy; fail after timeout."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.005)
 
 
 def timed_submit(publisher, batch):
@@ -139,7 +131,8 @@ def test_file_and_http_witnesses_receive_every_checkpoint_in_order(tmp_path, pub
             sent = checkpoints(1, 3) + checkpoints(4, 1) + checkpoints(5, 20)
             for batch in (sent[:3], sent[3:4], sent[4:]):
                 publisher.submit(batch)
-            until(lambda: all(w.delivered == len(sent) for w in publisher.witnesses))
+            wait_for_blocking(lambda: all(w.delivered == len(sent) for w in publisher.witnesses),
+                              timeout=10)
 
             # One compact JSON object a line, keys sorted, every field kept.
             assert local.read_text() == jsonl(sent)
@@ -164,15 +157,15 @@ def test_down_witness_does_not_block_and_gets_everything_once_up(tmp_path, recei
 
     timed_submit(publisher, first)
     # Refused, retried, counted; the file witness is not held up meanwhile.
-    until(lambda: http_witness.failures >= 3)
+    wait_for_blocking(lambda: http_witness.failures >= 3, timeout=10)
     assert not http_witness.up and http_witness.pending() == 5
-    until(lambda: file_witness.delivered == 5)
+    wait_for_blocking(lambda: file_witness.delivered == 5, timeout=10)
     assert file_witness.up and file_witness.failures == 0
     timed_submit(publisher, second)
     assert http_witness.pending() == 10
 
     receiver.start()
-    until(lambda: http_witness.delivered == 10)
+    wait_for_blocking(lambda: http_witness.delivered == 10, timeout=10)
     assert http_witness.up and http_witness.pending() == 0
     assert read_witness(receiver.url) == first + second
     assert read_witness(str(local)) == first + second
@@ -187,7 +180,7 @@ def test_submit_returns_at_once_while_a_witness_hangs(caplog, publishers):
         timed_submit(publisher, checkpoints(1, 1))
         for seq in range(2, 6):
             timed_submit(publisher, checkpoints(seq, 1))
-        until(lambda: witness.failures >= 1)
+        wait_for_blocking(lambda: witness.failures >= 1, timeout=10)
         assert not witness.up
         assert "timed out" in caplog.text
 
@@ -204,10 +197,10 @@ def test_a_missing_directory_fails_until_it_exists(tmp_path, publishers):
     publisher = publishers([file_url(target)], **FAST)
     (witness,) = publisher.witnesses
     publisher.submit(checkpoints(1, 2))
-    until(lambda: witness.failures >= 2)
+    wait_for_blocking(lambda: witness.failures >= 2, timeout=10)
     assert not witness.up and not target.parent.exists()  # directories are not made
     target.parent.mkdir()
-    until(lambda: witness.delivered == 2)
+    wait_for_blocking(lambda: witness.delivered == 2, timeout=10)
     assert read_witness(str(target)) == checkpoints(1, 2)
 
 
@@ -248,7 +241,7 @@ def test_only_2xx_answers_count_as_delivered(publishers):
         publisher = publishers([f"http://ann:s%C3%A9same@127.0.0.1:{port}/cp?token=t1"], **FAST)
         (witness,) = publisher.witnesses
         publisher.submit(checkpoints(1, 3))
-        until(lambda: witness.delivered == 3)
+        wait_for_blocking(lambda: witness.delivered == 3, timeout=10)
         assert witness.failures == 3
         # The first checkpoint was retried until accepted, then the rest, in order, one
         # POST each, with the URL's user info as Basic authentication.
@@ -265,14 +258,14 @@ def test_the_queue_is_bounded_and_drops_the_oldest(caplog, receiver, publishers)
     (witness,) = publisher.witnesses
     timed_submit(publisher, checkpoints(1, 12))
     assert witness.dropped == 7 and witness.pending() == 5
-    until(lambda: witness.failures >= 1)  # 8 is being retried: in flight
+    wait_for_blocking(lambda: witness.failures >= 1, timeout=10)  # 8 is being retried: in flight
     timed_submit(publisher, checkpoints(13, 2))
     assert witness.dropped == 9 and witness.pending() == 5
     warnings = [r for r in caplog.records if "dropping the oldest" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
 
     receiver.start()
-    until(lambda: witness.pending() == 0)
+    wait_for_blocking(lambda: witness.pending() == 0, timeout=10)
     # The checkpoint in flight when the queue overflowed again was kept.
     assert [cp["seq"] // 1000 for cp in read_witness(receiver.url)] == [8, 11, 12, 13, 14]
 
@@ -282,7 +275,7 @@ def test_a_checkpoint_that_cannot_be_sent_does_not_stop_the_others(tmp_path, pub
     publisher = publishers([file_url(local)])
     (witness,) = publisher.witnesses
     publisher.submit([{"chain": "rows", "seq": object()}, *checkpoints(1, 1)])
-    until(lambda: witness.delivered == 1)
+    wait_for_blocking(lambda: witness.delivered == 1, timeout=10)
     assert witness.dropped == 1
     assert read_witness(str(local)) == checkpoints(1, 1)
 
@@ -302,9 +295,9 @@ def test_secrets_in_witness_urls_never_reach_the_logs(caplog, reserved, tmp_path
             later = f"http://user:s3cret-pass@127.0.0.1:{port}/cp?token=abc-token"
             publisher = publishers([never, later], **FAST)
             publisher.submit(checkpoints(1, 2))
-            until(lambda: all(w.failures >= 3 for w in publisher.witnesses))
+            wait_for_blocking(lambda: all(w.failures >= 3 for w in publisher.witnesses), timeout=10)
             receiver.start()
-            until(lambda: publisher.witnesses[1].delivered == 2)
+            wait_for_blocking(lambda: publisher.witnesses[1].delivered == 2, timeout=10)
             assert publisher.close(0.1) == 2
     finally:
         receiver.stop()
