@@ -9,8 +9,10 @@ import sys
 
 import pytest
 
+from tests.audit_helpers import Backend, conn_info, minutes, rec, topic, write_log
 from tests.conftest import CUSTOMER, event
 from wsgate.adapters.listen import listen
+from wsgate.audit.records import EventRecord
 
 
 def run(*args, env=None):
@@ -146,3 +148,44 @@ async def test_audit_query_of_a_hostile_client_csv_safe_and_jsonl_exact(make_ser
     assert [(r["topic"], r["outcome"], r["code"]) for r in lines] == [
         (call, "accepted", None), ("-1+2", "rejected", "invalid_topic")]
     assert {r["user_agent"] for r in lines} == {hostile_ua}
+
+
+# -- output into a pipe that closes early (`wsgate audit query | head`) ----------------------
+
+
+@pytest.fixture(scope="module")
+def big_audit_log(tmp_path_factory):
+    """A store whose every command prints far more than a pipe holds: 3000
+    connections subscribed to one customer, and an event all of them could see.
+    Returns its config file."""
+    tmp = tmp_path_factory.mktemp("big-audit")
+    b = Backend("sqlite", f"sqlite:///{tmp}/audit.db", tmp)
+    try:
+        write_log(b, [
+            ("sub", [rec(topic(), at=minutes(1), conn=conn_info(f"c{i}")) for i in range(3000)]),
+            ("event", [EventRecord("ev-1", "call_created", (topic("call", "x"),), "bearer:k",
+                                   "0" * 64, minutes(2))]),
+        ], checkpoint_every=100_000)
+    finally:
+        b.close()
+    config = tmp / "wsgate.toml"
+    config.write_text(f'[audit]\nurl = "{b.url}"\njournal_path = "{tmp}/audit.journal"\n')
+    return config
+
+
+@pytest.mark.parametrize("argv", [
+    ("query",), ("query", "--format", "jsonl"), ("query", "--format", "csv"), ("export",),
+    ("recipients", "ev-1"), ("recipients", "ev-1", "--format", "jsonl")],
+    ids=lambda argv: "-".join(argv))
+def test_audit_output_into_head_ends_quietly_like_git_log(big_audit_log, argv):
+    wsgate = subprocess.Popen(
+        [sys.executable, "-m", "wsgate", "audit", *argv, "--config", str(big_audit_log)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    head = subprocess.Popen(["head", "-n", "2"], stdin=wsgate.stdout, stdout=subprocess.PIPE)
+    wsgate.stdout.close()  # head holds the only read end: `wsgate audit ... | head -n 2`
+    shown, _ = head.communicate(timeout=60)
+    errors = wsgate.stderr.read().decode()
+    wsgate.stderr.close()
+    # 141 = 128 + SIGPIPE, as `git log | head` ends; nothing on stderr, no traceback.
+    assert (wsgate.wait(60), errors) == (141, "")
+    assert len(shown.decode().splitlines()) == 2

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -294,11 +296,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The exit status of a command whose standard output was closed before it was
+#: done (``wsgate audit query | head``): 128 + SIGPIPE, the status ``git log``,
+#: ``cat`` and ``seq`` end with there. Scripts with ``set -o pipefail`` see that
+#: the output was cut short; plain pipelines report the reader's status.
+EXIT_STDOUT_CLOSED = 128 + signal.SIGPIPE
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command not in ("serve",):
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    sys.exit(args.func(args))
+    try:
+        code = args.func(args)
+    except BrokenPipeError:
+        # Standard output is the only pipe these commands write to (serve
+        # handles its sockets' errors itself): its reader went away. Stop
+        # quietly, as git does, instead of a traceback.
+        code = _stdout_closed()
+    sys.exit(code)
+
+
+def _stdout_closed() -> int:
+    """Point stdout at /dev/null, so the interpreter's flush at exit does not fail
+    again ("Exception ignored ... BrokenPipeError"), and return EXIT_STDOUT_CLOSED."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_STDOUT_CLOSED
 
 
 if __name__ == "__main__":
