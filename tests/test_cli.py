@@ -1,16 +1,18 @@
 """The wsgate command: check-config, token and listen, as a newcomer uses them."""
 
 import asyncio
+import contextlib
 import csv
 import io
 import json
+import signal
 import subprocess
 import sys
 
 import pytest
 
 from tests.audit_helpers import Backend, conn_info, minutes, rec, topic, write_log
-from tests.conftest import CUSTOMER, event
+from tests.conftest import AGENT, CUSTOMER, OTHER_CUSTOMER, event
 from wsgate.adapters.listen import listen
 from wsgate.audit.records import EventRecord
 
@@ -122,6 +124,71 @@ async def test_listen_since_resumes(make_server):
     assert replayed["event_id"] == missed["event_ids"][0]
     await server.gateway.shutdown()
     assert await asyncio.wait_for(task, 10) == 0
+
+
+@contextlib.asynccontextmanager
+async def listen_process(server, token, *topics):
+    """``wsgate listen`` against server, as a user runs it, its output piped;
+    killed on the way out if it still runs."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "wsgate", "listen", "--url", server.ws_url, "--token", token,
+        *topics, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.communicate()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_listen_ends_with_3_when_every_topic_is_refused(make_server):
+    server = await make_server()
+    mine, theirs = f"customer_id:{CUSTOMER}", f"customer_id:{OTHER_CUSTOMER}"
+    # An agent without customer_admin may watch neither customer.
+    async with listen_process(server, "agent-token", mine, theirs) as proc:
+        out, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 3, err
+    connected, subscribed = (json.loads(line) for line in out.decode().splitlines())
+    assert connected["type"] == "connected"
+    assert (subscribed["type"], subscribed["topics"]) == ("subscribed", [])
+    lines = err.decode().splitlines()
+    assert lines[0].startswith(f"wsgate listen: refused {mine}: forbidden: customer topics need")
+    assert lines[1].startswith(f"wsgate listen: refused {theirs}: forbidden: topic is for "
+                               f"customer {OTHER_CUSTOMER}")
+    assert lines[2:] == ["wsgate listen: every topic was refused: nothing to listen to"]
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_listen_ends_with_3_when_the_subscribe_is_refused_whole(make_server):
+    server = await make_server()
+    too_many = [f"customer_id:{CUSTOMER}:call:{n}" for n in range(101)]
+    async with listen_process(server, "admin-token", *too_many) as proc:
+        out, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 3, err
+    assert json.loads(out.decode().splitlines()[-1])["code"] == "bad_request"
+    assert err.decode().startswith("wsgate listen: the subscribe was refused: bad_request: ")
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_listen_names_the_refused_topics_and_goes_on(make_server):
+    server = await make_server()
+    own, customer = f"agent_id:{AGENT}", f"customer_id:{CUSTOMER}"
+    async with listen_process(server, "agent-token", own, customer) as proc:
+        refused = await asyncio.wait_for(proc.stderr.readline(), 20)
+        assert refused.decode().startswith(
+            f"wsgate listen: refused {customer}: forbidden: customer topics need")
+        connected = json.loads(await asyncio.wait_for(proc.stdout.readline(), 10))
+        subscribed = json.loads(await asyncio.wait_for(proc.stdout.readline(), 10))
+        assert connected["type"] == "connected"
+        assert subscribed["topics"] == [own]
+        status, body = await server.post(event(agent_id=AGENT))
+        assert status == 202
+        frame = json.loads(await asyncio.wait_for(proc.stdout.readline(), 10))
+        assert frame["event_id"] == body["event_ids"][0]
+        proc.send_signal(signal.SIGINT)
+        out, err = await asyncio.wait_for(proc.communicate(), 10)
+        assert (proc.returncode, out, err) == (0, b"", b"")
 
 
 @pytest.mark.gen_test(timeout=60)

@@ -246,12 +246,12 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
-    from wsgate.adapters.listen import listen
+    from wsgate.adapters.listen import EXIT_DONE, listen
 
     try:
         return asyncio.run(listen(args.url, args.token, args.topics, since=args.since))
     except KeyboardInterrupt:
-        return 0
+        return EXIT_DONE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -280,7 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttl", type=float, default=None, help="seconds until the token expires")
     p.set_defaults(func=cmd_token)
 
-    p = sub.add_parser("listen", help="subscribe and print every frame as a JSON line")
+    from wsgate.adapters.listen import EXIT_HELP as LISTEN_EXIT_HELP
+
+    p = sub.add_parser("listen", help="subscribe and print every frame as a JSON line",
+                       description="Connect, subscribe to the topics, and print every frame "
+                                   "received\nas one JSON line, until interrupted.",
+                       epilog=LISTEN_EXIT_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="ws://127.0.0.1:8080/v1.0/ws")
     p.add_argument("--token", required=True)
     p.add_argument("--since", help="resume after this event_id")
