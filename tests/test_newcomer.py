@@ -3,16 +3,99 @@ and the answers that must tell them (or their operator) what to do next."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import tornado.httpclient
+import tornado.websocket
 
 from tests.conftest import AGENT, CUSTOMER
+from tests.test_crash import ServeProcess, unused_port
 from wsgate.logs import JSONFormatter, TextFormatter
 from wsgate_example_plugin.signed import sign
 
+ROOT = Path(__file__).resolve().parent.parent
 SECRET = "a-shared-secret-of-at-least-32-characters"
+
+
+def fenced_blocks(text: str) -> list[tuple[str, str]]:
+    """(language, body) of every fenced block in a Markdown text, in order."""
+    return re.findall(r"^```(\w*)\n(.*?)^```$", text, flags=re.M | re.S)
+
+
+def plugin_walkthrough() -> tuple[str, str]:
+    """docs/plugins.md, step 6 of the worked example: its config table and its commands."""
+    text = (ROOT / "docs" / "plugins.md").read_text()
+    step = text[text.index("**6. Use it**"):]
+    blocks = fenced_blocks(step)
+    toml = next(body for lang, body in blocks if lang == "toml")
+    shell = next(body for lang, body in blocks if lang == "sh")
+    return toml, shell
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_the_worked_plugin_example_admits_the_token_it_minted(tmp_path, monkeypatch):
+    # As the page says: a copy of the example config with its [auth] table replaced.
+    auth, shell = plugin_walkthrough()
+    port = unused_port()
+    config = (ROOT / "config.example.toml").read_text()
+    start, end = config.index("\n[auth]\n"), config.index("\n[permissions]\n")
+    config = config[:start + 1] + auth + config[end:]
+    config = config.replace("port = 8080", f"port = {port}", 1)
+    (tmp_path / "wsgate.toml").write_text(config)
+    # The commands up to `serve`, as written, with this checkout's wsgate first on PATH.
+    before_serve, serve_line, listen_line = re.split(r"^(wsgate serve .*)$\n", shell,
+                                                     flags=re.M)
+    assert serve_line == "wsgate serve --config wsgate.toml &", serve_line
+    script = before_serve + 'printf "%s\\n%s\\n" "$EXAMPLE_SIGNED_SECRET" "$TOKEN"\n'
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    done = await asyncio.to_thread(subprocess.run, ["bash", "-e", "-c", script], cwd=tmp_path,
+                                   capture_output=True, text=True, timeout=60,
+                                   env={**os.environ, "PATH": path})
+    assert done.returncode == 0, done.stderr
+    *shown, secret, token = done.stdout.splitlines()
+    assert shown == ["wsgate.toml: OK (auth example_signed, permissions voipbin, broker memory://)"]
+    monkeypatch.setenv("EXAMPLE_SIGNED_SECRET", secret)
+    server = ServeProcess(tmp_path, port, tmp_path / "wsgate.toml", "serve")
+    try:
+        await server.ready()
+        # What the page's `wsgate listen --token "$TOKEN" <topic>` does.
+        topic = listen_line.split()[-1]
+        assert listen_line.startswith('wsgate listen --token "$TOKEN" ') and topic == (
+            f"agent_id:{AGENT}")
+        ws = await tornado.websocket.websocket_connect(
+            f"ws://127.0.0.1:{port}/v1.0/ws?token={token}")
+        try:
+            connected = json.loads(await asyncio.wait_for(ws.read_message(), 10))
+            assert connected["type"] == "connected", connected
+            await ws.write_message(json.dumps({"type": "subscribe", "topics": [topic]}))
+            subscribed = json.loads(await asyncio.wait_for(ws.read_message(), 10))
+            assert (subscribed["topics"], subscribed["rejected"]) == ([topic], [])
+        finally:
+            ws.close()
+    except tornado.httpclient.HTTPClientError as exc:
+        raise AssertionError(f"{exc}\n{server.output()}") from None
+    finally:
+        server.close()
+
+
+def test_the_worked_plugin_example_finds_a_missing_revocation_list_before_serving(tmp_path):
+    auth, _ = plugin_walkthrough()
+    (tmp_path / "wsgate.toml").write_text(auth)
+    result = subprocess.run([sys.executable, "-m", "wsgate", "check-config", "wsgate.toml"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "EXAMPLE_SIGNED_SECRET": SECRET})
+    assert result.returncode != 0
+    assert result.stderr == (
+        "wsgate: wsgate.toml: plugin 'example_signed': option 'revoked_file': cannot read "
+        "'revoked.txt': No such file or directory; create it (an empty file revokes no one)\n")
 
 
 # -- refusals at the upgrade: the operator's log says why ---------------------------------
