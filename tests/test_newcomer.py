@@ -16,7 +16,7 @@ import pytest
 import tornado.httpclient
 import tornado.websocket
 
-from tests.conftest import AGENT, CUSTOMER
+from tests.conftest import AGENT, CUSTOMER, TOKENS
 from tests.test_crash import ServeProcess, unused_port
 from wsgate.logs import JSONFormatter, TextFormatter
 from wsgate_example_plugin.signed import sign
@@ -154,3 +154,38 @@ async def test_every_refused_upgrade_logs_its_code_and_message(make_server, capl
     await server.connect()
     [ok] = access_lines(caplog)
     assert ok.status == 101 and not hasattr(ok, "code")
+
+
+# -- a client that is not a browser (docs/protocol.md) ------------------------------------
+
+
+def non_browser_snippet() -> str:
+    """docs/protocol.md's websocket-client example, as written."""
+    text = (ROOT / "docs" / "protocol.md").read_text()
+    section = text[text.index("### Clients that are not browsers"):]
+    return next(body for lang, body in fenced_blocks(section) if lang == "python")
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_websocket_client_as_the_protocol_page_shows_connects(make_server):
+    import websocket  # websocket-client (the test extra): the library the page shows
+    # The page's token and address, as `make run` serves them.
+    server = await make_server(auth={"plugin": "static", "options": {
+        "tokens": {"dev-admin-token": TOKENS["admin-token"]}}})
+    url = f"{server.ws_url}?token=dev-admin-token"
+    # The trouble the page explains: by default the library sends an Origin of
+    # the gateway's own address, which no allowed_origins lists.
+    with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+        await asyncio.to_thread(websocket.create_connection, url, timeout=10)
+    assert refused.value.status_code == 403
+    assert json.loads(refused.value.resp_body)["error"]["code"] == "origin_not_allowed"
+    snippet = non_browser_snippet()
+    assert "ws://127.0.0.1:8080/v1.0/ws?token=dev-admin-token" in snippet
+    snippet = snippet.replace("ws://127.0.0.1:8080/v1.0/ws", server.ws_url)
+    done = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", snippet],
+                                   capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    connected, subscribed = (json.loads(line) for line in done.stdout.splitlines())
+    assert connected["type"] == "connected"
+    assert subscribed == {"type": "subscribed", "id": 1,
+                          "topics": [f"customer_id:{CUSTOMER}"], "rejected": []}
