@@ -1,16 +1,20 @@
 """The wsgate command: check-config, token and listen, as a newcomer uses them."""
 
 import asyncio
+import contextlib
 import csv
 import io
 import json
+import signal
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import CUSTOMER, event, wait_for
+from tests.audit_helpers import Backend, conn_info, minutes, rec, topic, write_log
+from tests.conftest import AGENT, CUSTOMER, OTHER_CUSTOMER, event, wait_for
 from wsgate.adapters.listen import listen
+from wsgate.audit.records import EventRecord
 
 
 def run(*args, env=None):
@@ -119,6 +123,71 @@ async def test_listen_since_resumes(make_server):
     assert await asyncio.wait_for(task, 10) == 0
 
 
+@contextlib.asynccontextmanager
+async def listen_process(server, token, *topics):
+    """``wsgate listen`` against server, as a user runs it, its output piped;
+    killed on the way out if it still runs."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "wsgate", "listen", "--url", server.ws_url, "--token", token,
+        *topics, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.communicate()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_listen_ends_with_3_when_every_topic_is_refused(make_server):
+    server = await make_server()
+    mine, theirs = f"customer_id:{CUSTOMER}", f"customer_id:{OTHER_CUSTOMER}"
+    # An agent without customer_admin may watch neither customer.
+    async with listen_process(server, "agent-token", mine, theirs) as proc:
+        out, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 3, err
+    connected, subscribed = (json.loads(line) for line in out.decode().splitlines())
+    assert connected["type"] == "connected"
+    assert (subscribed["type"], subscribed["topics"]) == ("subscribed", [])
+    lines = err.decode().splitlines()
+    assert lines[0].startswith(f"wsgate listen: refused {mine}: forbidden: customer topics need")
+    assert lines[1].startswith(f"wsgate listen: refused {theirs}: forbidden: topic is for "
+                               f"customer {OTHER_CUSTOMER}")
+    assert lines[2:] == ["wsgate listen: every topic was refused: nothing to listen to"]
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_listen_ends_with_3_when_the_subscribe_is_refused_whole(make_server):
+    server = await make_server()
+    too_many = [f"customer_id:{CUSTOMER}:call:{n}" for n in range(101)]
+    async with listen_process(server, "admin-token", *too_many) as proc:
+        out, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 3, err
+    assert json.loads(out.decode().splitlines()[-1])["code"] == "bad_request"
+    assert err.decode().startswith("wsgate listen: the subscribe was refused: bad_request: ")
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_listen_names_the_refused_topics_and_goes_on(make_server):
+    server = await make_server()
+    own, customer = f"agent_id:{AGENT}", f"customer_id:{CUSTOMER}"
+    async with listen_process(server, "agent-token", own, customer) as proc:
+        refused = await asyncio.wait_for(proc.stderr.readline(), 20)
+        assert refused.decode().startswith(
+            f"wsgate listen: refused {customer}: forbidden: customer topics need")
+        connected = json.loads(await asyncio.wait_for(proc.stdout.readline(), 10))
+        subscribed = json.loads(await asyncio.wait_for(proc.stdout.readline(), 10))
+        assert connected["type"] == "connected"
+        assert subscribed["topics"] == [own]
+        status, body = await server.post(event(agent_id=AGENT))
+        assert status == 202
+        frame = json.loads(await asyncio.wait_for(proc.stdout.readline(), 10))
+        assert frame["event_id"] == body["event_ids"][0]
+        proc.send_signal(signal.SIGINT)
+        out, err = await asyncio.wait_for(proc.communicate(), 10)
+        assert (proc.returncode, out, err) == (0, b"", b"")
+
+
 @pytest.mark.gen_test(timeout=60)
 async def test_audit_query_of_a_hostile_client_csv_safe_and_jsonl_exact(make_server, tmp_path):
     # The review's finding, end to end: a browser's User-Agent that a spreadsheet runs.
@@ -143,3 +212,44 @@ async def test_audit_query_of_a_hostile_client_csv_safe_and_jsonl_exact(make_ser
     assert [(r["topic"], r["outcome"], r["code"]) for r in lines] == [
         (call, "accepted", None), ("-1+2", "rejected", "invalid_topic")]
     assert {r["user_agent"] for r in lines} == {hostile_ua}
+
+
+# -- output into a pipe that closes early (`wsgate audit query | head`) ----------------------
+
+
+@pytest.fixture(scope="module")
+def big_audit_log(tmp_path_factory):
+    """A store whose every command prints far more than a pipe holds: 3000
+    connections subscribed to one customer, and an event all of them could see.
+    Returns its config file."""
+    tmp = tmp_path_factory.mktemp("big-audit")
+    b = Backend("sqlite", f"sqlite:///{tmp}/audit.db", tmp)
+    try:
+        write_log(b, [
+            ("sub", [rec(topic(), at=minutes(1), conn=conn_info(f"c{i}")) for i in range(3000)]),
+            ("event", [EventRecord("ev-1", "call_created", (topic("call", "x"),), "bearer:k",
+                                   "0" * 64, minutes(2))]),
+        ], checkpoint_every=100_000)
+    finally:
+        b.close()
+    config = tmp / "wsgate.toml"
+    config.write_text(f'[audit]\nurl = "{b.url}"\njournal_path = "{tmp}/audit.journal"\n')
+    return config
+
+
+@pytest.mark.parametrize("argv", [
+    ("query",), ("query", "--format", "jsonl"), ("query", "--format", "csv"), ("export",),
+    ("recipients", "ev-1"), ("recipients", "ev-1", "--format", "jsonl")],
+    ids=lambda argv: "-".join(argv))
+def test_audit_output_into_head_ends_quietly_like_git_log(big_audit_log, argv):
+    wsgate = subprocess.Popen(
+        [sys.executable, "-m", "wsgate", "audit", *argv, "--config", str(big_audit_log)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    head = subprocess.Popen(["head", "-n", "2"], stdin=wsgate.stdout, stdout=subprocess.PIPE)
+    wsgate.stdout.close()  # head holds the only read end: `wsgate audit ... | head -n 2`
+    shown, _ = head.communicate(timeout=60)
+    errors = wsgate.stderr.read().decode()
+    wsgate.stderr.close()
+    # 141 = 128 + SIGPIPE, as `git log | head` ends; nothing on stderr, no traceback.
+    assert (wsgate.wait(60), errors) == (141, "")
+    assert len(shown.decode().splitlines()) == 2

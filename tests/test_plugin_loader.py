@@ -134,6 +134,8 @@ def test_unknown_entry_point_lists_installed_names():
 @pytest.mark.parametrize("spec,options,key", [
     ("example_signed", {"secret": "short"}, "'secret'"),
     ("example_signed", {"secret": SECRET, "permisions": []}, "'permisions'"),
+    ("example_signed", {"secret": SECRET, "revoked_file": "/nonexistent/revoked.txt"},
+     "'revoked_file'"),
     ("static", {"tokens": {"t": {"kind": "agent", "subject": "a", "agent_id": "x"}}},
      "'tokens[#1].agent_id'"),
     ("jwt", {"key": SECRET, "algorithms": ["HS256", "ES256"]}, "'algorithms'"),

@@ -9,6 +9,7 @@ saves the screenshot the README shows.
 
 import csv
 import io
+import json
 import os
 import shutil
 
@@ -178,9 +179,15 @@ async def test_review_page_in_chromium(make_server, tmp_path):
 async def test_review_page_and_export_are_off_without_audit_keys(make_server):
     server = await make_server()
     http = tornado.httpclient.AsyncHTTPClient()
-    for path in ("/audit/", "/audit/review.js", "/v1.0/audit/export.csv"):
+    for path in ("/audit", "/audit/", "/audit/review.js", "/v1.0/audit/export.csv"):
         response = await http.fetch(server.base + path, raise_error=False)
         assert response.code == 404, path
+        # Not "no such endpoint": the answer says what is off and how to turn it on.
+        error = json.loads(response.body)["error"]
+        assert error["code"] == "not_found", path
+        assert "is off: set [audit] api_keys to enable it" in error["message"], path
+    response = await http.fetch(server.base + "/audit/", raise_error=False)
+    assert json.loads(response.body)["error"]["message"].startswith("the audit review page")
 
 
 @pytest.mark.gen_test(timeout=20)

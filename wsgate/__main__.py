@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -244,12 +246,12 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
-    from wsgate.adapters.listen import listen
+    from wsgate.adapters.listen import EXIT_DONE, listen
 
     try:
         return asyncio.run(listen(args.url, args.token, args.topics, since=args.since))
     except KeyboardInterrupt:
-        return 0
+        return EXIT_DONE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -278,7 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttl", type=float, default=None, help="seconds until the token expires")
     p.set_defaults(func=cmd_token)
 
-    p = sub.add_parser("listen", help="subscribe and print every frame as a JSON line")
+    from wsgate.adapters.listen import EXIT_HELP as LISTEN_EXIT_HELP
+
+    p = sub.add_parser("listen", help="subscribe and print every frame as a JSON line",
+                       description="Connect, subscribe to the topics, and print every frame "
+                                   "received\nas one JSON line, until interrupted.",
+                       epilog=LISTEN_EXIT_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="ws://127.0.0.1:8080/v1.0/ws")
     p.add_argument("--token", required=True)
     p.add_argument("--since", help="resume after this event_id")
@@ -294,11 +302,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The exit status of a command whose standard output was closed before it was
+#: done (``wsgate audit query | head``): 128 + SIGPIPE, the status ``git log``,
+#: ``cat`` and ``seq`` end with there. Scripts with ``set -o pipefail`` see that
+#: the output was cut short; plain pipelines report the reader's status.
+EXIT_STDOUT_CLOSED = 128 + signal.SIGPIPE
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command not in ("serve",):
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    sys.exit(args.func(args))
+    try:
+        code = args.func(args)
+    except BrokenPipeError:
+        # Standard output is the only pipe these commands write to (serve
+        # handles its sockets' errors itself): its reader went away. Stop
+        # quietly, as git does, instead of a traceback.
+        code = _stdout_closed()
+    sys.exit(code)
+
+
+def _stdout_closed() -> int:
+    """Point stdout at /dev/null, so the interpreter's flush at exit does not fail
+    again ("Exception ignored ... BrokenPipeError"), and return EXIT_STDOUT_CLOSED."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_STDOUT_CLOSED
 
 
 if __name__ == "__main__":

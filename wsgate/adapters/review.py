@@ -12,7 +12,8 @@ and answers every matching row, oldest first, as CSV with the SPEC §7 columns
 would run as formulas quoted by ``write_rows``). Rows are read page by page,
 so memory stays flat however long the export.
 
-With no ``[audit] api_keys`` none of this is served (404), like the API.
+With no ``[audit] api_keys`` none of this is served: like the API, each URL
+answers 404 with a message saying how to turn it on.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ import tornado.web
 from sqlalchemy.exc import SQLAlchemyError
 
 from wsgate.adapters.audit_api import AuditKeyHandler, Route
+from wsgate.adapters.base import JSONHandler
 from wsgate.audit.query import MAX_PAGE, AuditReader, write_rows
+from wsgate.errors import NOT_FOUND, HTTPFailure
 
 log = logging.getLogger("wsgate.audit.review")
 
@@ -98,11 +101,24 @@ class AuditExportHandler(AuditKeyHandler):
         self.finish()
 
 
+class ReviewPageOffHandler(JSONHandler):
+    """``/audit`` and everything under it while no ``[audit] api_keys`` is set."""
+
+    def get(self, *args: str) -> None:
+        self.fail(HTTPFailure(404, NOT_FOUND,
+                              "the audit review page is off: set [audit] api_keys to enable "
+                              "it, then sign in here with one of those keys"))
+
+
 def review_routes(reader: AuditReader | None, api_keys: Sequence[str]) -> list[Route]:
-    """The review page and export URL specs; none when no audit key is configured."""
-    if not api_keys:
-        return []
+    """The review page and export URL specs. With no audit key, the page's URLs
+    answer 404 saying how to turn it on, and the export the API's 404."""
     init = {"reader": reader, "api_keys": tuple(api_keys)}
+    if not api_keys:
+        return [
+            (r"/audit(?:/.*)?", ReviewPageOffHandler, {}),
+            (r"/v1\.0/audit/export\.csv", AuditExportHandler, init),
+        ]
     return [
         (r"/audit", tornado.web.RedirectHandler, {"url": "/audit/"}),
         (r"/audit/(.*)", ReviewPageHandler,

@@ -58,8 +58,20 @@ class WebSocketHandler(tornado.web.RequestHandler):
     def initialize(self, gateway: Gateway, registry: ConnectionRegistry) -> None:
         self.gateway = gateway
         self.registry = registry
+        #: The answer refusing the upgrade, if one did (for the access line).
+        self.refusal: HTTPFailure | None = None
+
+    def log_fields(self) -> dict[str, Any] | None:
+        """The access line's own fields: a refusal's ``code`` and ``reason`` (the
+        message the client got), so the operator sees why without asking the
+        client. No message names a credential: plugins' messages must not, and
+        ours never do."""
+        if self.refusal is None:
+            return None
+        return {"code": self.refusal.code, "reason": self.refusal.message}
 
     def _refuse(self, failure: HTTPFailure) -> None:
+        self.refusal = failure
         self.set_status(failure.status)
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(failure.body()))

@@ -7,7 +7,10 @@ Wire it into the main parser with :func:`register`; each subcommand sets
 - 1: verify found a problem (the first bad row is named by seq), prune
   refused a log that does not verify, or recipients found no such event;
 - 2: bad input: a bad flag value, date, config file or key;
-- 3: the audit store cannot be read or written.
+- 3: the audit store cannot be read or written;
+- 141 (128 + SIGPIPE): standard output was closed before everything was
+  written (``wsgate audit query | head``); nothing more is printed, as with
+  ``git log | head`` (see ``wsgate.__main__.EXIT_STDOUT_CLOSED``).
 """
 
 from __future__ import annotations
@@ -28,14 +31,27 @@ EXIT_FOUND = 1
 EXIT_USAGE = 2
 EXIT_STORE = 3
 
+#: The exit codes above, for ``--help``.
+EXIT_HELP = """\
+exit status:
+  0    done (verify: the log is whole)
+  1    verify found a problem, prune refused a log that does not verify, or
+       recipients found no such event
+  2    bad input: a flag value, date, config file or key
+  3    the audit store cannot be read or written
+  141  standard output was closed early (`| head`): the output is cut short,
+       quietly, as with `git log | head`"""
+
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``audit`` command and its subcommands to an argparse subparsers object."""
     audit = subparsers.add_parser(
         "audit", help="query, export and verify the audit log",
-        description="Review the audit log: who subscribed to what, when, and whether "
-                    "they were allowed.")
-    sub = audit.add_subparsers(dest="audit_command", metavar="COMMAND")
+        description="Review the audit log: who subscribed to what, when, and whether\n"
+                    "they were allowed.",
+        epilog=EXIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = audit.add_subparsers(dest="audit_command", metavar="COMMAND",
+                               parser_class=_CommandParser)
     sub.required = True
 
     def common(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -71,7 +87,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_export)
 
     v = sub.add_parser("verify", help="check the hash chains, checkpoints and witnesses",
-                       description="Prove the audit log whole, or name the first bad row. "
+                       description="Prove the audit log whole, or name the first bad row.\n"
                                    "With --bundle, check a bundle file with no database "
                                    "and no config.")
     common(v, required=False)
@@ -96,6 +112,15 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    help="delete rows that occurred before this ISO 8601 time")
     p.set_defaults(func=cmd_prune)
     return audit
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: its ``--help`` ends with the exit codes."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("epilog", EXIT_HELP)
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
 
 
 def run(args: argparse.Namespace) -> int:

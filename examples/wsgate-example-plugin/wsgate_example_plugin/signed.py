@@ -12,7 +12,8 @@ Options::
     [auth.options]
     secret = {env = "EXAMPLE_SIGNED_SECRET"}   # required, at least 32 characters
     permissions = ["customer_agent"]           # given to every agent (default)
-    revoked_file = "/srv/shared/revoked.txt"   # optional: agent ids, one per line
+    revoked_file = "revoked.txt"               # optional: agent ids, one per line;
+                                               # must exist (empty: no one revoked)
 
 It shows the three outcomes a wsgate authenticator has: a Principal, Refused
 (401: bad format, bad signature, expired, revoked) and Unavailable (503: the
@@ -61,7 +62,8 @@ class SignedTokenAuthenticator(Authenticator):
 
         Raises:
             OptionError: an unknown option, a missing or short secret, an
-                unknown permission name, a revoked_file that is not a string.
+                unknown permission name, a revoked_file that is not a string or
+                cannot be read now.
         """
         super().__init__(options)
         for key in options:
@@ -82,6 +84,14 @@ class SignedTokenAuthenticator(Authenticator):
         if revoked_file is not None and not isinstance(revoked_file, str):
             raise OptionError("revoked_file", "must be a file path")
         self._revoked_file = Path(revoked_file) if revoked_file else None
+        if self._revoked_file is not None:
+            # Unreadable later, the file makes every connection a 503 ("cannot
+            # decide"); unreadable at start-up it is a mistake in the config.
+            try:
+                self._revoked_file.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise OptionError("revoked_file", f"cannot read {revoked_file!r}: {exc.strerror}; "
+                                  "create it (an empty file revokes no one)") from None
 
     async def authenticate(self, credential: str) -> Principal:
         """Check format, signature, expiry and revocation, in that order.
