@@ -25,7 +25,7 @@ from wsgate.adapters.wsconn import ConnectionRegistry
 from wsgate.config import Config
 from wsgate.gateway import Gateway
 from wsgate.ingest import IngestService
-from wsgate.logs import log_access
+from wsgate.logs import log_access, mask_tokens
 from wsgate.metrics import GatewayMetrics
 
 log = logging.getLogger("wsgate")
@@ -42,7 +42,12 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
 
 
 def make_app(gateway: Gateway, metrics: GatewayMetrics) -> tornado.web.Application:
-    """The Tornado application serving gateway (and its metrics, behind keys)."""
+    """The Tornado application serving gateway (and its metrics, behind keys).
+
+    From here on no log record of the process shows a token (:func:`mask_tokens`):
+    Tornado's own lines quote request URIs.
+    """
+    mask_tokens()
     s = gateway.config.server
     registry = ConnectionRegistry(s.ping_interval, s.ping_timeout)
     ingest = IngestService(gateway, gateway.config.ingest)
@@ -83,6 +88,7 @@ def _audit_routes(gateway: Gateway) -> list[Any]:
 
 def make_metrics_app(metrics: GatewayMetrics) -> tornado.web.Application:
     """The private metrics listener's application: ``/metrics`` (no key) and nothing else."""
+    mask_tokens()
     return tornado.web.Application([metrics_route(metrics, None)],
                                    default_handler_class=NotFoundHandler,
                                    log_function=log_request)
