@@ -115,11 +115,18 @@ class IngestService:
         if ctype.split(";")[0].strip().lower() != "application/json":
             return HTTPFailure(415, errors.UNSUPPORTED_MEDIA_TYPE,
                                "send the events as Content-Type: application/json"), None
-        length = headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return HTTPFailure(413, errors.PAYLOAD_TOO_LARGE,
-                               f"the body is {length} bytes; at most {self.limit} "
-                               "are accepted"), None
+        length = headers.get("content-length", "")
+        # Any other malformed length is the HTTP layer's to refuse (400).
+        if length.isascii() and length.isdigit():
+            size = decimal(length)
+            if size is None:
+                return HTTPFailure(400, errors.BAD_REQUEST,
+                                   f"Content-Length has {len(length)} digits; at most "
+                                   f"{MAX_DIGITS} are accepted"), None
+            if size > self.limit:
+                return HTTPFailure(413, errors.PAYLOAD_TOO_LARGE,
+                                   f"the body is {size} bytes; at most {self.limit} "
+                                   "are accepted"), None
         auth = headers.get("authorization")
         if auth is not None:
             scheme, _, value = auth.partition(" ")
