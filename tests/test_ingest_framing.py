@@ -64,6 +64,37 @@ async def test_connection_close_in_any_case_closes_after_the_answer(make_server,
     await client.no_frame()
 
 
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.parametrize("value", ["keep-alive, Close", "close, keep-alive",
+                                   "Keep-Alive ,  CLOSE"])
+async def test_tornado_too_closes_on_a_close_token_in_a_list(make_server, value):
+    server = await make_server()
+    raw = await Raw.open(server.port)
+    try:
+        # Not an ingest request: Tornado answers it, and must close after it.
+        raw.writer.write(f"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: {value}\r\n\r\n"
+                         "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        status, _, body = await raw.response()
+        assert status == 200 and body == {"status": "ok"}
+        assert await raw.closed() == b""
+    finally:
+        raw.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_tornado_closes_on_a_close_token_given_in_a_second_header(make_server):
+    server = await make_server()
+    raw = await Raw.open(server.port)
+    try:
+        raw.writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n"
+                         b"Connection: close\r\n\r\n"
+                         b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await raw.response())[0] == 200
+        assert await raw.closed() == b""
+    finally:
+        raw.close()
+
+
 # -- Content-Length -----------------------------------------------------------
 
 def with_length(length: bytes, body: bytes = b"") -> bytes:
