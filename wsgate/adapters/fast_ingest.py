@@ -7,15 +7,21 @@ request on a kept-alive connection are the common case, so every connection
 the main server accepts starts here, on the raw socket:
 
 - a request that is exactly the common ingest shape (``POST /v1.0/events
-  HTTP/1.1``, a ``Content-Length`` body within ``[ingest] max_body_bytes``,
-  every header once, plain ASCII, no ``Transfer-Encoding``, ``Expect`` or
-  ``Upgrade``) is answered here, through the same
+  HTTP/1.1``, one ``Host``, a ``Content-Length`` body within ``[ingest]
+  max_body_bytes``, every header once, plain ASCII, no ``Transfer-Encoding``,
+  ``Expect`` or ``Upgrade``) is answered here, through the same
   :class:`wsgate.adapters.ingest.IngestService` as Tornado's handler, with the
   same status, body, metrics and access log line;
+- a request that RFC 9112 and h11 refuse and Tornado would not (no ``Host``,
+  a blank line before the request line, a ``Content-Length`` of too many
+  digits) is answered 400 here, and the connection closed;
 - at the first request that is anything else (another path, a WebSocket
   upgrade, a chunked body, HTTP/1.0, a header this parser does not take), the
   connection and every byte already read go to Tornado for good, which then
   answers exactly as it always did.
+
+Which is which is decided by :class:`wsgate.adapters.ingest_framing.IngestFramer`,
+which does no I/O; this module reads, writes and keeps time.
 
 The same limits hold as in Tornado: ``[server] idle_connection_timeout`` for a
 connection waiting for (or in the middle of) a request head,
