@@ -289,14 +289,13 @@ class FastIngestConnection:
         self._busy = True
         self._close_after = True
         self._pause_reading()
+        body = HTTPFailure(400, errors.BAD_REQUEST, refusal.reason).body()
         if refusal.ingest:
-            self._answer(400, HTTPFailure(400, errors.BAD_REQUEST, refusal.reason).body(),
-                         None, 0)
+            self._answer(400, body, None, 0)
             return
         # Not an ingest request, or not one we could read: no ingest metrics.
         log_access(400, "-", "-", self._remote, self._loop.time() - self._started)
-        self._write(response(400, HTTPFailure(400, errors.BAD_REQUEST, refusal.reason).body(),
-                             True))
+        self._write(response(400, body, True))
 
     def _write(self, data: bytes) -> None:
         try:

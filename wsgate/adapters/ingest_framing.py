@@ -43,6 +43,8 @@ _BLANK_LINE = re.compile(rb"\n\r?\n")
 
 
 class Signal(enum.Enum):
+    """The framer's answers that carry no request: wait, or give the bytes to Tornado."""
+
     NEED_DATA = "need data"
     HAND_OVER = "hand over"
 
@@ -173,7 +175,8 @@ def parse_head(head: bytes) -> dict[str, str] | Refusal | Signal:
     """
     if not head.isascii() or len(head.translate(None, _CTL)) != len(head):
         return HAND_OVER
-    if b"\n" in head.replace(b"\r\n", b"") or b"\r" in head.replace(b"\r\n", b""):
+    joined = head.replace(b"\r\n", b"")
+    if b"\n" in joined or b"\r" in joined:
         return HAND_OVER
     headers: dict[str, str] = {}
     for line in head.split(b"\r\n") if head else ():
