@@ -33,6 +33,21 @@ from wsgate.events import InvalidEvents, decode_json, parse_body, validate_event
 from wsgate.gateway import Gateway
 
 MAX_IDEMPOTENCY_KEY = 200
+#: The most digits a ``Content-Length`` or ``X-Wsgate-Timestamp`` may have (h11's
+#: limit for a length): more than any body or clock needs, and far below the
+#: 4,300 digits past which ``int()`` raises.
+MAX_DIGITS = 20
+
+
+def decimal(text: str) -> int | None:
+    """``text`` as an integer when it is 1 to :data:`MAX_DIGITS` ASCII digits, else None.
+
+    ``str.isdigit()`` alone also takes ``"²"`` and other Unicode digits, which
+    ``int()`` refuses or reads as another number.
+    """
+    if 0 < len(text) <= MAX_DIGITS and text.isascii() and text.isdigit():
+        return int(text)
+    return None
 
 
 def key_id(secret: str, kind: str) -> str:
@@ -100,11 +115,18 @@ class IngestService:
         if ctype.split(";")[0].strip().lower() != "application/json":
             return HTTPFailure(415, errors.UNSUPPORTED_MEDIA_TYPE,
                                "send the events as Content-Type: application/json"), None
-        length = headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return HTTPFailure(413, errors.PAYLOAD_TOO_LARGE,
-                               f"the body is {length} bytes; at most {self.limit} "
-                               "are accepted"), None
+        length = headers.get("content-length", "")
+        # Any other malformed length is the HTTP layer's to refuse (400).
+        if length.isascii() and length.isdigit():
+            size = decimal(length)
+            if size is None:
+                return HTTPFailure(400, errors.BAD_REQUEST,
+                                   f"Content-Length has {len(length)} digits; at most "
+                                   f"{MAX_DIGITS} are accepted"), None
+            if size > self.limit:
+                return HTTPFailure(413, errors.PAYLOAD_TOO_LARGE,
+                                   f"the body is {size} bytes; at most {self.limit} "
+                                   "are accepted"), None
         auth = headers.get("authorization")
         if auth is not None:
             scheme, _, value = auth.partition(" ")
@@ -182,29 +204,35 @@ class IngestService:
     def _check_signature(self, headers: Headers, body: bytes) -> str:
         stamp = headers.get("x-wsgate-timestamp", "")
         signature = headers.get("x-wsgate-signature", "")
-        if not stamp.isdigit() or not signature.startswith("v1="):
+        seconds = decimal(stamp)
+        if seconds is None or not signature.startswith("v1="):
             raise HTTPFailure(401, errors.UNAUTHENTICATED,
                               "X-Wsgate-Timestamp must be unix seconds and X-Wsgate-Signature "
                               "'v1=<hex HMAC-SHA256>'")
         window = self.config.signature_window
-        if abs(time.time() - int(stamp)) > window:
+        if abs(time.time() - seconds) > window:
             raise HTTPFailure(401, errors.UNAUTHENTICATED,
                               f"the signature timestamp is more than {window} s from the "
                               "server's clock")
-        given = signature[3:].strip().lower().encode()
+        given = signature[3:].strip(" \t").lower().encode()
         message = stamp.encode() + b"." + body
         found = None
+        canonical = b""
         for secret, kid in self.hmac:
             expected = hmac.new(secret, message, hashlib.sha256).hexdigest().encode()
             if hmac.compare_digest(given, expected):
-                found = kid
+                found, canonical = kid, expected
         if found is None:
             raise HTTPFailure(401, errors.UNAUTHENTICATED, "the signature does not match")
-        if self.seen_signatures.get(signature) is not None:
+        # Remembered as the digest it matched, not as sent: every spelling that
+        # verifies (hex case, spaces after "v1=") is the same signature, so a
+        # replay is caught however it is written.
+        seen = canonical.decode()
+        if self.seen_signatures.get(seen) is not None:
             replayed = HTTPFailure(409, errors.REPLAYED, "this signed request was already received")
             replayed.key_id = found
             raise replayed
-        self.seen_signatures.put(signature, True)
+        self.seen_signatures.put(seen, True)
         return found
 
     async def _validate_and_publish(self, body: bytes, kid: str) -> dict[str, Any]:

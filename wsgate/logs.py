@@ -1,7 +1,10 @@
 """Logging set-up: text or JSON lines, level from the config.
 
-Secrets never reach a log line: the access log scrubs tokens from URLs, and
-no wsgate code logs credentials or keys.
+Secrets never reach a log line: the access log scrubs tokens from URLs, no
+wsgate code logs credentials or keys, and :func:`mask_tokens` masks the
+value of every ``token`` query parameter (its name percent-decoded, as
+Tornado reads it) in every record the process makes, Tornado's own lines
+and tracebacks included.
 
 Fields passed with ``extra=`` (``connection_id``, ``status``...) become keys of
 the JSON object, or ``key=value`` pairs after the text message. A field the
@@ -13,9 +16,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote_plus
 
 from wsgate.config import LoggingConfig
 
@@ -51,7 +55,8 @@ class JSONFormatter(logging.Formatter):
         for key, value in extra_fields(record).items():
             out.setdefault(key, value)
         if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
+            # exc_text, when set, is the traceback with its tokens masked.
+            out["exception"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(out, default=str)
 
 
@@ -81,6 +86,7 @@ def setup_logging(config: LoggingConfig) -> None:
         handler.setFormatter(JSONFormatter())
     else:
         handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    mask_tokens()
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.level)
@@ -102,7 +108,7 @@ def log_access(status: int, method: str, uri: str, remote: str, seconds: float,
         level = logging.DEBUG
     if not access_log.isEnabledFor(level):
         return
-    path = scrub_uri(uri)
+    path = scrub(uri)
     fields: dict[str, Any] = {
         "status": status, "method": method, "path": path, "remote_addr": remote,
         "duration_ms": round(1000.0 * seconds, 1),
@@ -112,13 +118,78 @@ def log_access(status: int, method: str, uri: str, remote: str, seconds: float,
     access_log.log(level, "%d %s %s", status, method, path, extra=fields)
 
 
-def scrub_uri(uri: str) -> str:
-    """The request URI with the token query value replaced by ``***`` (for logs)."""
-    parts = urlsplit(uri)
-    if not parts.query:
-        return uri
-    pairs = []
-    for pair in parts.query.split("&"):
-        name, sep, _ = pair.partition("=")
-        pairs.append(f"{name}=***" if name == "token" and sep else pair)
-    return parts.path + "?" + "&".join(pairs)
+def scrub(text: str) -> str:
+    """``text`` with the value of every token query parameter replaced by ``***``.
+
+    A parameter is what follows a ``?`` or ``&`` up to the next ``&``, ``#``,
+    white space or quote, in a URI or anywhere in a log message (Tornado's
+    lines quote the URI). It is masked when its name, percent-decoded as
+    Tornado decodes it, contains ``token`` in any case: ``token``,
+    ``%74oken``, ``access_token``; and ``token%3D...`` (no ``=`` until
+    decoded) is masked whole.
+    """
+    if "?" not in text and "&" not in text:
+        return text
+    return _PARAMETER.sub(_mask_parameter, text)
+
+
+#: A query parameter: a ``'`` is part of it unless it closes a quoted repr
+#: (``uri='/x?token=abc', ...`` in Tornado's request repr).
+_PARAMETER = re.compile(r"""(?<=[?&])(?:[^&#\s"']|'(?![,)\s]|$))+""")
+
+
+def _mask_parameter(match: re.Match[str]) -> str:
+    parameter = match.group()
+    name, sep, _ = parameter.partition("=")
+    if not sep:
+        name, sep, _ = unquote_plus(parameter, encoding="latin-1").partition("=")
+        return "***" if sep and "token" in name.lower() else parameter
+    return f"{name}=***" if "token" in unquote_plus(name, encoding="latin-1").lower() \
+        else parameter
+
+
+def mask_record(record: logging.LogRecord) -> None:
+    """Mask tokens (:func:`scrub`) in a record's message and traceback, in place.
+
+    The message is formatted once here; a record whose text needs no mask is
+    left as it was made. Fields passed with ``extra=`` are not seen (the
+    record is made before they are added): wsgate's own fields never hold a
+    URI that is not scrubbed already.
+    """
+    try:
+        message = record.getMessage()
+    except Exception:  # a bad format string: logging reports it when the record is written
+        return
+    masked = scrub(message)
+    if masked != message:
+        record.msg, record.args = masked, ()
+    if record.exc_info and record.exc_info[0] is not None:
+        text = _TRACEBACKS.formatException(record.exc_info)
+        masked = scrub(text)
+        if masked != text:
+            record.exc_text = masked  # what every Formatter writes when it is set
+
+
+_TRACEBACKS = logging.Formatter()
+
+
+def mask_tokens() -> None:
+    """From now on, run :func:`mask_record` on every log record this process makes.
+
+    The record factory, not a filter: a filter on a logger sees only the
+    records made by that very logger, not by its children, nor Tornado's
+    ``tornado.application`` and ``tornado.general`` unless each is named, and a
+    filter on a handler misses every other handler (a test's capture
+    included). Calling it again changes nothing.
+    """
+    current = logging.getLogRecordFactory()
+    if getattr(current, "masks_tokens", False):
+        return
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = current(*args, **kwargs)
+        mask_record(record)
+        return record
+
+    factory.masks_tokens = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)

@@ -7,15 +7,21 @@ request on a kept-alive connection are the common case, so every connection
 the main server accepts starts here, on the raw socket:
 
 - a request that is exactly the common ingest shape (``POST /v1.0/events
-  HTTP/1.1``, a ``Content-Length`` body within ``[ingest] max_body_bytes``,
-  every header once, plain ASCII, no ``Transfer-Encoding``, ``Expect`` or
-  ``Upgrade``) is answered here, through the same
+  HTTP/1.1``, one ``Host``, a ``Content-Length`` body within ``[ingest]
+  max_body_bytes``, every header once, plain ASCII, no ``Transfer-Encoding``,
+  ``Expect`` or ``Upgrade``) is answered here, through the same
   :class:`wsgate.adapters.ingest.IngestService` as Tornado's handler, with the
   same status, body, metrics and access log line;
+- a request that RFC 9112 and h11 refuse and Tornado would not (no ``Host``,
+  a blank line before the request line, a ``Content-Length`` of too many
+  digits) is answered 400 here, and the connection closed;
 - at the first request that is anything else (another path, a WebSocket
   upgrade, a chunked body, HTTP/1.0, a header this parser does not take), the
   connection and every byte already read go to Tornado for good, which then
   answers exactly as it always did.
+
+Which is which is decided by :class:`wsgate.adapters.ingest_framing.IngestFramer`,
+which does no I/O; this module reads, writes and keeps time.
 
 The same limits hold as in Tornado: ``[server] idle_connection_timeout`` for a
 connection waiting for (or in the middle of) a request head,
@@ -37,56 +43,24 @@ from typing import Any
 
 import tornado
 
+from wsgate import errors
+from wsgate.adapters.ingest_framing import (
+    HAND_OVER,
+    MAX_HEAD,
+    PATH,
+    IngestFramer,
+    Refusal,
+    Request,
+)
 from wsgate.errors import GENERIC_ERRORS, HTTPFailure
 from wsgate.ingest import IngestService
 from wsgate.logs import log_access
 
 log = logging.getLogger("wsgate")
 
-REQUEST_LINE = b"POST /v1.0/events HTTP/1.1\r\n"
-PATH = "/v1.0/events"
-#: A longer head goes to Tornado, whose ``max_header_size`` is the same.
-MAX_HEAD = 16 * 1024
 _RECV = 256 * 1024
-#: Control characters a header line may not hold (tab is allowed; CR and LF
-#: are checked as line ends).
-_CTL = bytes(range(0, 9)) + bytes(range(11, 13)) + bytes(range(14, 32)) + b"\x7f"
-#: Headers whose presence means the request is not the plain shape.
-_NOT_PLAIN = ("transfer-encoding", "expect", "upgrade")
 _SERVER = f"TornadoServer/{tornado.version}"
 _INTERNAL = HTTPFailure(500, *GENERIC_ERRORS[500])
-
-
-def parse_head(head: bytes) -> dict[str, str] | None:
-    """The header lines after the request line, by lower-case name.
-
-    None when the head is not the plain shape this path takes: a byte outside
-    printable ASCII, a bare CR or LF, a folded or malformed line, a header
-    given twice, or one of ``Transfer-Encoding``, ``Expect``, ``Upgrade``.
-    """
-    if not head.isascii() or len(head.translate(None, _CTL)) != len(head):
-        return None
-    joined = head.replace(b"\r\n", b"")
-    if b"\n" in joined or b"\r" in joined:
-        return None
-    headers: dict[str, str] = {}
-    for line in head.split(b"\r\n"):
-        name, sep, value = line.partition(b":")
-        # A name is RFC 9110 token characters: nothing left once they are deleted.
-        if not sep or not name or name.translate(None, _TCHAR):
-            return None
-        key = name.decode().lower()
-        if key in headers:
-            return None
-        headers[key] = value.strip(b" \t").decode()
-    for banned in _NOT_PLAIN:
-        if banned in headers:
-            return None
-    return headers
-
-
-_TCHAR = (b"!#$%&'*+-.^_`|~0123456789"
-          b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
 class _Clock:
@@ -128,7 +102,7 @@ class FastIngestConnection:
     """
 
     __slots__ = ("_loop", "_sock", "_fd", "_service", "_remote", "_idle", "_body_timeout",
-                 "_handover", "_on_close", "_buf", "_pending", "_busy", "_out", "_timer",
+                 "_handover", "_on_close", "_framer", "_busy", "_out", "_timer",
                  "_timer_at", "_deadline", "_started", "_close_after", "_closed", "_draining",
                  "_reading", "_eof")
 
@@ -145,9 +119,7 @@ class FastIngestConnection:
         self._body_timeout = body_timeout
         self._handover = handover
         self._on_close = on_close
-        self._buf = bytearray()
-        #: (headers, end of head, end of body) of a request whose body is still arriving.
-        self._pending: tuple[dict[str, str], int, int] | None = None
+        self._framer = IngestFramer(service.limit)
         self._busy = False
         self._out = b""
         self._timer: asyncio.TimerHandle | None = None
@@ -194,8 +166,7 @@ class FastIngestConnection:
         self._on_close(self)
 
     def _to_tornado(self) -> None:
-        data = bytes(self._buf)
-        self._buf = bytearray()
+        data = self._framer.take()
         self._end()
         self._handover(data)
 
@@ -251,51 +222,34 @@ class FastIngestConnection:
                 if not self._busy:
                     self.close()
             return
-        self._buf += data
+        self._framer.feed(data)
         if self._busy:
-            if len(self._buf) > self._service.limit + MAX_HEAD:
+            if len(self._framer.buffer) > self._service.limit + MAX_HEAD:
                 self._pause_reading()  # a deep pipeline waits in the socket
             return
         self._next()
 
     def _next(self) -> None:
         """Answer every whole request in the buffer, in order, until one must wait."""
+        framer = self._framer
         while not self._busy and not self._closed:
-            buf = self._buf
-            if self._pending is None:
-                if not buf:
-                    return
-                if not buf.startswith(REQUEST_LINE):
-                    if len(buf) < len(REQUEST_LINE) and REQUEST_LINE.startswith(buf):
-                        return  # still could be an ingest request
-                    self._to_tornado()
-                    return
-                end = buf.find(b"\r\n\r\n", len(REQUEST_LINE) - 2)
-                if end < 0:
-                    if len(buf) > MAX_HEAD:
-                        self._to_tornado()
-                    return
-                headers = parse_head(bytes(buf[len(REQUEST_LINE):end])) \
-                    if end >= len(REQUEST_LINE) else None
-                length = headers.get("content-length", "") if headers is not None else ""
-                connection = headers.get("connection", "keep-alive").lower() \
-                    if headers is not None else ""
-                if (headers is None or not length.isdigit() or int(length) > self._service.limit
-                        or connection not in ("keep-alive", "close")):
-                    self._to_tornado()
-                    return
-                self._pending = (headers, end + 4, end + 4 + int(length))
-                self._started = self._loop.time()
-                if len(buf) < end + 4 + int(length):
-                    self._wait(self._body_timeout)
-            headers, start, stop = self._pending
-            if len(buf) < stop:
+            had_head = framer.reading_body
+            event = framer.next_event()
+            if not had_head and (framer.reading_body or isinstance(event, Request | Refusal)):
+                self._started = self._loop.time()  # a head has just been framed
+            if isinstance(event, Request):
+                self._close_after = event.close
+                self._serve(event.headers, event.body)
+            elif isinstance(event, Refusal):
+                self._refuse(event)
                 return
-            body = bytes(buf[start:stop])
-            del buf[:stop]
-            self._pending = None
-            self._close_after = headers.get("connection") == "close"
-            self._serve(headers, body)
+            elif event is HAND_OVER:
+                self._to_tornado()
+                return
+            else:  # NEED_DATA
+                if framer.reading_body and not had_head:
+                    self._wait(self._body_timeout)
+                return
 
     # -- answering ----------------------------------------------------------
 
@@ -329,6 +283,19 @@ class FastIngestConnection:
                    {"events_accepted": accepted, "key_id": kid})
         self._close_after = self._close_after or self._draining
         self._write(response(status, body, self._close_after))
+
+    def _refuse(self, refusal: Refusal) -> None:
+        """Answer a malformed request with 400, then close (what follows it is not framed)."""
+        self._busy = True
+        self._close_after = True
+        self._pause_reading()
+        body = HTTPFailure(400, errors.BAD_REQUEST, refusal.reason).body()
+        if refusal.ingest:
+            self._answer(400, body, None, 0)
+            return
+        # Not an ingest request, or not one we could read: no ingest metrics.
+        log_access(400, "-", "-", self._remote, self._loop.time() - self._started)
+        self._write(response(400, body, True))
 
     def _write(self, data: bytes) -> None:
         try:

@@ -55,6 +55,12 @@ class ReviewPageHandler(tornado.web.StaticFileHandler):
         for name, value in _PAGE_HEADERS.items():
             self.set_header(name, value)
 
+    def parse_url_path(self, url_path: str) -> str:
+        # No file name holds a NUL, and os.path.realpath raises on one (a 500).
+        if "\x00" in url_path:
+            raise tornado.web.HTTPError(404)
+        return super().parse_url_path(url_path)
+
 
 class AuditExportHandler(AuditKeyHandler):
     """``GET /v1.0/audit/export.csv``: every row matching the filters, as CSV."""

@@ -7,9 +7,13 @@ import asyncio
 import errno
 import logging
 import socket
+import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import tornado.http1connection
 import tornado.httpserver
+import tornado.httputil
 import tornado.iostream
 import tornado.netutil
 import tornado.web
@@ -18,6 +22,7 @@ from wsgate.adapters.base import NotFoundHandler
 from wsgate.adapters.fast_ingest import MAX_HEAD, FastIngestConnection
 from wsgate.adapters.health import HealthHandler, ReadyHandler
 from wsgate.adapters.ingest import IngestHandler
+from wsgate.adapters.ingest_framing import connection_tokens
 from wsgate.adapters.metrics import MetricsHandler, metrics_route
 from wsgate.adapters.tornado_compat import prepend_read
 from wsgate.adapters.websocket import WebSocketHandler
@@ -25,7 +30,7 @@ from wsgate.adapters.wsconn import ConnectionRegistry
 from wsgate.config import Config
 from wsgate.gateway import Gateway
 from wsgate.ingest import IngestService
-from wsgate.logs import log_access
+from wsgate.logs import log_access, mask_tokens
 from wsgate.metrics import GatewayMetrics
 
 log = logging.getLogger("wsgate")
@@ -42,7 +47,12 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
 
 
 def make_app(gateway: Gateway, metrics: GatewayMetrics) -> tornado.web.Application:
-    """The Tornado application serving gateway (and its metrics, behind keys)."""
+    """The Tornado application serving gateway (and its metrics, behind keys).
+
+    From here on no log record of the process shows a token (:func:`mask_tokens`):
+    Tornado's own lines quote request URIs.
+    """
+    mask_tokens()
     s = gateway.config.server
     registry = ConnectionRegistry(s.ping_interval, s.ping_timeout)
     ingest = IngestService(gateway, gateway.config.ingest)
@@ -83,6 +93,7 @@ def _audit_routes(gateway: Gateway) -> list[Any]:
 
 def make_metrics_app(metrics: GatewayMetrics) -> tornado.web.Application:
     """The private metrics listener's application: ``/metrics`` (no key) and nothing else."""
+    mask_tokens()
     return tornado.web.Application([metrics_route(metrics, None)],
                                    default_handler_class=NotFoundHandler,
                                    log_function=log_request)
@@ -125,6 +136,19 @@ class GatewayHTTPServer(tornado.httpserver.HTTPServer):
         super().initialize(*args, **kwargs)
         #: The connections the fast path serves now.
         self.fast: set[FastIngestConnection] = set()
+        #: Tornado's connections whose last request asked to close (_CloseOnAnyToken).
+        self.closing: weakref.WeakSet[object] = weakref.WeakSet()
+
+    def start_request(self, server_conn: object, request_conn: tornado.httputil.HTTPConnection
+                      ) -> tornado.httputil.HTTPMessageDelegate:
+        if server_conn in self.closing:
+            # The request before asked to close, and its answer is written (Tornado
+            # starts the next request only then): end the connection unread.
+            self.closing.discard(server_conn)
+            if isinstance(request_conn, tornado.http1connection.HTTP1Connection):
+                request_conn.close()
+        delegate = super().start_request(server_conn, request_conn)
+        return _CloseOnAnyToken(delegate, lambda: self.closing.add(server_conn))
 
     def handle_stream(self, stream: tornado.iostream.IOStream, address: Any) -> None:
         if self.ingest is None or stream.socket is None:
@@ -154,6 +178,38 @@ class GatewayHTTPServer(tornado.httpserver.HTTPServer):
         await super().close_all_connections()
         if self.websockets is not None:
             await self.websockets.close_all()
+
+
+class _CloseOnAnyToken(tornado.httputil.HTTPMessageDelegate):
+    """Passes a request on, noting when its ``Connection`` header asks to close.
+
+    Tornado closes after a request only when its one ``Connection`` header is
+    exactly ``close`` (in any case); RFC 9110 and h11 close on a ``close``
+    token anywhere in the list: ``keep-alive, Close``, or a second
+    ``Connection`` header. ``closing()`` tells the server, which then ends the
+    connection after this answer (the answer itself does not say
+    ``Connection: close``).
+    """
+
+    def __init__(self, delegate: tornado.httputil.HTTPMessageDelegate,
+                 closing: Callable[[], None]) -> None:
+        self.delegate = delegate
+        self.closing = closing
+
+    def headers_received(self, start_line: Any, headers: tornado.httputil.HTTPHeaders
+                         ) -> Awaitable[None] | None:
+        if "close" in connection_tokens(*headers.get_list("Connection")):
+            self.closing()
+        return self.delegate.headers_received(start_line, headers)
+
+    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
+        return self.delegate.data_received(chunk)
+
+    def finish(self) -> None:
+        self.delegate.finish()
+
+    def on_connection_close(self) -> None:
+        self.delegate.on_connection_close()
 
 
 def make_server(app: tornado.web.Application, config: Config) -> tornado.httpserver.HTTPServer:
