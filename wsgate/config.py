@@ -53,7 +53,8 @@ class ServerConfig:
     max_fragments: int = 1000
     #: Subscriptions one connection may hold.
     max_subscriptions: int = 1000
-    #: Unsent bytes queued for one connection before it is closed with 4008.
+    #: The memory budget of one connection: bytes held for it (unsent events, replies
+    #: and pongs, and its incoming message not yet whole); past it, closed with 4008.
     max_output_buffer: int = 1048576
     #: Bad client messages tolerated per minute before a 1008 close.
     max_bad_messages_per_minute: int = 20

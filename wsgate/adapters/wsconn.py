@@ -11,6 +11,11 @@ and handed to the gateway in ``data_received``; a message that waits (for the
 audit commit) calls back when its reply is sent, and the connection's next
 message goes on then.
 
+Memory per connection has one budget, ``[server] max_output_buffer``: what is
+owed to the peer (event frames, replies, pongs not yet taken by the socket)
+plus its message not yet whole. Past it, with output owed, the connection is
+closed with 4008 (docs/security.md).
+
 Plain TCP only: TLS is terminated in front of wsgate (at the load balancer).
 
 Liveness is one :class:`ConnectionRegistry` per node: a single periodic timer
@@ -151,10 +156,41 @@ class WebSocketConnection(asyncio.Protocol):
                     self._fail(event.code, event.reason)
         if pongs is not None:
             self._send_pongs(pongs)
+        if parser.buffered and (self.backlog or self.out_size) and self.state == _OPEN:
+            # A frame or a fragmented message not yet whole counts against the
+            # budget too, with the output owed. (Alone it is bounded by
+            # max_message_size: a client that reads what it is sent is never
+            # closed for the size of what it sends.)
+            self._check_budget()
 
     def _send_pongs(self, pongs: list[bytes]) -> None:
         if self.state == _OPEN:
             self._write(pongs[0] if len(pongs) == 1 else b"".join(pongs))
+            if self.backlog:
+                self._check_budget()
+
+    def _check_budget(self) -> None:
+        """Close with 4008, once this callback is done, if output is owed and the
+        bytes held for this connection (see pending_bytes) have passed
+        ``max_output_buffer``."""
+        transport = self.transport
+        assert transport is not None
+        output = self.out_size + transport.get_write_buffer_size()
+        if output and output + self.parser.buffered > self.gateway.config.server.max_output_buffer:
+            # Not in the middle of the caller, which may go on using the
+            # connection (a reply is sent in the middle of a subscribe): the
+            # close runs at the start of the next loop iteration, before the
+            # next read is handled.
+            self.registry.loop.call_soon(self._close_over_budget)
+
+    def _close_over_budget(self) -> None:
+        conn = self.conn
+        if conn is None or conn.closed or self.state != _OPEN:
+            return
+        limit = self.gateway.config.server.max_output_buffer
+        self.gateway.close_connection(
+            conn, errors.CLOSE_SLOW_CONSUMER,
+            f"slow consumer: more than {limit} bytes held for this connection")
 
     def _message(self, message: str | bytes) -> None:
         if self.state != _OPEN:
@@ -165,8 +201,13 @@ class WebSocketConnection(asyncio.Protocol):
         inbox.append(message)
         if not self.busy:
             self._handle_inbox()
-        elif len(inbox) >= INBOX_LIMIT and self.transport is not None:
-            self.transport.pause_reading()
+        elif (transport := self.transport) is not None and transport.is_reading() and (
+                len(inbox) >= INBOX_LIMIT
+                or sum(map(len, inbox)) >= self.parser.max_message_size):
+            # Behind a message that waits, the rest wait too, and reading
+            # pauses (TCP flow control holds what follows) at INBOX_LIMIT
+            # messages or a largest message's worth of characters.
+            transport.pause_reading()
 
     def _handle_inbox(self) -> None:
         # One message at a time, in order: one that waits (for the audit store,
@@ -248,11 +289,14 @@ class WebSocketConnection(asyncio.Protocol):
         else:
             out.append(frame)
         self._flush_out()
+        if self.backlog:
+            self._check_budget()
 
     def send_wire(self, frame: bytes) -> int:
         """Queue an event frame; every frame queued for this connection during one
         loop iteration goes out in one write at the start of the next (see
-        ConnectionRegistry.flush_soon). Returns ``pending_bytes()``."""
+        ConnectionRegistry.flush_soon). Returns ``pending_bytes()``, which the
+        gateway compares with ``max_output_buffer`` (4008 past it)."""
         out = self.out
         if out is not None:
             out.append(frame)
@@ -272,7 +316,7 @@ class WebSocketConnection(asyncio.Protocol):
             # figure (it drains on its own between our writes).
             assert self.transport is not None
             backlog = self.backlog = self.transport.get_write_buffer_size()
-        return size + backlog
+        return size + backlog + self.parser.buffered
 
     def _flush_out(self) -> None:
         out = self.out
@@ -307,10 +351,15 @@ class WebSocketConnection(asyncio.Protocol):
         self.backlog = transport.get_write_buffer_size()
 
     def pending_bytes(self) -> int:
+        """Every byte held for this connection, which its memory budget
+        (``max_output_buffer``) counts: frames not yet taken by the socket
+        (events, replies, pongs) and the client's frame or fragmented message
+        not yet whole."""
         transport = self.transport
+        held = self.out_size + self.parser.buffered
         if transport is None or self.state == _CLOSED:
-            return self.out_size
-        return self.out_size + transport.get_write_buffer_size()
+            return held
+        return held + transport.get_write_buffer_size()
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         """Send a close frame and wait briefly for the peer's; the caller reports
