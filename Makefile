@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 CONFIG ?= config.example.toml
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck unit bench soak clean
+.PHONY: install run test lint typecheck unit bench soak conformance clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "wsgate needs Python 3.11 or newer" or 0)'
@@ -40,6 +40,28 @@ bench: $(STAMP)
 # Larger hardening runs (more property examples, bigger storms); see docs/security.md.
 soak: $(STAMP)
 	WSGATE_SOAK=1 $(BIN)/python -m pytest -q tests/test_hardening.py tests/test_hardening_flow.py tests/test_crash.py tests/test_shutdown.py $(PYTEST_ARGS)
+
+# RFC 6455 conformance, not part of `make test`: the Autobahn TestSuite's fuzzing
+# client (cases 1-7 and 9) against wsgate's WebSocket layer in front of an echo
+# (bench/ws_echo.py), loopback only; prints a summary per case group, the full
+# report is left in .autobahn/reports. The suite is Python 2.7 code: it is
+# installed once, with the pins of its own requires.txt, into .autobahn/site
+# (git-ignored). CONFORMANCE_ARGS="--cases 5.* --exclude 9.1.6" narrows a run.
+PYTHON27 ?= $(HOME)/.pyenv/versions/2.7.18/bin/python
+AUTOBAHN := .autobahn
+AUTOBAHN_VERSION := 25.10.1
+AUTOBAHN_SDIST := $(AUTOBAHN)/sdist/autobahntestsuite-$(AUTOBAHN_VERSION).tar.gz
+
+$(AUTOBAHN)/.installed:
+	@test -x "$(PYTHON27)" || { echo "make conformance needs a Python 2.7 interpreter: PYTHON27=/path/to/python2.7"; exit 1; }
+	rm -rf $(AUTOBAHN)/site $(AUTOBAHN)/sdist
+	$(PYTHON27) -m pip download --quiet --disable-pip-version-check --no-deps --no-binary :all: -d $(AUTOBAHN)/sdist autobahntestsuite==$(AUTOBAHN_VERSION)
+	tar -xzOf $(AUTOBAHN_SDIST) autobahntestsuite-$(AUTOBAHN_VERSION)/autobahntestsuite.egg-info/requires.txt > $(AUTOBAHN)/requires.txt
+	$(PYTHON27) -m pip install --quiet --disable-pip-version-check --no-warn-script-location --target $(AUTOBAHN)/site -r $(AUTOBAHN)/requires.txt $(AUTOBAHN_SDIST)
+	touch $@
+
+conformance: $(STAMP) $(AUTOBAHN)/.installed
+	$(BIN)/python -m bench.conformance --site $(AUTOBAHN)/site --python27 $(PYTHON27) $(CONFORMANCE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache .ruff_cache

@@ -46,11 +46,15 @@ class ServerConfig:
     ping_interval: float = 25.0
     #: Seconds a peer has to answer a ping before it is closed (at most ping_interval).
     ping_timeout: float = 10.0
-    #: Largest client frame in bytes; a bigger one closes the connection with 1009.
+    #: Largest client message in bytes (all its fragments); a bigger one closes with 1009.
     max_message_size: int = 65536
+    #: Most frames one client message may take (its first frame and continuations,
+    #: empty ones too); one more closes the connection with 1009.
+    max_fragments: int = 1000
     #: Subscriptions one connection may hold.
     max_subscriptions: int = 1000
-    #: Unsent bytes queued for one connection before it is closed with 4008.
+    #: The memory budget of one connection: bytes held for it (unsent events, replies
+    #: and pongs, and its incoming message not yet whole); past it, closed with 4008.
     max_output_buffer: int = 1048576
     #: Bad client messages tolerated per minute before a 1008 close.
     max_bad_messages_per_minute: int = 20
@@ -301,7 +305,7 @@ def _check(cfg: Config) -> None:
             raise bad("server", name, "must be greater than 0")
     if s.ping_timeout > s.ping_interval:
         raise bad("server", "ping_timeout", "must not be longer than ping_interval")
-    for name in ("max_message_size", "max_subscriptions", "max_output_buffer",
+    for name in ("max_message_size", "max_fragments", "max_subscriptions", "max_output_buffer",
                  "max_bad_messages_per_minute", "max_rejected_topics_per_minute"):
         if getattr(s, name) < 1:
             raise bad("server", name, "must be at least 1")

@@ -5,9 +5,16 @@ hands the socket over; from then on a connection is one
 :class:`WebSocketConnection` (a protocol object with ``__slots__``) and the
 asyncio transport under it. Compared with Tornado's WebSocket layer it keeps no
 paused coroutine, no IOStream queues and no timer per connection, and makes no
-Task per received message: frames are parsed and handed to the gateway in
-``data_received``; a message that waits (for the audit commit) calls back when
-its reply is sent, and the connection's next message goes on then.
+Task per received message: what a client sends is parsed by a
+:class:`~wsgate.adapters.wsframes.FrameParser` (bytes in, events out, no I/O)
+and handed to the gateway in ``data_received``; a message that waits (for the
+audit commit) calls back when its reply is sent, and the connection's next
+message goes on then.
+
+Memory per connection has one budget, ``[server] max_output_buffer``: what is
+owed to the peer (event frames, replies, pongs not yet taken by the socket)
+plus its message not yet whole. Past it, with output owed, the connection is
+closed with 4008 (docs/security.md).
 
 Plain TCP only: TLS is terminated in front of wsgate (at the load balancer).
 
@@ -24,7 +31,7 @@ import os
 from collections import deque
 
 from wsgate import errors
-from wsgate.adapters.tornado_compat import websocket_mask
+from wsgate.adapters.wsframes import Close, FrameParser, Ping, Pong
 from wsgate.gateway import Connection, Gateway
 from wsgate.plugins import Principal
 from wsgate.protocol import ws_frame
@@ -42,9 +49,6 @@ INBOX_LIMIT = 32
 # _FAILED: closed for a protocol error; what the peer sends is no longer read.
 _OPEN, _CLOSING, _FAILED, _CLOSED = 0, 1, 2, 3
 _PING = b"\x89\x00"
-# Close codes a peer may send (RFC 6455 §7.4): 1004-1006 and 1015 are reserved.
-_PEER_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013,
-                         1014))
 
 
 def close_frame(code: int | None, reason: str = "") -> bytes:
@@ -65,9 +69,9 @@ class WebSocketConnection(asyncio.Protocol):
     with the peer's close code when it sent one.
     """
 
-    __slots__ = ("gateway", "registry", "conn", "transport", "fd", "backlog", "state", "buf",
-                 "need", "frag", "frag_opcode", "frag_size", "out", "out_size", "seen",
-                 "idle_since", "ping_at", "inbox", "busy", "close_timer", "opening")
+    __slots__ = ("gateway", "registry", "conn", "transport", "fd", "backlog", "state", "parser",
+                 "out", "out_size", "seen", "idle_since", "ping_at", "inbox", "busy",
+                 "close_timer", "opening")
 
     def __init__(self, gateway: Gateway, registry: ConnectionRegistry, principal: Principal,
                  remote_addr: str, origin: str | None, user_agent: str | None,
@@ -82,13 +86,9 @@ class WebSocketConnection(asyncio.Protocol):
         self.fd = -1
         self.backlog = 0
         self.state = _OPEN
-        # Unparsed input, and how many bytes of it the next frame needs.
-        self.buf = bytearray(initial)
-        self.need = 2
-        # The data frames of a fragmented message so far.
-        self.frag: list[bytes] | None = None
-        self.frag_opcode = 0
-        self.frag_size = 0
+        server = gateway.config.server
+        # What the client sends, parsed (wsframes.py): no I/O there, all of it here.
+        self.parser = FrameParser(server.max_message_size, server.max_fragments)
         # Frames queued by send_wire, written by _flush_out in one write.
         self.out: list[bytes] | None = None
         self.out_size = 0
@@ -100,8 +100,8 @@ class WebSocketConnection(asyncio.Protocol):
         # A message is being handled (its reply not yet sent); the rest wait in inbox.
         self.busy = False
         self.close_timer: asyncio.TimerHandle | None = None
-        self.opening: tuple[Principal, str, str | None, str | None] | None = (
-            principal, remote_addr, origin, user_agent)
+        self.opening: tuple[Principal, str, str | None, str | None, bytes] | None = (
+            principal, remote_addr, origin, user_agent, initial)
 
     # -- asyncio.Protocol ----------------------------------------------------
 
@@ -114,128 +114,100 @@ class WebSocketConnection(asyncio.Protocol):
         self.idle_since = self.registry.loop.time()
         self.registry.add(self)
         assert self.opening is not None
-        principal, remote_addr, origin, user_agent = self.opening
+        principal, remote_addr, origin, user_agent, initial = self.opening
         self.opening = None
         self.conn = self.gateway.open(self, principal, remote_addr, origin, user_agent)
-        if self.buf:
+        if initial:
             # Frames the client sent right behind its handshake.
-            self.data_received(b"")
+            self.data_received(initial)
 
     def data_received(self, data: bytes) -> None:
         self.seen = True
         if self.state >= _FAILED:
             return
-        buf = self.buf
-        if buf:
-            buf += data
-            if len(buf) < self.need:
-                return
-            data = bytes(buf)
-            buf.clear()
-        elif len(data) < self.need:
-            buf += data
-            return
-        self._parse(data)
-
-    def _parse(self, data: bytes) -> None:
-        n = len(data)
-        pos = 0
-        max_size = self.gateway.config.server.max_message_size
-        while self.state < _FAILED:
-            left = n - pos
-            if left < 2:
-                self.need = 2
-                break
-            b0 = data[pos]
-            b1 = data[pos + 1]
-            opcode = b0 & 0x0F
-            if not b1 & 0x80:
-                return self._fail(errors.CLOSE_PROTOCOL_ERROR, "client frames must be masked")
-            if b0 & 0x70:
-                return self._fail(errors.CLOSE_PROTOCOL_ERROR, "no extension was negotiated")
-            length = b1 & 0x7F
-            head = 6
-            if length == 126:
-                if left < 4:
-                    self.need = 4
-                    break
-                length = int.from_bytes(data[pos + 2:pos + 4], "big")
-                head = 8
-            elif length == 127:
-                if left < 10:
-                    self.need = 10
-                    break
-                length = int.from_bytes(data[pos + 2:pos + 10], "big")
-                head = 14
-            if opcode >= 8:
-                if opcode > 10:
-                    return self._fail(errors.CLOSE_PROTOCOL_ERROR, "unknown opcode")
-                if not b0 & 0x80 or length > 125:
-                    return self._fail(errors.CLOSE_PROTOCOL_ERROR,
-                                      "control frames must be whole and at most 125 bytes")
-            elif opcode > 2:
-                return self._fail(errors.CLOSE_PROTOCOL_ERROR, "unknown opcode")
-            elif (opcode == 0) is (self.frag is None):
-                return self._fail(errors.CLOSE_PROTOCOL_ERROR,
-                                  "continuation frame without a message" if opcode == 0
-                                  else "new message inside a fragmented one")
-            elif length + self.frag_size > max_size:
-                # Checked on the header: the payload is never buffered.
-                return self._fail(errors.CLOSE_TOO_BIG, "message too big")
-            end = pos + head + length
-            if end > n:
-                self.need = end - pos
-                break
-            payload = websocket_mask(data[pos + head - 4:pos + head], data[pos + head:end])
-            pos = end
-            if opcode >= 8:
-                self._control(opcode, payload)
-            elif not b0 & 0x80:
-                if self.frag is None:
-                    self.frag = [payload]
-                    self.frag_opcode = opcode
-                else:
-                    self.frag.append(payload)
-                self.frag_size += length
-            elif self.frag is None:
-                self._message(opcode, payload)
+        parser = self.parser
+        # The pongs owed for a run of pings go out in one write (one buffer, not
+        # one per ping, if the peer is not reading), still ahead of anything
+        # the frames after them cause.
+        pongs: list[bytes] | None = None
+        for event in parser.feed(data):
+            if isinstance(event, (str, bytes)):
+                if pongs is not None:
+                    self._send_pongs(pongs)
+                    pongs = None
+                self._message(event)
+            elif isinstance(event, Ping):
+                if self.state == _OPEN:
+                    pong = bytes((0x8A, len(event.payload))) + event.payload
+                    if pongs is None:
+                        pongs = [pong]
+                    else:
+                        pongs.append(pong)
+            elif isinstance(event, Pong):
+                # It only proves the peer alive: self.seen says so.
+                pass
             else:
-                self.frag.append(payload)
-                whole = b"".join(self.frag)
-                opcode = self.frag_opcode
-                self.frag = None
-                self.frag_size = 0
-                self._message(opcode, whole)
-        if pos < n and self.state < _FAILED:
-            self.buf += data[pos:] if pos else data
+                if pongs is not None:
+                    self._send_pongs(pongs)
+                    pongs = None
+                if isinstance(event, Close):
+                    self._peer_closed(event)
+                else:
+                    self._fail(event.code, event.reason)
+        if pongs is not None:
+            self._send_pongs(pongs)
+        if parser.buffered and (self.backlog or self.out_size) and self.state == _OPEN:
+            # A frame or a fragmented message not yet whole counts against the
+            # budget too, with the output owed. (Alone it is bounded by
+            # max_message_size: a client that reads what it is sent is never
+            # closed for the size of what it sends.)
+            self._check_budget()
 
-    def _control(self, opcode: int, payload: bytes) -> None:
-        if opcode == 9:
-            if self.state == _OPEN and self.transport is not None:
-                self._write(bytes((0x8A, len(payload))) + payload)
-        elif opcode == 8:
-            self._peer_closed(payload)
-        # A pong (10) only proves the peer alive: data_received noted it.
+    def _send_pongs(self, pongs: list[bytes]) -> None:
+        if self.state == _OPEN:
+            self._write(pongs[0] if len(pongs) == 1 else b"".join(pongs))
+            if self.backlog:
+                self._check_budget()
 
-    def _message(self, opcode: int, payload: bytes) -> None:
+    def _check_budget(self) -> None:
+        """Close with 4008, once this callback is done, if output is owed and the
+        bytes held for this connection (see pending_bytes) have passed
+        ``max_output_buffer``."""
+        transport = self.transport
+        assert transport is not None
+        output = self.out_size + transport.get_write_buffer_size()
+        if output and output + self.parser.buffered > self.gateway.config.server.max_output_buffer:
+            # Not in the middle of the caller, which may go on using the
+            # connection (a reply is sent in the middle of a subscribe): the
+            # close runs at the start of the next loop iteration, before the
+            # next read is handled.
+            self.registry.loop.call_soon(self._close_over_budget)
+
+    def _close_over_budget(self) -> None:
+        conn = self.conn
+        if conn is None or conn.closed or self.state != _OPEN:
+            return
+        limit = self.gateway.config.server.max_output_buffer
+        self.gateway.close_connection(
+            conn, errors.CLOSE_SLOW_CONSUMER,
+            f"slow consumer: more than {limit} bytes held for this connection")
+
+    def _message(self, message: str | bytes) -> None:
         if self.state != _OPEN:
             return
-        message: str | bytes
-        if opcode == 1:
-            try:
-                message = payload.decode()
-            except UnicodeDecodeError:
-                return self._fail(errors.CLOSE_INVALID_DATA, "text frame is not valid UTF-8")
-        else:
-            message = payload
         inbox = self.inbox
         if inbox is None:
             inbox = self.inbox = deque()
         inbox.append(message)
         if not self.busy:
             self._handle_inbox()
-        elif len(inbox) >= INBOX_LIMIT and self.transport is not None:
-            self.transport.pause_reading()
+        elif (transport := self.transport) is not None and transport.is_reading() and (
+                len(inbox) >= INBOX_LIMIT
+                or sum(map(len, inbox)) >= self.parser.max_message_size):
+            # Behind a message that waits, the rest wait too, and reading
+            # pauses (TCP flow control holds what follows) at INBOX_LIMIT
+            # messages or a largest message's worth of characters.
+            transport.pause_reading()
 
     def _handle_inbox(self) -> None:
         # One message at a time, in order: one that waits (for the audit store,
@@ -262,39 +234,24 @@ class WebSocketConnection(asyncio.Protocol):
         self.busy = False
         self._handle_inbox()
 
-    def _peer_closed(self, payload: bytes) -> None:
-        code: int | None = None
-        echo: int | None = None
-        if len(payload) >= 2:
-            code = echo = int.from_bytes(payload[:2], "big")
-            if code not in _PEER_CODES and not 3000 <= code <= 4999:
-                echo = errors.CLOSE_PROTOCOL_ERROR
-            else:
-                try:
-                    payload[2:].decode()
-                except UnicodeDecodeError:
-                    echo = errors.CLOSE_INVALID_DATA
-        elif payload:
-            echo = errors.CLOSE_PROTOCOL_ERROR
+    def _peer_closed(self, close: Close) -> None:
         transport = self.transport
         if self.state == _OPEN and transport is not None:
             # Peer-initiated: echo its code, then close once the echo is written.
             self.state = _CLOSING
             self.out = None
             self.out_size = 0
-            transport.write(close_frame(echo))
+            transport.write(close_frame(close.reply))
             self._arm_close_timer()
         if transport is not None:
             transport.close()
         self.state = _CLOSED
         if self.conn is not None:
-            self.gateway.disconnected(self.conn, code)
+            self.gateway.disconnected(self.conn, close.code)
 
     def _fail(self, code: int, reason: str) -> None:
         """A protocol error by the peer: close with code, through the gateway, and
         read nothing more (half-close: the peer still gets the close frame)."""
-        self.buf.clear()
-        self.frag = None
         if self.conn is not None:
             self.gateway.close_connection(self.conn, code, reason)
         self.close(code, reason)
@@ -332,11 +289,14 @@ class WebSocketConnection(asyncio.Protocol):
         else:
             out.append(frame)
         self._flush_out()
+        if self.backlog:
+            self._check_budget()
 
     def send_wire(self, frame: bytes) -> int:
         """Queue an event frame; every frame queued for this connection during one
         loop iteration goes out in one write at the start of the next (see
-        ConnectionRegistry.flush_soon). Returns ``pending_bytes()``."""
+        ConnectionRegistry.flush_soon). Returns ``pending_bytes()``, which the
+        gateway compares with ``max_output_buffer`` (4008 past it)."""
         out = self.out
         if out is not None:
             out.append(frame)
@@ -356,7 +316,7 @@ class WebSocketConnection(asyncio.Protocol):
             # figure (it drains on its own between our writes).
             assert self.transport is not None
             backlog = self.backlog = self.transport.get_write_buffer_size()
-        return size + backlog
+        return size + backlog + self.parser.buffered
 
     def _flush_out(self) -> None:
         out = self.out
@@ -391,10 +351,15 @@ class WebSocketConnection(asyncio.Protocol):
         self.backlog = transport.get_write_buffer_size()
 
     def pending_bytes(self) -> int:
+        """Every byte held for this connection, which its memory budget
+        (``max_output_buffer``) counts: frames not yet taken by the socket
+        (events, replies, pongs) and the client's frame or fragmented message
+        not yet whole."""
         transport = self.transport
+        held = self.out_size + self.parser.buffered
         if transport is None or self.state == _CLOSED:
-            return self.out_size
-        return self.out_size + transport.get_write_buffer_size()
+            return held
+        return held + transport.get_write_buffer_size()
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         """Send a close frame and wait briefly for the peer's; the caller reports
