@@ -255,3 +255,31 @@ async def test_export_quotes_what_a_spreadsheet_would_run(make_server):
     assert [r["topic"] for r in rows] == [CALLS[0], "-1+2", "@SUM(A1)", "+1"]
     assert {r["user_agent"] for r in rows} == {hostile_ua}
     assert rows[0]["code"] is None
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_reviewer_who_leaves_mid_export_is_no_uncaught_exception(
+        make_server, monkeypatch, caplog):
+    """The browser closes while the CSV streams: the export stops quietly (one INFO
+    line), not with Tornado's "Uncaught exception" traceback."""
+    import asyncio
+    import socket
+    import struct
+
+    caplog.set_level("INFO")
+    monkeypatch.setattr("wsgate.adapters.review.MAX_PAGE", 1)
+    server = await make_server(audit={"api_keys": [REVIEW_KEY]})
+    client = await server.connect("admin-token")
+    await client.subscribe(*CALLS)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET /v1.0/audit/export.csv HTTP/1.1\r\nHost: x\r\n"
+                 b"Authorization: Bearer " + REVIEW_KEY.encode() + b"\r\n\r\n")
+    await writer.drain()
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+    # Leave at once and hard (RST): the next flush of the export fails.
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.close()
+    await wait_for(lambda: any("closed the connection before the end" in r.getMessage()
+                               for r in caplog.records), timeout=10)
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+import tornado.iostream
 import tornado.web
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -92,7 +93,12 @@ class AuditExportHandler(AuditKeyHandler):
                 text = text.split("\n", 1)[1]
             first = False
             self.write(text)
-            await self.flush()
+            try:
+                await self.flush()
+            except tornado.iostream.StreamClosedError:
+                # The reviewer's browser went away mid-download: nobody to answer.
+                log.info("audit export: the client closed the connection before the end")
+                return
             if page["next_cursor"] is None:
                 break
             try:
