@@ -30,7 +30,9 @@ class Transport(Protocol):
         returns ``pending_bytes()`` with the frame counted."""
 
     def pending_bytes(self) -> int:
-        """Bytes written but not yet sent to the peer."""
+        """What the connection holds in memory against its budget
+        (``max_output_buffer``): bytes written but not yet sent to the peer, and,
+        for the WebSocket layer, the peer's message not yet complete."""
 
     def close(self, code: int, reason: str) -> None:
         """Close the connection with a close frame."""
