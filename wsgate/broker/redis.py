@@ -178,6 +178,12 @@ class _RespReader:
         raise RedisConnectionError(f"not the Redis protocol: {line[:40]!r}")
 
 
+def encode_message(publish_id: str, event: Event) -> bytes:
+    """The message (and stream entry) of one event of one publish."""
+    return (f"{publish_id} {event.event_id}\n"
+            + json.dumps(event.to_wire(), separators=(",", ":"))).encode()
+
+
 def _decode(payload: bytes) -> Event:
     return Event.from_wire(json.loads(payload.partition(b"\n")[2]))
 
@@ -347,8 +353,7 @@ class RedisBroker:
         scopes: dict[str, None] = {}
         async with self._client.pipeline(transaction=True) as pipe:
             for event in events:
-                payload = (f"{publish_id} {event.event_id}\n"
-                           + json.dumps(event.to_wire(), separators=(",", ":"))).encode()
+                payload = encode_message(publish_id, event)
                 for scope in dict.fromkeys(t.scope_key for t in event.topics):
                     scopes[scope] = None
                     if self._size:
