@@ -1,20 +1,22 @@
-"""Receive side of Redis pub/sub: CPU per message of wsgate's own RESP reader
-against redis-py's asyncio PubSub, with its pure-Python parser and with hiredis.
+"""Receive side of Redis pub/sub: CPU per message of the RESP reader wsgate
+wrote itself against redis-py's asyncio PubSub, with its pure-Python parser and
+with hiredis (what the broker runs since this comparison).
 
 ``python -m bench.redis_pubsub_bench [--rounds 5] [--count 20000] [--rate 1000]``
 
 A publisher process (pinned to core 1) sends what the broker sends: one
 MULTI/EXEC per publish with one PUBLISH per event on the scope's channel,
-each message ``broker.redis.encode_message`` of a ~400-byte event (a VoIPBin
-call record). This process (pinned to core 0) receives them with one of:
+each message ``broker.redis.encode_message`` of an event shaped like a VoIPBin
+call record (~580 bytes; ~480 in the frame a client gets). This process
+(pinned to core 0) receives them with one of:
 
-- ``wsgate``: the broker's receive path as it runs: ``RedisBroker.start`` and
-  ``watch``, so the subscriber connection, ``_RespReader`` and ``_read_loop``
-  are the broker's own code;
+- ``hand-written``: the broker's own RESP reader and read loop until commit
+  3ea399d (``_RespReader``, kept below as it was), on a connection of its own;
 - ``redis-py``: redis-py's ``PubSub.get_message(timeout=None)`` in a loop,
   with the pure-Python RESP2 parser;
-- ``hiredis``: the same loop with the hiredis parser (redis-py's default
-  when hiredis is installed);
+- ``hiredis``: the broker's receive path as it runs now: ``RedisBroker.start``
+  and ``watch``, i.e. the same loop with the hiredis parser (redis-py's
+  default when hiredis is installed);
 - ``hiredis-raw``: hiredis, read with ``PubSub.parse_response`` (the reply as
   a list, without ``get_message``'s message dict and bookkeeping), to show
   what redis-py's wrapper costs.
@@ -57,7 +59,7 @@ from typing import Any
 from bench.common import AGENT, CUSTOMER, RESULTS, ROOT
 
 REDIS_URL = os.environ.get("WSGATE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
-VARIANTS = ("wsgate", "redis-py", "hiredis", "hiredis-raw")
+VARIANTS = ("hand-written", "redis-py", "hiredis", "hiredis-raw")
 WORKLOADS = ("paced-1", "burst-1", "burst-10")
 MODES = ("read", "deliver")
 RECEIVER_CORE, PUBLISHER_CORE = 0, 1
@@ -181,9 +183,105 @@ class Sink:
 Stop = Callable[[], Awaitable[None]]
 
 
-async def wsgate_receiver(url: str, scope: str, sink: Sink, mode: str) -> Stop:
-    """The broker itself, started and watching scope: its own subscriber connection,
-    reader and read loop; in read mode with ``_received`` replaced by the counter."""
+class RespReader:
+    """The broker's RESP2 reader until commit 3ea399d, as it was (for comparison)."""
+
+    def __init__(self, stream: asyncio.StreamReader) -> None:
+        self._stream = stream
+        self._buf = b""
+        self._pos = 0
+
+    async def _fill(self) -> None:
+        data = await self._stream.read(65536)
+        if not data:
+            raise ConnectionError("connection closed by Redis")
+        self._buf = self._buf[self._pos:] + data
+        self._pos = 0
+
+    async def _line(self) -> bytes:
+        while (end := self._buf.find(b"\r\n", self._pos)) < 0:
+            await self._fill()
+        line = self._buf[self._pos:end]
+        self._pos = end + 2
+        return line
+
+    async def read(self) -> Any:
+        line = await self._line()
+        kind, rest = line[:1], line[1:]
+        if kind == b"$":
+            size = int(rest)
+            if size < 0:
+                return None
+            while len(self._buf) - self._pos < size + 2:
+                await self._fill()
+            data = self._buf[self._pos:self._pos + size]
+            self._pos += size + 2
+            return data
+        if kind == b"*":
+            count = int(rest)
+            return None if count < 0 else [await self.read() for _ in range(count)]
+        if kind == b":":
+            return int(rest)
+        if kind == b"+":
+            return rest
+        if kind == b"-":
+            raise RuntimeError(rest.decode(errors="replace"))
+        raise ConnectionError(f"not the Redis protocol: {line[:40]!r}")
+
+
+async def hand_written_receiver(url: str, scope: str, sink: Sink, mode: str) -> Stop:
+    """The reader and read loop the broker had until commit 3ea399d, on a plain
+    connection (loopback: no TLS), each message handed on as its loop did."""
+    import redis.asyncio as aioredis
+
+    from wsgate.broker.redis import RedisBroker, split_url
+    from wsgate.config import HistoryConfig
+
+    plain, prefix = split_url(url)
+    target = aioredis.connection.parse_url(plain)
+    reader, writer = await asyncio.open_connection(target.get("host", "localhost"),
+                                                   int(target.get("port", 6379)))
+    replies = RespReader(reader)
+    if target.get("password"):
+        writer.write(_pack(b"AUTH", str(target["password"]).encode()))
+        await replies.read()
+    writer.write(_pack(b"SUBSCRIBE", f"{prefix}scope:{scope}".encode()))
+    if (await replies.read())[0] != b"subscribe":
+        raise RuntimeError("not subscribed")
+    if mode == "read":
+        received = sink.message
+    else:
+        broker = RedisBroker(url, HistoryConfig(size=0))
+        broker._deliver = sink.events
+        received = broker._received
+
+    async def read_loop() -> None:  # the broker's _read_loop, as it was
+        confirmed = set()
+        while True:
+            reply = await replies.read()
+            if not isinstance(reply, list) or not reply:
+                continue
+            kind = reply[0]
+            if kind == b"message":
+                received(reply[2])
+            elif kind == b"subscribe":
+                confirmed.add(reply[1])
+            elif kind == b"unsubscribe":
+                confirmed.discard(reply[1])
+
+    task = asyncio.create_task(read_loop())
+
+    async def stop() -> None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        writer.close()
+        await writer.wait_closed()
+    return stop
+
+
+async def broker_receiver(url: str, scope: str, sink: Sink, mode: str) -> Stop:
+    """The broker itself, started and watching scope: its own subscriber connection
+    and read loop; in read mode with ``_received`` replaced by the counter."""
     from wsgate.broker.redis import RedisBroker
     from wsgate.config import HistoryConfig
 
@@ -249,8 +347,10 @@ async def redis_py_receiver(url: str, scope: str, sink: Sink, mode: str,
 
 
 def receiver(variant: str) -> Callable[[str, str, Sink, str], Awaitable[Stop]]:
-    if variant == "wsgate":
-        return wsgate_receiver
+    if variant == "hand-written":
+        return hand_written_receiver
+    if variant == "hiredis":
+        return broker_receiver
     return lambda url, scope, sink, mode: redis_py_receiver(
         url, scope, sink, mode, "python" if variant == "redis-py" else "hiredis",
         raw=variant == "hiredis-raw")
@@ -313,19 +413,19 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'workload':<9} {'mode':<8} {'variant':<9} {'CPU us/msg median (min-max)':>28} "
-            f"{'vs wsgate':>9} {'msgs/s median (min-max)':>28} {'lost':>5}")
+    head = (f"{'workload':<9} {'mode':<8} {'variant':<12} {'CPU us/msg median (min-max)':>28} "
+            f"{'vs hand-written':>15} {'msgs/s median (min-max)':>28} {'lost':>5}")
     lines = [head, "-" * len(head)]
     base = {(r["workload"], r["mode"]): r["cpu_us_median"] for r in rows
-            if r["variant"] == "wsgate"}
+            if r["variant"] == "hand-written"}
     for r in rows:
         ref = base.get((r["workload"], r["mode"]))
         ratio = f"{r['cpu_us_median'] / ref:.2f}x" if ref else "-"
         cpu = f"{r['cpu_us_median']:.1f} ({r['cpu_us_min']:.1f}-{r['cpu_us_max']:.1f})"
         rate = (f"{r['msgs_per_s_median']:,} ({r['msgs_per_s_min']:,.0f}-"
                 f"{r['msgs_per_s_max']:,.0f})")
-        lines.append(f"{r['workload']:<9} {r['mode']:<8} {r['variant']:<9} {cpu:>28} "
-                     f"{ratio:>9} {rate:>28} {r['lost']:>5}")
+        lines.append(f"{r['workload']:<9} {r['mode']:<8} {r['variant']:<12} {cpu:>28} "
+                     f"{ratio:>15} {rate:>28} {r['lost']:>5}")
     return "\n".join(lines)
 
 
