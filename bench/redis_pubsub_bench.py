@@ -1,6 +1,6 @@
 """Receive side of Redis pub/sub: CPU per message of the RESP reader wsgate
 wrote itself against redis-py's asyncio PubSub, with its pure-Python parser and
-with hiredis (what the broker runs since this comparison).
+with hiredis (which the broker runs since this comparison).
 
 ``python -m bench.redis_pubsub_bench [--rounds 5] [--count 20000] [--rate 1000]``
 
@@ -14,12 +14,11 @@ call record (~580 bytes; ~480 in the frame a client gets). This process
   3ea399d (``_RespReader``, kept below as it was), on a connection of its own;
 - ``redis-py``: redis-py's ``PubSub.get_message(timeout=None)`` in a loop,
   with the pure-Python RESP2 parser;
-- ``hiredis``: the broker's receive path as it runs now: ``RedisBroker.start``
-  and ``watch``, i.e. the same loop with the hiredis parser (redis-py's
-  default when hiredis is installed);
-- ``hiredis-raw``: hiredis, read with ``PubSub.parse_response`` (the reply as
-  a list, without ``get_message``'s message dict and bookkeeping), to show
-  what redis-py's wrapper costs.
+- ``hiredis``: the same loop with the hiredis parser (redis-py's default
+  when hiredis is installed);
+- ``broker``: the broker's receive path as it runs now (``RedisBroker.start``
+  and ``watch``): hiredis, each message taken from ``PubSub.parse_response``
+  without ``get_message``'s message dict.
 
 Workloads: ``paced-1`` one event per publish at ``--rate`` per second for
 ``--paced-seconds`` (each message wakes the receiver on its own: a node's
@@ -59,7 +58,7 @@ from typing import Any
 from bench.common import AGENT, CUSTOMER, RESULTS, ROOT
 
 REDIS_URL = os.environ.get("WSGATE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
-VARIANTS = ("hand-written", "redis-py", "hiredis", "hiredis-raw")
+VARIANTS = ("hand-written", "redis-py", "hiredis", "broker")
 WORKLOADS = ("paced-1", "burst-1", "burst-10")
 MODES = ("read", "deliver")
 RECEIVER_CORE, PUBLISHER_CORE = 0, 1
@@ -298,7 +297,7 @@ async def broker_receiver(url: str, scope: str, sink: Sink, mode: str) -> Stop:
 
 
 async def redis_py_receiver(url: str, scope: str, sink: Sink, mode: str,
-                            parser: str, raw: bool = False) -> Stop:
+                            parser: str) -> Stop:
     """redis-py's PubSub on its own connection, read with get_message as a
     receive loop would, each message handed to the sink as the broker's loop does."""
     import redis.asyncio as aioredis
@@ -330,13 +329,7 @@ async def redis_py_receiver(url: str, scope: str, sink: Sink, mode: str,
             if message is not None and message["type"] == "message":
                 received(message["data"])
 
-    async def raw_loop() -> None:
-        while True:
-            reply = await pubsub.parse_response(block=True)
-            if reply and reply[0] == b"message":
-                received(reply[2])
-
-    task = asyncio.create_task(raw_loop() if raw else read_loop())
+    task = asyncio.create_task(read_loop())
 
     async def stop() -> None:
         task.cancel()
@@ -349,11 +342,10 @@ async def redis_py_receiver(url: str, scope: str, sink: Sink, mode: str,
 def receiver(variant: str) -> Callable[[str, str, Sink, str], Awaitable[Stop]]:
     if variant == "hand-written":
         return hand_written_receiver
-    if variant == "hiredis":
+    if variant == "broker":
         return broker_receiver
     return lambda url, scope, sink, mode: redis_py_receiver(
-        url, scope, sink, mode, "python" if variant == "redis-py" else "hiredis",
-        raw=variant == "hiredis-raw")
+        url, scope, sink, mode, "python" if variant == "redis-py" else "hiredis")
 
 
 # -- runs -----------------------------------------------------------------------------
@@ -472,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from redis.utils import HIREDIS_AVAILABLE
 
-    if any(v.startswith("hiredis") for v in args.variants) and not HIREDIS_AVAILABLE:
+    if {"hiredis", "broker"} & set(args.variants) and not HIREDIS_AVAILABLE:
         print("redis_pubsub_bench: the hiredis variant needs `pip install hiredis`",
               file=sys.stderr)
         return 2
