@@ -37,13 +37,13 @@ answers 503) and counts the events in :attr:`RedisBroker.publish_failures`.
 
 Connections. Both are redis-py's (connect, TLS, AUTH, database and options
 from the URL): a pooled client publishes and reads history; a PubSub on a
-client of its own receives, read with ``get_message`` and parsed by hiredis
-(a dependency for this). It replaced a RESP reader of wsgate's own after
-``python -m bench.redis_pubsub_bench`` (docs/performance.md): that reader
-spent about 1.2x less CPU per received message than PubSub with hiredis, ~2
-of ~12 us per message in bursts and ~15 of ~100 us at 1,000 messages/s, which
-is 1-2% of a core at the rates a node sees and small beside the fan-out of
-each event; redis-py's pure-Python parser cost 2-4x the reader.
+client of its own receives, its replies parsed by hiredis (a dependency for
+this). It replaced a RESP reader of wsgate's own after
+``python -m bench.redis_pubsub_bench`` (docs/performance.md, "Redis pub/sub
+receive"): per message received and decoded, that reader saved ~8 of ~98 us
+at 1,000 messages/s and 0.2-1.6 of ~14 us in bursts, within the noise and
+under 1% of a node's work per event, not enough to keep a third protocol
+implementation. Without hiredis, redis-py's parser costs about 2x.
 """
 
 from __future__ import annotations
@@ -455,7 +455,7 @@ class RedisBroker:
         loop = asyncio.get_running_loop()
         while True:
             # A message's payload is taken from the reply as parsed, without
-            # get_message's message dict (a fifth of the receive path's CPU in
+            # get_message's message dict (1-1.5 us a message in
             # bench.redis_pubsub_bench); every other reply (to SUBSCRIBE,
             # UNSUBSCRIBE, PING) goes through redis-py's handle_message, which
             # keeps its own bookkeeping.
