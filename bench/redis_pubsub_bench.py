@@ -62,6 +62,8 @@ VARIANTS = ("hand-written", "redis-py", "hiredis", "broker")
 WORKLOADS = ("paced-1", "burst-1", "burst-10")
 MODES = ("read", "deliver")
 RECEIVER_CORE, PUBLISHER_CORE = 0, 1
+#: Seconds a burst publisher waits for the receiver to catch up before it gives up.
+STALL_LIMIT = 10.0
 
 
 def pin(core: int) -> None:
@@ -117,6 +119,18 @@ def _drain(sock: socket.socket) -> None:
         pass
 
 
+def _caught_up(sock: socket.socket, received: Any, sent: int, window: int) -> bool:
+    """Wait until the receiver is at most window messages behind; False after
+    STALL_LIMIT seconds without that."""
+    deadline = time.monotonic() + STALL_LIMIT
+    while sent - received.value > window:
+        if time.monotonic() > deadline:
+            return False
+        _drain(sock)
+        time.sleep(0.0002)
+    return True
+
+
 def publisher(jobs: multiprocessing.connection.Connection, received: Any, host: str,
               port: int, password: str | None) -> None:
     """Publish the jobs sent on ``jobs``: ``(channel, count, per_publish, rate, window)``;
@@ -140,10 +154,8 @@ def publisher(jobs: multiprocessing.connection.Connection, received: Any, host: 
                 wait = began + i / rate - time.monotonic()
                 if wait > 0:
                     time.sleep(wait)
-            else:
-                while sent - received.value > window:
-                    _drain(sock)
-                    time.sleep(0.0002)
+            elif not _caught_up(sock, received, sent, window):
+                break  # the receiver lost messages: give up this run
             sock.sendall(tx)
             sent += per_publish
             if not i & 15:
@@ -376,7 +388,9 @@ async def run_one(variant: str, workload: str, mode: str, args: argparse.Namespa
         except TimeoutError:
             pass
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
-        await loop.run_in_executor(None, jobs.recv)  # done
+        if not await loop.run_in_executor(None, jobs.poll, STALL_LIMIT + 20):
+            raise RuntimeError("the publisher did not finish")
+        jobs.recv()  # done
     finally:
         await stop()
     got = sink.n
