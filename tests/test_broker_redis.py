@@ -8,11 +8,18 @@ tests sharing the Redis do not see each other's channels or streams.
 from __future__ import annotations
 
 import asyncio
+import datetime
+import ipaddress
 import logging
 import os
+import shutil
+import subprocess
+import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -283,3 +290,160 @@ async def test_close_leaves_no_task_and_no_connection(redis_url, admin) -> None:
     names = {c.get("name") for c in admin.client_list()}
     assert not {f"{node.broker.name}:sub", f"{node.broker.name}:pub"} & names
     assert not node.broker.healthy()
+
+
+# -- TLS and a password, from the URL ---------------------------------------------
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[tuple[str, redis.Redis]]:
+    """A Redis of its own that speaks only TLS and wants the password ``s3cret``:
+    its ``rediss://`` URL (certificate not verified) and an admin client."""
+    server = shutil.which("redis-server")
+    if server is None:
+        service_missing("redis-server (to start a TLS Redis)")
+    cert, key = _self_signed(tmp_path)
+    sock, port = tornado.testing.bind_unused_port()
+    sock.close()
+    process = subprocess.Popen(
+        [str(server), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+         "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+         "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no",
+         "--requirepass", "s3cret", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"rediss://:s3cret@127.0.0.1:{port}/0?ssl_cert_reqs=none"
+    admin = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=1)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            admin.ping()
+            break
+        except redis.ConnectionError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                service_missing("redis-server with TLS")
+            time.sleep(0.02)
+    yield url, admin
+    admin.close()
+    process.terminate()
+    process.wait(10)
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_tls_and_password_are_taken_from_the_url(tls_redis, nodes) -> None:
+    url, admin = tls_redis
+    a = await started(nodes, url)
+    b = await started(nodes, url)
+    await b.watching(C)
+    assert b.broker.healthy()
+    batch = events({"customer_id": CUSTOMER})
+    await a.broker.publish(batch)
+    await wait_for(lambda: len(b.got) == 1)
+    assert b.got[0].event_id == batch[0].event_id
+    # The subscriber is a client of that server under its own name: it got past
+    # TLS (the only port) and the password (nothing else is allowed there).
+    assert f"{b.broker.name}:sub" in {c.get("name") for c in admin.client_list()}
+    wrong = await started(nodes, url.replace(":s3cret@", ":wrong@"))
+    assert not wrong.broker.healthy()
+    await wait_for(lambda: wrong.broker.connect_failures >= 2)
+    with pytest.raises(BrokerUnavailable):
+        await wrong.broker.publish(events({"customer_id": CUSTOMER}))
+
+
+# -- a connection that goes silent -------------------------------------------------
+
+
+class StallingProxy:
+    """A TCP proxy in front of Redis that can stall: it stops passing bytes either
+    way but keeps every connection open, as a peer gone silent does before TCP
+    notices."""
+
+    def __init__(self, target: str) -> None:
+        parts = urlsplit(target)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 6379
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _accept(self, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+        self.writers += [writer, up_writer]
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.ensure_future(self._pump(src, dst))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(65536):
+                await self.flowing.wait()
+                dst.write(data)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            dst.transport.abort()
+
+    async def close(self) -> None:
+        self.server.close()
+        for writer in self.writers:
+            writer.transport.abort()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.server.wait_closed()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_silent_subscriber_connection_is_dropped_and_made_again(
+        redis_url, nodes, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="wsgate.broker.redis")
+    proxy = StallingProxy(redis_url)
+    port = await proxy.start()
+    try:
+        a = await started(nodes, redis_url)
+        b = await started(nodes, urlsplit(redis_url)._replace(
+            netloc=f"127.0.0.1:{port}").geturl(), keepalive=0.1)
+        await b.watching(C)
+        proxy.flowing.clear()
+        # No answer to three keep-alive PINGs: the node gives the connection up.
+        await wait_for(lambda: not b.broker.healthy(), timeout=5)
+        assert b.broker.connect_failures >= 1
+        assert any("no answer to the keep-alive PING" in r.getMessage()
+                   for r in caplog.records), [r.getMessage() for r in caplog.records]
+        proxy.flowing.set()
+        await wait_for(lambda: b.broker.healthy() and b.broker.subscribed(C), timeout=10)
+        batch = events({"customer_id": CUSTOMER})
+        await a.broker.publish(batch)
+        await wait_for(lambda: [e.event_id for e in b.got] == [batch[0].event_id])
+    finally:
+        await proxy.close()

@@ -34,6 +34,16 @@ cut off are not delivered to it (best effort, SPEC §1); clients that resume
 with ``since`` get them from the streams. ``publish`` never waits longer
 than :data:`PUBLISH_TIMEOUT`; on failure it raises BrokerUnavailable (ingest
 answers 503) and counts the events in :attr:`RedisBroker.publish_failures`.
+
+Connections. Both are redis-py's (connect, TLS, AUTH, database and options
+from the URL): a pooled client publishes and reads history; a PubSub on a
+client of its own receives, its replies parsed by hiredis (a dependency for
+this). It replaced a RESP reader of wsgate's own after
+``python -m bench.redis_pubsub_bench`` (docs/performance.md, "Redis pub/sub
+receive"): per message received and decoded, that reader saved ~8 of ~98 us
+at 1,000 messages/s and 0.2-1.6 of ~14 us in bursts, within the noise and
+under 1% of a node's work per event, not enough to keep a third protocol
+implementation. Without hiredis, redis-py's parser costs about 2x.
 """
 
 from __future__ import annotations
@@ -43,20 +53,19 @@ import contextlib
 import json
 import logging
 import math
-import socket
-import ssl
 import time
 import uuid
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from itertools import groupby
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from wsgate.broker import BrokerUnavailable, Deliver
 from wsgate.config import HistoryConfig
@@ -113,69 +122,10 @@ def _safe(url: str) -> str:
     return f"{parts.scheme}://{where}{parts.path}"
 
 
-def _pack(command: Sequence[str]) -> bytes:
-    """A command in the Redis protocol."""
-    out = [b"*%d\r\n" % len(command)]
-    for arg in command:
-        data = arg.encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
-
-
-class _RespReader:
-    """Replies of the Redis protocol (RESP2), read from a stream.
-
-    The subscriber connection reads with this rather than redis-py, whose
-    pub/sub reading differs between its major versions.
-    """
-
-    def __init__(self, stream: asyncio.StreamReader) -> None:
-        self._stream = stream
-        self._buf = b""
-        self._pos = 0
-
-    async def _fill(self) -> None:
-        data = await self._stream.read(65536)
-        if not data:
-            raise RedisConnectionError("connection closed by Redis")
-        self._buf = self._buf[self._pos:] + data
-        self._pos = 0
-
-    async def _line(self) -> bytes:
-        while (end := self._buf.find(b"\r\n", self._pos)) < 0:
-            await self._fill()
-        line = self._buf[self._pos:end]
-        self._pos = end + 2
-        return line
-
-    async def read(self) -> Any:
-        """The next reply: bytes, int, None or a list of them.
-
-        Raises:
-            ResponseError: Redis answered with an error.
-            redis.exceptions.ConnectionError: the connection closed.
-        """
-        line = await self._line()
-        kind, rest = line[:1], line[1:]
-        if kind == b"$":
-            size = int(rest)
-            if size < 0:
-                return None
-            while len(self._buf) - self._pos < size + 2:
-                await self._fill()
-            data = self._buf[self._pos:self._pos + size]
-            self._pos += size + 2
-            return data
-        if kind == b"*":
-            count = int(rest)
-            return None if count < 0 else [await self.read() for _ in range(count)]
-        if kind == b":":
-            return int(rest)
-        if kind == b"+":
-            return rest
-        if kind == b"-":
-            raise ResponseError(rest.decode(errors="replace"))
-        raise RedisConnectionError(f"not the Redis protocol: {line[:40]!r}")
+def encode_message(publish_id: str, event: Event) -> bytes:
+    """The message (and stream entry) of one event of one publish."""
+    return (f"{publish_id} {event.event_id}\n"
+            + json.dumps(event.to_wire(), separators=(",", ":"))).encode()
 
 
 def _decode(payload: bytes) -> Event:
@@ -209,9 +159,8 @@ class RedisBroker:
         self._keepalive = keepalive
         self._deliver: Deliver | None = None
         self._client: aioredis.Redis | None = None
-        #: Where the subscriber connects: parse_url's host, port, path, username, password.
-        self._target = aioredis.connection.parse_url(self._url)
-        self._sub_writer: asyncio.StreamWriter | None = None
+        #: SUBSCRIBE and UNSUBSCRIBE for the current subscriber connection to send.
+        self._commands: asyncio.Queue[tuple[str, str]] | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._first_attempt = asyncio.Event()
         #: Scope keys with a local subscriber (what watch/unwatch asked for).
@@ -351,8 +300,7 @@ class RedisBroker:
         scopes: dict[str, None] = {}
         async with self._client.pipeline(transaction=True) as pipe:
             for event in events:
-                payload = (f"{publish_id} {event.event_id}\n"
-                           + json.dumps(event.to_wire(), separators=(",", ":"))).encode()
+                payload = encode_message(publish_id, event)
                 for scope in dict.fromkeys(t.scope_key for t in event.topics):
                     scopes[scope] = None
                     if self._size:
@@ -431,12 +379,12 @@ class RedisBroker:
             self._watched.discard(scope_key)
             self._send("UNSUBSCRIBE", self.channel(scope_key))
 
-    def _send(self, *command: str) -> None:
-        # Written to the socket now, so a SUBSCRIBE leaves before the gateway's
-        # reply to the client does. While disconnected nothing is queued: the
-        # next connection subscribes to everything in _watched.
-        if self._sub_writer is not None:
-            self._sub_writer.write(_pack(command))
+    def _send(self, command: str, channel: str) -> None:
+        # Queued for the current connection's writer, which sends it at once (in
+        # order, consecutive ones in one command). While disconnected nothing is
+        # queued: the next connection subscribes to everything in _watched.
+        if self._commands is not None:
+            self._commands.put_nowait((command, channel))
 
     # -- the subscriber connection ---------------------------------------------
 
@@ -448,6 +396,8 @@ class RedisBroker:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any failure of the connection: reconnect
+                while isinstance(exc, ExceptionGroup):
+                    exc = exc.exceptions[0]
                 reason = str(exc) or type(exc).__name__
             else:  # pragma: no cover - a session only ends by an exception
                 reason = "subscriber stopped"
@@ -464,86 +414,92 @@ class RedisBroker:
 
     async def _session(self) -> None:
         """One subscriber connection: subscribe everything watched, then read
-        messages until the connection fails."""
-        reader, writer = await asyncio.wait_for(self._open(), CONNECT_TIMEOUT)
-        keepalive: asyncio.Task[None] | None = None
+        messages until the connection fails.
+
+        The connection is redis-py's PubSub on a client of its own (its name
+        ``<name>:sub``; TLS, AUTH and database from the URL, as for publishing).
+        redis-py neither retries nor reconnects it: the supervisor does, with
+        its backoff, counting and logging. No read timeout: a dead connection
+        is found by the keep-alive PING (and TCP keep-alive).
+        """
+        client = aioredis.Redis.from_url(
+            self._url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=None,
+            socket_keepalive=True, retry=Retry(NoBackoff(), 0, supported_errors=()),
+            client_name=f"{self.name}:sub")
+        pubsub = client.pubsub()
         try:
-            replies = _RespReader(reader)
-            await asyncio.wait_for(self._handshake(replies, writer), COMMAND_TIMEOUT)
+            await asyncio.wait_for(pubsub.connect(), CONNECT_TIMEOUT + COMMAND_TIMEOUT)
+            # From here watch() queues, so nothing asked while the channels below
+            # are subscribed is lost (a repeated SUBSCRIBE is harmless).
+            commands = self._commands = asyncio.Queue()
             channels = [self.channel(s) for s in self._watched]
             for i in range(0, len(channels), SUBSCRIBE_CHUNK):
-                writer.write(_pack(("SUBSCRIBE", *channels[i:i + SUBSCRIBE_CHUNK])))
-            self._sub_writer = writer
+                await asyncio.wait_for(pubsub.subscribe(*channels[i:i + SUBSCRIBE_CHUNK]),
+                                       COMMAND_TIMEOUT)
             self._last_read = asyncio.get_running_loop().time()
             self._sub_up = True
             self._update_health()
             self._first_attempt.set()
-            keepalive = asyncio.create_task(self._keepalive_loop(writer))
-            await self._read_loop(replies)
+            # The first of these to fail ends the session (and cancels the others).
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._read_loop(pubsub))
+                tasks.create_task(self._write_loop(pubsub, commands))
+                tasks.create_task(self._keepalive_loop(pubsub))
         finally:
-            self._sub_writer = None
-            if keepalive is not None:
-                keepalive.cancel()
-                await asyncio.gather(keepalive, return_exceptions=True)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), COMMAND_TIMEOUT)
+            self._commands = None
+            if pubsub.connection is not None:
+                # Waited for (aclose does not wait), so that no TLS transport is
+                # still closing when the broker's close() returns.
+                with contextlib.suppress(Exception):
+                    await pubsub.connection.disconnect()
+            await pubsub.aclose()
+            await client.aclose()
 
-    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        target = self._target
-        if "path" in target:
-            return await asyncio.open_unix_connection(str(target["path"]))
-        tls: ssl.SSLContext | None = None
-        if urlsplit(self._url).scheme == "rediss":
-            tls = ssl.create_default_context()
-            if str(target.get("ssl_cert_reqs", "")).lower() in ("none", "0"):
-                tls.check_hostname = False
-                tls.verify_mode = ssl.CERT_NONE
-        reader, writer = await asyncio.open_connection(
-            str(target.get("host", "localhost")), int(target.get("port", 6379)), ssl=tls)
-        sock = writer.get_extra_info("socket")
-        if sock is not None and sock.family != socket.AF_UNIX:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        return reader, writer
-
-    async def _handshake(self, replies: _RespReader, writer: asyncio.StreamWriter) -> None:
-        password = self._target.get("password")
-        if password:
-            username = self._target.get("username")
-            writer.write(_pack(("AUTH", str(username), str(password)) if username
-                               else ("AUTH", str(password))))
-            await replies.read()
-        writer.write(_pack(("CLIENT", "SETNAME", f"{self.name}:sub")))
-        await replies.read()
-
-    async def _read_loop(self, replies: _RespReader) -> None:
+    async def _read_loop(self, pubsub: PubSub) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            reply = await replies.read()
+            # A message's payload is taken from the reply as parsed, without
+            # get_message's message dict (1-1.5 us a message in
+            # bench.redis_pubsub_bench); every other reply (to SUBSCRIBE,
+            # UNSUBSCRIBE, PING) goes through redis-py's handle_message, which
+            # keeps its own bookkeeping.
+            reply = await pubsub.parse_response(block=True)
             self._last_read = loop.time()
-            if not isinstance(reply, list) or not reply:
-                continue  # +PONG before the first SUBSCRIBE
-            kind = reply[0]
-            if kind == b"message":
+            if isinstance(reply, list) and reply[0] == b"message":
                 self._received(reply[2])
-            elif kind == b"subscribe":
-                self._confirmed.add(reply[1])
+                continue
+            message = await pubsub.handle_message(reply)
+            if message is None:
+                continue
+            kind = message["type"]
+            if kind == "subscribe":
+                self._confirmed.add(message["channel"])
                 self._confirmation.set()
                 self._confirmation = asyncio.Event()
-            elif kind == b"unsubscribe":
-                self._confirmed.discard(reply[1])
+            elif kind == "unsubscribe":
+                self._confirmed.discard(message["channel"])
 
-    async def _keepalive_loop(self, writer: asyncio.StreamWriter) -> None:
+    async def _write_loop(self, pubsub: PubSub, commands: asyncio.Queue[tuple[str, str]]) -> None:
+        while True:
+            queued = [await commands.get()]
+            while not commands.empty():
+                queued.append(commands.get_nowait())
+            for command, group in groupby(queued, key=lambda c: c[0]):
+                send = pubsub.subscribe if command == "SUBSCRIBE" else pubsub.unsubscribe
+                channels = [channel for _, channel in group]
+                for i in range(0, len(channels), SUBSCRIBE_CHUNK):
+                    await asyncio.wait_for(send(*channels[i:i + SUBSCRIBE_CHUNK]),
+                                           COMMAND_TIMEOUT)
+
+    async def _keepalive_loop(self, pubsub: PubSub) -> None:
         loop = asyncio.get_running_loop()
         while True:
             if not self._publish_ok:
                 await self._probe()
             await asyncio.sleep(self._keepalive if self._publish_ok else FAIL_FAST)
             if loop.time() - self._last_read > 3 * self._keepalive:
-                log.debug("Redis did not answer the keep-alive PING: reconnecting")
-                writer.transport.abort()  # the read loop ends with an error
-                return
-            writer.write(_pack(("PING",)))
+                raise RedisConnectionError("no answer to the keep-alive PING")
+            await asyncio.wait_for(pubsub.ping(), COMMAND_TIMEOUT)
 
     async def _probe(self) -> None:
         """Clear a publish failure once Redis answers again (ingest being refused
