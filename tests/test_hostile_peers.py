@@ -13,10 +13,8 @@ tests/test_wsframes.py.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +27,7 @@ import tornado.httpclient
 import tornado.testing
 
 from tests.conftest import CUSTOMER, INGEST_KEY, TOKENS, wait_for
+from tests.wsclient import OP_CLOSE, RawWebSocket, frame
 from wsgate import errors
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,103 +38,15 @@ EVERYTHING = f"customer_id:{CUSTOMER}"
 RSS_GROWTH_LIMIT = 12 * 1024 * 1024
 
 
-def client_frame(opcode: int, payload: bytes = b"", fin: bool = True) -> bytes:
-    """A masked client frame."""
-    n = len(payload)
-    head = bytes((opcode | (0x80 if fin else 0),))
-    if n < 126:
-        head += bytes((0x80 | n,))
-    elif n < 65536:
-        head += bytes((0x80 | 126,)) + n.to_bytes(2, "big")
-    else:
-        head += bytes((0x80 | 127,)) + n.to_bytes(8, "big")
-    mask = os.urandom(4)
-    return head + mask + (int.from_bytes(payload, "little") ^ int.from_bytes(
-        (mask * (n // 4 + 1))[:n], "little")).to_bytes(n, "little")
-
-
-class RawPeer:
-    """A WebSocket client on a bare socket: it reads only when told to (so it
-    can play a peer that never reads), with a small receive window."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buf = bytearray()
-
-    @classmethod
-    async def connect(cls, port: int, rcvbuf: int | None = None) -> RawPeer:
-        loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        if rcvbuf is not None:
-            # Before connect, so the window the server sees stays small.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        peer = cls(sock)
-        try:
-            await loop.sock_connect(sock, ("127.0.0.1", port))
-            key = base64.b64encode(os.urandom(16)).decode()
-            await loop.sock_sendall(sock, (
-                f"GET /v1.0/ws?token=admin-token HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-            while b"\r\n\r\n" not in peer.buf:
-                await peer._fill(5.0)
-        except BaseException:
-            sock.close()
-            raise
-        head, _, rest = bytes(peer.buf).partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101"), head
-        peer.buf = bytearray(rest)
-        return peer
-
-    async def _fill(self, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
-        data = await asyncio.wait_for(loop.sock_recv(self.sock, 1 << 20), timeout)
-        if not data:
-            raise EOFError("the server closed the connection")
-        self.buf += data
-
-    async def send(self, data: bytes) -> None:
-        await asyncio.get_running_loop().sock_sendall(self.sock, data)
-
-    async def recv_frame(self, timeout: float = 5.0) -> tuple[int, bytes]:
-        """The next server frame as (opcode, payload)."""
-        while True:
-            buf = self.buf
-            if len(buf) >= 2:
-                n = buf[1] & 0x7F
-                start = 2 if n < 126 else 4 if n == 126 else 10
-                if len(buf) >= start:
-                    if n >= 126:
-                        n = int.from_bytes(buf[2:start], "big")
-                    if len(buf) >= start + n:
-                        opcode = buf[0] & 0x0F
-                        payload = bytes(buf[start:start + n])
-                        del buf[:start + n]
-                        return opcode, payload
-            await self._fill(timeout)
-
-    async def recv_json(self, timeout: float = 5.0) -> Any:
-        """The next text frame as JSON (pings and pongs skipped)."""
-        while True:
-            opcode, payload = await self.recv_frame(timeout)
-            if opcode == 0x1:
-                return json.loads(payload)
-
-    async def close_code(self, timeout: float = 10.0) -> int | None:
-        """Read (and drop) everything up to the server's close frame; its code.
-        Answers it, as a polite peer would, so the server closes TCP at once."""
-        while True:
-            opcode, payload = await self.recv_frame(timeout)
-            if opcode == 0x8:
-                try:
-                    await self.send(client_frame(0x8, payload[:2]))
-                except OSError:
-                    pass
-                return int.from_bytes(payload[:2], "big") if payload else None
-
-    def close(self) -> None:
-        self.sock.close()
+async def close_code(peer: RawWebSocket, timeout: float) -> int | None:
+    """Read (and drop) everything up to the server's close frame; its code. Answers
+    it, as a polite peer would, so the server closes TCP at once."""
+    code = await peer.recv_close(timeout)
+    try:
+        await peer.send(frame(OP_CLOSE, code.to_bytes(2, "big") if code else b""))
+    except OSError:
+        pass
+    return code
 
 
 def toml(value: Any) -> str:
@@ -278,14 +189,14 @@ async def attack(server: Serve, chunks: Callable[[], bytes], max_bytes: int,
     server closes it or max_bytes are sent, while a good client receives an
     event every 50 ms. Checks the close code, RSS and the good client's
     events; returns the figures."""
-    good = await RawPeer.connect(server.port)
-    hostile = await RawPeer.connect(server.port, rcvbuf=4096)
+    good = await RawWebSocket.connect(server.port)
+    hostile = await RawWebSocket.connect(server.port, rcvbuf=4096)
     try:
-        await good.recv_json()
-        await good.send(client_frame(1, json.dumps(
+        await good.recv_json(skip_pings=True)
+        await good.send(frame(1, json.dumps(
             {"type": "subscribe", "topics": [EVERYTHING]}).encode()))
-        assert (await good.recv_json())["topics"] == [EVERYTHING]
-        hostile_id = (await hostile.recv_json())["connection_id"]
+        assert (await good.recv_json(skip_pings=True))["topics"] == [EVERYTHING]
+        hostile_id = (await hostile.recv_json(skip_pings=True))["connection_id"]
         received: list[int] = []
         posted = 0
 
@@ -298,11 +209,12 @@ async def attack(server: Serve, chunks: Callable[[], bytes], max_bytes: int,
 
         async def read_events() -> None:
             while True:
-                received.append((await good.recv_json(timeout=30))["data"]["n"])
+                got = await good.recv_json(timeout=30, skip_pings=True)
+                received.append(got["data"]["n"])
 
         # Let the start-up settle before the baseline (a first event delivered).
         await server.post(-1)
-        assert (await good.recv_json())["data"]["n"] == -1
+        assert (await good.recv_json(skip_pings=True))["data"]["n"] == -1
         meter = RSSMeter(server)
         delivering = asyncio.ensure_future(keep_delivering())
         reading = asyncio.ensure_future(read_events())
@@ -321,7 +233,7 @@ async def attack(server: Serve, chunks: Callable[[], bytes], max_bytes: int,
             # the server waits 2 s for it before dropping the connection).
             logged = await wait_log(server, hostile_id)
             try:
-                told = await hostile.close_code(timeout=5) if logged is not None else None
+                told = await close_code(hostile, timeout=5) if logged is not None else None
             except (OSError, EOFError, TimeoutError):
                 told = None
             growth = meter.stop()
@@ -346,8 +258,8 @@ async def attack(server: Serve, chunks: Callable[[], bytes], max_bytes: int,
         assert growth < RSS_GROWTH_LIMIT, figures
         assert received == list(range(posted)), (posted, received)
         # The server is still fine for the good client.
-        await good.send(client_frame(1, b'{"type":"ping","id":"after"}'))
-        assert await good.recv_json() == {"type": "pong", "id": "after"}
+        await good.send(frame(1, b'{"type":"ping","id":"after"}'))
+        assert await good.recv_json(skip_pings=True) == {"type": "pong", "id": "after"}
         return figures
     finally:
         good.close()
@@ -366,15 +278,15 @@ async def wait_log(server: Serve, connection_id: str, timeout: float = 5.0) -> i
 @pytest.mark.gen_test(timeout=120)
 async def test_ping_flood_from_a_peer_that_never_reads(serve):
     # Pings of 125 bytes, 512 per write; their pongs go unread.
-    burst = client_frame(0x9, b"p" * 125) * 512
+    burst = frame(0x9, b"p" * 125) * 512
     await attack(await serve(), lambda: burst, 48 * 2**20, errors.CLOSE_SLOW_CONSUMER)
 
 
 @pytest.mark.gen_test(timeout=120)
 async def test_endless_empty_continuation_frames(serve):
     # One text frame without FIN, then empty continuations without end.
-    first = [client_frame(0x1, b"[", fin=False)]
-    empties = client_frame(0x0, b"", fin=False) * 20_000
+    first = [frame(0x1, b"[", fin=False)]
+    empties = frame(0x0, b"", fin=False) * 20_000
 
     def chunks() -> bytes:
         return first.pop() + empties if first else empties
@@ -385,8 +297,8 @@ async def test_endless_empty_continuation_frames(serve):
 @pytest.mark.gen_test(timeout=120)
 async def test_huge_message_in_a_series_of_fragments(serve):
     # 16 KiB fragments of one message, never ending: refused at the size limit.
-    first = [client_frame(0x1, b"[" * 16384, fin=False)]
-    more = client_frame(0x0, b"1" * 16384, fin=False)
+    first = [frame(0x1, b"[" * 16384, fin=False)]
+    more = frame(0x0, b"1" * 16384, fin=False)
 
     def chunks() -> bytes:
         return first.pop() if first else more
@@ -400,7 +312,7 @@ async def test_protocol_pongs_never_read(serve):
     # bytes), none of the replies read. With the message rate unlimited (0, an
     # operator's choice) they pile up fast; at the default rate they pile up at
     # 100 replies a second, which the budget stops as well, only later.
-    ping = client_frame(0x1, json.dumps({"type": "ping", "id": "i" * 256}).encode())
+    ping = frame(0x1, json.dumps({"type": "ping", "id": "i" * 256}).encode())
     burst = ping * 200
     await attack(await serve(max_messages_per_second=0), lambda: burst, 40 * 2**20,
                  errors.CLOSE_SLOW_CONSUMER)
@@ -481,7 +393,7 @@ async def test_pongs_count_against_the_budget_and_are_written_one_buffer_per_rea
     budget = 64 * 1024
     server = await make_server(server={"max_output_buffer": budget})
     ws, transport = await stuck_connection(server)
-    read = client_frame(0x9, b"p" * 125) * 100  # one read: 100 pings
+    read = frame(0x9, b"p" * 125) * 100  # one read: 100 pings
     peak = 0
     for _ in range(200):
         ws.data_received(read)
@@ -510,20 +422,20 @@ async def test_a_fragmented_message_counts_against_the_budget_with_unsent_output
     # A message larger than the budget, held while nothing is owed: allowed (its
     # own limit is max_message_size).
     big = b" " * (100 * 1024)
-    ws.data_received(client_frame(0x1, b"[" + big, fin=False))
+    ws.data_received(frame(0x1, b"[" + big, fin=False))
     assert ws.parser.buffered > budget and not ws.conn.closed
-    ws.data_received(client_frame(0x0, b"]"))
+    ws.data_received(frame(0x0, b"]"))
     await asyncio.sleep(0)
     assert not ws.conn.closed
     # Now replies owed (never read) and a fragment held: together past the budget.
     reply_bytes = len(transport.buffer)
-    ping = client_frame(0x1, json.dumps({"type": "ping", "id": "i" * 200}).encode())
+    ping = frame(0x1, json.dumps({"type": "ping", "id": "i" * 200}).encode())
     ws.data_received(ping * 100)
     owed = len(transport.buffer) - reply_bytes
     assert owed + reply_bytes < budget
     await asyncio.sleep(0)
     assert not ws.conn.closed
-    ws.data_received(client_frame(0x1, b"[" + b" " * (budget - owed), fin=False))
+    ws.data_received(frame(0x1, b"[" + b" " * (budget - owed), fin=False))
     await asyncio.sleep(0)
     assert ws.conn.closed and ws.conn.close_code == errors.CLOSE_SLOW_CONSUMER
     transport.abort()
@@ -535,10 +447,10 @@ async def test_an_event_counts_the_fragment_held_too(make_server):
     server = await make_server(server={"max_output_buffer": budget,
                                        "max_message_size": 256 * 1024})
     ws, transport = await stuck_connection(server)
-    ws.data_received(client_frame(0x1, json.dumps(
+    ws.data_received(frame(0x1, json.dumps(
         {"type": "subscribe", "topics": [EVERYTHING]}).encode()))
     await wait_for(lambda: b'"subscribed"' in transport.buffer)
-    ws.data_received(client_frame(0x1, b"[" + b" " * (budget - 1000), fin=False))
+    ws.data_received(frame(0x1, b"[" + b" " * (budget - 1000), fin=False))
     assert not ws.conn.closed
     # A 2 kB event is within the budget on its own, not with the fragment held.
     status, _ = await server.post({"type": "call_created", "customer_id": CUSTOMER,
