@@ -287,3 +287,68 @@ class ManualClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+class TCPProxy:
+    """A TCP proxy in front of a service (Redis) that a test can break the way a
+    network breaks.
+
+    - :meth:`cut`: an outage: every connection dropped, new ones closed at once,
+      until ``down`` is set False again;
+    - ``flowing.clear()``: a stall: no byte passes either way but every
+      connection stays open, as a peer gone silent does before TCP notices;
+      ``flowing.set()`` lets bytes pass again.
+    """
+
+    def __init__(self, target: str) -> None:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(target)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 6379
+        self.down = False
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> int:
+        """Listen on an unused loopback port; return it."""
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _accept(self, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> None:
+        if self.down:
+            writer.transport.abort()
+            return
+        up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+        self.writers |= {writer, up_writer}
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.ensure_future(self._pump(src, dst))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(65536):
+                await self.flowing.wait()
+                dst.write(data)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            dst.transport.abort()
+            self.writers.discard(dst)
+
+    def cut(self) -> None:
+        """Drop every connection; refuse new ones until ``down`` is False."""
+        self.down = True
+        for writer in list(self.writers):
+            writer.transport.abort()
+
+    async def close(self) -> None:
+        self.cut()
+        self.server.close()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.server.wait_closed()

@@ -26,6 +26,7 @@ import redis
 import tornado.testing
 
 from tests.conftest import AGENT, CUSTOMER, OTHER_CUSTOMER, service_missing, wait_for
+from tests.fakes import TCPProxy
 from wsgate.broker import BrokerUnavailable
 from wsgate.broker.redis import RedisBroker, split_url
 from wsgate.config import HistoryConfig
@@ -377,57 +378,11 @@ async def test_tls_and_password_are_taken_from_the_url(tls_redis, nodes) -> None
 # -- a connection that goes silent -------------------------------------------------
 
 
-class StallingProxy:
-    """A TCP proxy in front of Redis that can stall: it stops passing bytes either
-    way but keeps every connection open, as a peer gone silent does before TCP
-    notices."""
-
-    def __init__(self, target: str) -> None:
-        parts = urlsplit(target)
-        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 6379
-        self.flowing = asyncio.Event()
-        self.flowing.set()
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def _accept(self, reader: asyncio.StreamReader,
-                      writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
-        self.writers += [writer, up_writer]
-        for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.ensure_future(self._pump(src, dst))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
-
-    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        try:
-            while data := await src.read(65536):
-                await self.flowing.wait()
-                dst.write(data)
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            dst.transport.abort()
-
-    async def close(self) -> None:
-        self.server.close()
-        for writer in self.writers:
-            writer.transport.abort()
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        await self.server.wait_closed()
-
-
 @pytest.mark.gen_test(timeout=30)
 async def test_a_silent_subscriber_connection_is_dropped_and_made_again(
         redis_url, nodes, caplog) -> None:
     caplog.set_level(logging.WARNING, logger="wsgate.broker.redis")
-    proxy = StallingProxy(redis_url)
+    proxy = TCPProxy(redis_url)
     port = await proxy.start()
     try:
         a = await started(nodes, redis_url)

@@ -38,6 +38,7 @@ from tests.conftest import (
     service_missing,
     wait_for,
 )
+from tests.fakes import TCPProxy
 from wsgate.config import Config
 
 # Shared with the broker tests: a Redis check and a per-test key prefix.
@@ -158,57 +159,6 @@ async def test_delivery_resumes_after_redis_kills_the_node_connections(
     await client.no_frame()
 
 
-class CuttableProxy:
-    """A TCP proxy in front of Redis that a test can cut (a network outage:
-    connections dropped, new ones closed at once) and restore."""
-
-    def __init__(self, target: str) -> None:
-        parts = urlsplit(target)
-        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 6379
-        self.down = False
-        self.writers: set[asyncio.StreamWriter] = set()
-        self.tasks: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def _accept(self, reader: asyncio.StreamReader,
-                      writer: asyncio.StreamWriter) -> None:
-        if self.down:
-            writer.transport.abort()
-            return
-        up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
-        self.writers |= {writer, up_writer}
-        for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.ensure_future(self._pump(src, dst))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
-
-    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        try:
-            while data := await src.read(65536):
-                dst.write(data)
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            dst.transport.abort()
-            self.writers.discard(dst)
-
-    def cut(self) -> None:
-        self.down = True
-        for writer in list(self.writers):
-            writer.transport.abort()
-
-    async def close(self) -> None:
-        self.cut()
-        self.server.close()
-        await self.server.wait_closed()
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-
-
 async def ready(server: Server) -> tuple[int, Any]:
     response = await server.http.fetch(server.base + "/readyz", raise_error=False)
     return response.code, json.loads(response.body)
@@ -217,7 +167,7 @@ async def ready(server: Server) -> tuple[int, Any]:
 @pytest.mark.gen_test(timeout=40)
 async def test_redis_outage_keeps_websockets_refuses_ingest_and_recovers(
         redis_url, cluster, io_loop) -> None:
-    cut = CuttableProxy(redis_url)
+    cut = TCPProxy(redis_url)
     port = await cut.start()
     try:
         parts = urlsplit(redis_url)
