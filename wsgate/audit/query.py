@@ -45,27 +45,46 @@ class FilterError(ValueError):
     """A filter value that cannot be used; the message names the filter and the fix."""
 
 
+#: The longest time text taken (``2024-05-01T12:00:00.123456+02:00`` is 32).
+MAX_TIME_TEXT = 64
+
+
+def _shown(value: str, most: int = 40) -> str:
+    """A value as an error message quotes it: repr, cut to ``most`` characters."""
+    return repr(value if len(value) <= most else value[:most] + "...")
+
+
 def parse_time(value: str, name: str = "time") -> datetime:
     """Parse an ISO 8601 time or date into an aware UTC datetime.
 
     ``2024-05-01``, ``2024-05-01T12:00``, ``2024-05-01T12:00:00.5Z`` and
-    ``...+02:00`` are accepted; a time without a zone is taken as UTC.
+    ``...+02:00`` are accepted; a time without a zone is taken as UTC. Only
+    printable ASCII is taken, and the time must lie in years 1 to 9999 once
+    converted to UTC (``9999-12-31T23:59:59-23:59`` does not).
 
     Raises:
-        FilterError: not ISO 8601.
+        FilterError: not ISO 8601, or out of range; the message names ``name``.
     """
     text = value.strip()
     if text.endswith(("Z", "z")):
         text = text[:-1] + "+00:00"
     try:
+        # fromisoformat takes a trailing NUL; nothing here is sent that way.
+        if len(text) > MAX_TIME_TEXT or not (text.isascii() and text.isprintable()):
+            raise ValueError
         when = datetime.fromisoformat(text)
     except ValueError:
         raise FilterError(
-            f"{name}: {value!r} is not an ISO 8601 time (for example 2024-05-01 or "
+            f"{name}: {_shown(value)} is not an ISO 8601 time (for example 2024-05-01 or "
             "2024-05-01T12:00:00Z)") from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return when.astimezone(UTC)
+    try:
+        return when.astimezone(UTC)
+    except OverflowError:
+        raise FilterError(
+            f"{name}: {_shown(value)} is out of range: in UTC it must fall in the years "
+            "1 to 9999") from None
 
 
 @dataclass(frozen=True)

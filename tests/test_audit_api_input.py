@@ -1,0 +1,133 @@
+"""Hostile input to the audit API (issue 16, item 8): every bad parameter is a 400
+naming it, never a 500 or a false 503, on SQLite and on PostgreSQL.
+
+Routes: ``GET /v1.0/audit``, ``/v1.0/audit/verify`` and ``/v1.0/audit/export.csv``;
+the same time parser serves ``wsgate audit`` (``--since``, ``--until``,
+``--before``, and a bundle export's window).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+import tornado.httpclient
+import tornado.httpserver
+import tornado.testing
+import tornado.web
+
+from tests import audit_helpers
+from tests.audit_helpers import Backend, awrite_log, minutes, rec, topic, write_log
+from tests.test_audit_query import run_cli, write_config
+from wsgate.adapters.audit_api import audit_routes
+from wsgate.adapters.review import review_routes
+from wsgate.audit import query
+from wsgate.audit.query import AuditReader
+
+backend = audit_helpers.backend  # the fixture: SQLite, and PostgreSQL when configured
+
+API_KEY = "audit-key-1"
+ROWS = "/v1.0/audit"
+VERIFY = "/v1.0/audit/verify"
+EXPORT = "/v1.0/audit/export.csv"
+#: Times that parse but are out of datetime's range once converted to UTC.
+OVERFLOW_TIMES = ["9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+23:59",
+                  "9999-12-31T23:59:59.999999-00:01"]
+
+
+class Client:
+    def __init__(self, port: int) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+        self.client = tornado.httpclient.AsyncHTTPClient()
+
+    async def get(self, path: str, raw_query: str = "",
+                  **params: str) -> tuple[int, bytes]:
+        """GET with a query string built as given (raw_query is sent as it is)."""
+        parts = [raw_query] if raw_query else []
+        parts += [f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in params.items()]
+        url = f"{self.base}{path}" + ("?" + "&".join(parts) if parts else "")
+        resp = await self.client.fetch(url, headers={"Authorization": f"Bearer {API_KEY}"},
+                                       raise_error=False)
+        return resp.code, resp.body
+
+    async def error(self, path: str, raw_query: str = "", **params: str) -> tuple[int, str, str]:
+        """(status, error code, message) of an answer expected to be an error."""
+        status, body = await self.get(path, raw_query, **params)
+        err = json.loads(body)["error"]
+        return status, err["code"], err["message"]
+
+
+@pytest.fixture
+def serve(io_loop: Any, backend: Backend) -> Iterator[Any]:
+    servers: list[tornado.httpserver.HTTPServer] = []
+
+    def start(reader: AuditReader | None = None) -> Client:
+        reader = reader or AuditReader(backend.engine(), backend.key.public_key())
+        app = tornado.web.Application(audit_routes(reader, (API_KEY,))
+                                      + review_routes(reader, (API_KEY,)))
+        sock, port = tornado.testing.bind_unused_port()
+        server = tornado.httpserver.HTTPServer(app)
+        server.add_sockets([sock])
+        servers.append(server)
+        return Client(port)
+
+    yield start
+    for s in servers:
+        s.stop()
+        io_loop.run_sync(s.close_all_connections)
+
+
+def cursor_of(value: Any) -> str:
+    raw = json.dumps(value, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def no_tracebacks(caplog: Any) -> None:
+    bad = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert not bad, [r.getMessage() for r in bad]
+    assert "Traceback" not in caplog.text
+
+
+# --- times ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", OVERFLOW_TIMES)
+def test_parse_time_out_of_range_is_a_filter_error(value: str) -> None:
+    with pytest.raises(query.FilterError, match="since: .* is out of range"):
+        query.parse_time(value, "since")
+    with pytest.raises(query.FilterError, match="until: "):
+        query.AuditFilter.parse(until=value)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_time_out_of_range_is_400_naming_it(backend: Backend, serve: Any,
+                                                    caplog: Any) -> None:
+    await awrite_log(backend, [("sub", [rec(topic("a"), at=minutes(0))])])
+    api = serve()
+    for path in (ROWS, EXPORT):
+        for name in ("since", "until"):
+            for value in OVERFLOW_TIMES:
+                status, code, message = await api.error(path, **{name: value})
+                assert (status, code) == (400, "bad_request"), (path, name, value)
+                assert message.startswith(f"{name}: "), message
+    no_tracebacks(caplog)
+
+
+def test_cli_times_out_of_range_exit_2(backend: Backend, capsys: Any, tmp_path: Path) -> None:
+    write_log(backend, [("sub", [rec(topic("a"), at=minutes(0))])])
+    cfg = write_config(backend)
+    late = OVERFLOW_TIMES[0]
+    for argv, name in [(("query", "--since", late), "since"),
+                       (("query", "--until", late), "until"),
+                       (("export", "--since", late), "since"),
+                       (("export", "--bundle", str(tmp_path / "b.jsonl"), "--until", late),
+                        "until"),
+                       (("prune", "--before", late), "--before")]:
+        assert run_cli("audit", *argv, "--config", cfg) == 2, argv
+        err = capsys.readouterr().err
+        assert f"wsgate audit: {name}: " in err and "out of range" in err, (argv, err)
