@@ -27,7 +27,7 @@ from tests.audit_helpers import Backend, awrite_log, minutes, rec, topic, write_
 from tests.test_audit_query import run_cli, write_config
 from wsgate.adapters.audit_api import audit_routes
 from wsgate.adapters.review import review_routes
-from wsgate.audit import query
+from wsgate.audit import query, store
 from wsgate.audit.query import AuditReader
 
 backend = audit_helpers.backend  # the fixture: SQLite, and PostgreSQL when configured
@@ -131,3 +131,68 @@ def test_cli_times_out_of_range_exit_2(backend: Backend, capsys: Any, tmp_path: 
         assert run_cli("audit", *argv, "--config", cfg) == 2, argv
         err = capsys.readouterr().err
         assert f"wsgate audit: {name}: " in err and "out of range" in err, (argv, err)
+
+
+# --- cursors -------------------------------------------------------------------------
+
+BIG = 2 ** 63
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_cursor_out_of_the_columns_range_is_400(backend: Backend, serve: Any,
+                                                        caplog: Any) -> None:
+    await awrite_log(backend, [("sub", [rec(topic("a"), at=minutes(0))])])
+    api = serve()
+    at = "2024-05-01T12:00:00.123456Z"
+    for bad in ([at, 10 ** 30], [at, BIG], [at, -BIG - 1], [at, True], [at, 1.5],
+                ["2024-13-01T00:00:00.000000Z", 1], ["2024-5-1T1:2:3.5Z", 1],
+                ["2024-05-01T12:00:00.123456Z\x00", 1], [at, 1, 2], [at], {"a": 1},
+                "[" * 3000, [at, int("9" * 400)]):
+        cursor = cursor_of(bad) if not isinstance(bad, str) else \
+            base64.urlsafe_b64encode(bad.encode()).decode()
+        status, code, message = await api.error(ROWS, cursor=cursor)
+        assert (status, code) == (400, "bad_request"), (bad, status, message)
+        assert message == "cursor: not a cursor this API returned", message
+    # The ends of the 64-bit range are cursors: they just find nothing after them.
+    for row_id in (BIG - 1, -BIG):
+        status, body = await api.get(ROWS, cursor=cursor_of([at, row_id]))
+        assert status == 200, body
+        assert len(json.loads(body)["rows"]) == (0 if row_id > 0 else 1)
+    no_tracebacks(caplog)
+
+
+def test_cursor_decode_checks_range_and_time() -> None:
+    at = "2024-05-01T12:00:00.123456Z"
+    assert query._cursor_decode(cursor_of([at, BIG - 1])) == (at, BIG - 1)
+    for bad in ([at, 10 ** 30], [at, BIG], [at, -BIG - 1], [at, False],
+                ["9999-99-99T00:00:00.000000Z", 1]):
+        with pytest.raises(query.FilterError, match="not a cursor this API returned"):
+            query._cursor_decode(cursor_of(bad))
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_store_that_is_down_is_still_503(backend: Backend, serve: Any,
+                                                 tmp_path: Path) -> None:
+    await awrite_log(backend, [("sub", [rec(topic("a"), at=minutes(0))])])
+    if backend.name == "sqlite":
+        # A SQLite store whose file cannot be opened (its directory is gone).
+        url = f"sqlite:///{tmp_path / 'gone' / 'audit.db'}"
+    else:
+        url = backend.outage_url()
+    engine = store.make_engine(url)
+    backend.engines.append(engine)
+    api = serve(AuditReader(engine, backend.key.public_key()))
+    if backend.name != "sqlite":
+        status, _ = await api.get(ROWS)
+        assert status == 200
+        backend.cut()
+    try:
+        for path in (ROWS, VERIFY, EXPORT):
+            status, code, _ = await api.error(path)
+            assert (status, code) == (503, "audit_unavailable"), path
+        # A good cursor with a store that is down is a 503, not a 400.
+        status, code, _ = await api.error(ROWS, cursor=cursor_of(
+            ["2024-05-01T12:00:00.123456Z", 5]))
+        assert (status, code) == (503, "audit_unavailable")
+    finally:
+        backend.restore()

@@ -185,14 +185,31 @@ def _cursor_encode(occurred_at: str, row_id: int) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+#: The range of the id column (BigInteger, and SQLite's INTEGER): 64-bit signed.
+ID_MIN, ID_MAX = -(2 ** 63), 2 ** 63 - 1
+#: Longer than any cursor this API returns (about 60 characters).
+MAX_CURSOR = 200
+
+
 def _cursor_decode(cursor: str) -> tuple[str, int]:
+    """The (occurred_at, id) of a cursor from :func:`_cursor_encode`.
+
+    Raises:
+        FilterError: anything else: not base64 JSON ``[time, id]``, an id outside
+            the column's 64-bit range, or a time not in the stored form.
+    """
     try:
+        if len(cursor) > MAX_CURSOR:
+            raise ValueError
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         occurred_at, row_id = json.loads(raw)
-        if not isinstance(occurred_at, str) or not isinstance(row_id, int):
+        # bool is an int to Python, and a number past 64 bits overflows the column.
+        if (not isinstance(occurred_at, str) or type(row_id) is not int
+                or not ID_MIN <= row_id <= ID_MAX):
             raise ValueError
-        chain.parse_stored_time(occurred_at)
-    except (ValueError, TypeError, json.JSONDecodeError):
+        if chain.format_time(chain.parse_stored_time(occurred_at)) != occurred_at:
+            raise ValueError
+    except (ValueError, TypeError, RecursionError):
         raise FilterError("cursor: not a cursor this API returned") from None
     return occurred_at, row_id
 
