@@ -196,3 +196,21 @@ async def test_a_store_that_is_down_is_still_503(backend: Backend, serve: Any,
         assert (status, code) == (503, "audit_unavailable")
     finally:
         backend.restore()
+
+
+# --- numbers -------------------------------------------------------------------------
+
+@pytest.mark.gen_test(timeout=30)
+async def test_limit_is_ascii_digits_from_1_to_1000(backend: Backend, serve: Any,
+                                                    caplog: Any) -> None:
+    await awrite_log(backend, [("sub", [rec(topic(str(i)), at=minutes(i)) for i in range(6)])])
+    api = serve()
+    for bad in ("\u0665", "\uff15", "\u00b2", "+5", "5_0", " 5", "5.0", "1e2", "-1", "0",
+                "1001", "0x10", "00005", "9" * 5000, "", "5\x00"):
+        status, code, message = await api.error(ROWS, limit=bad)
+        assert (status, code) == (400, "bad_request"), (bad, status)
+        assert message == "limit: must be a whole number from 1 to 1000 in ASCII digits", message
+    for good, rows in (("5", 5), ("0005", 5), ("1000", 6), ("1", 1)):
+        status, body = await api.get(ROWS, limit=good)
+        assert status == 200 and len(json.loads(body)["rows"]) == rows, good
+    no_tracebacks(caplog)

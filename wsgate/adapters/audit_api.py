@@ -25,7 +25,14 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from wsgate.adapters.base import JSONHandler
-from wsgate.audit.query import DEFAULT_PAGE, MAX_PAGE, AuditFilter, AuditReader, FilterError
+from wsgate.audit.query import (
+    DEFAULT_PAGE,
+    MAX_PAGE,
+    AuditFilter,
+    AuditReader,
+    FilterError,
+    parse_count,
+)
 from wsgate.audit.witness import WitnessError
 from wsgate.errors import (
     AUDIT_UNAVAILABLE,
@@ -108,14 +115,13 @@ class AuditAPIHandler(AuditKeyHandler):
     async def get(self) -> None:
         if not self._authorized():
             return
-        raw_limit = self.get_query_argument("limit", None)
+        # Not stripped: " 5" is as malformed as "+5".
+        raw_limit = self.get_query_argument("limit", None, strip=False)
         try:
-            limit = int(raw_limit) if raw_limit is not None else DEFAULT_PAGE
-        except ValueError:
-            limit = 0
-        if not 1 <= limit <= MAX_PAGE:
-            self.fail(HTTPFailure(400, BAD_REQUEST,
-                                  f"limit: must be a number from 1 to {MAX_PAGE}"))
+            limit = (parse_count(raw_limit, "limit", 1, MAX_PAGE) if raw_limit is not None
+                     else DEFAULT_PAGE)
+        except FilterError as exc:
+            self.fail(HTTPFailure(400, BAD_REQUEST, str(exc)))
             return
         flt = self.parsed_filter()
         if flt is None:

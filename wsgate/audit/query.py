@@ -87,6 +87,21 @@ def parse_time(value: str, name: str = "time") -> datetime:
             "1 to 9999") from None
 
 
+def parse_count(value: str, name: str, low: int, high: int) -> int:
+    """A whole number from ``low`` to ``high`` written in ASCII digits (``0005`` is 5).
+
+    Not ``int()`` alone: it also takes ``+5``, `` 5``, ``5_0`` and other
+    scripts' digits (``\u0665``).
+
+    Raises:
+        FilterError: anything else; the message names ``name``.
+    """
+    most = len(str(high))
+    if re.fullmatch(rf"[0-9]{{1,{most}}}", value) is None or not low <= int(value) <= high:
+        raise FilterError(f"{name}: must be a whole number from {low} to {high} in ASCII digits")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class AuditFilter:
     """Which rows to return. Every given filter must hold (AND); None means any.
