@@ -102,6 +102,26 @@ def parse_count(value: str, name: str, low: int, high: int) -> int:
     return int(value)
 
 
+def _check_text(name: str, value: str) -> None:
+    """A text filter must be something a stored value can equal.
+
+    Stored text never holds NUL (``chain.clean_text``) nor is longer than
+    ``chain.MAX_TEXT``; PostgreSQL refuses NUL in a parameter, and a lone
+    surrogate (from a command line that was not UTF-8) cannot be sent at all.
+
+    Raises:
+        FilterError: NUL, too long, or not UTF-8; the message names ``name``.
+    """
+    if "\x00" in value:
+        raise FilterError(f"{name}: must not contain NUL")
+    if len(value) > chain.MAX_TEXT:
+        raise FilterError(f"{name}: at most {chain.MAX_TEXT} characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FilterError(f"{name}: not valid UTF-8") from None
+
+
 @dataclass(frozen=True)
 class AuditFilter:
     """Which rows to return. Every given filter must hold (AND); None means any.
@@ -130,8 +150,13 @@ class AuditFilter:
         Raises:
             FilterError: a bad outcome or time; the message names the filter.
         """
+        texts = {"customer": customer, "agent": agent, "subject": subject,
+                 "topic_prefix": topic_prefix, "connection": connection}
+        for name, value in texts.items():
+            if value:
+                _check_text(name, value)
         if outcome is not None and outcome not in OUTCOMES:
-            raise FilterError(f"outcome: must be accepted or rejected, not {outcome!r}")
+            raise FilterError(f"outcome: must be accepted or rejected, not {_shown(outcome)}")
         start = parse_time(since, "since") if since else None
         end = parse_time(until, "until") if until else None
         if start and end and end <= start:
