@@ -222,7 +222,10 @@ HOSTILE = ["\x00", "a\x00b", "x" * 5000, "\u00e9\u00e8\u4e2d\U0001f600", "\u202e
            "-1", "-9223372036854775809", "1.5", "1e309", "NaN", "inf", "'; DROP TABLE x; --",
            "%", "_", "\\", "2024-05-01T12:00:00\x00Z", "2024-05-01T12:00:00.5Z",
            "99999-01-01", "2024-05-01T25:00", "\u0662\u0660\u0662\u0664-05-01",
-           "customer_id:", ":::", "null", "[]", " "]
+           "customer_id:", ":::", "null", "[]", " ", OVERFLOW_TIMES[0],
+           # The values of the findings above, at every parameter.
+           cursor_of(["2024-05-01T12:00:00.123456Z", 10 ** 30]),
+           base64.urlsafe_b64encode(b"[" * 3000).decode(), "\u0665"]
 #: Raw query strings: bytes that are not UTF-8, and each kind of repeated parameter.
 RAW = ["{name}=%FF", "{name}=%ED%A0%80", "{name}=%C0%80", "{name}=a&{name}=b",
        "{name}=1&{name}=1", "{name}&{name}="]
