@@ -11,6 +11,8 @@ parameters (``customer``, ``agent``, ``subject``, ``topic_prefix``,
 ``{"rows": [...], "next_cursor": "<opaque>" | null}``, oldest first, each row
 as ``wsgate.audit.query.public_row`` shows it (values as stored, an empty one
 as null). Pass ``next_cursor`` back as ``cursor`` for the next page.
+Every parameter is taken at most once and checked before the store is asked
+(docs/audit.md, "HTTP API"): bad input is a 400 naming it, never a 5xx.
 
 ``GET /v1.0/audit/verify`` answers the verify result as JSON (``ok``,
 ``first``, ``problems``...), status 200 either way.
@@ -25,7 +27,14 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from wsgate.adapters.base import JSONHandler
-from wsgate.audit.query import DEFAULT_PAGE, MAX_PAGE, AuditFilter, AuditReader, FilterError
+from wsgate.audit.query import (
+    DEFAULT_PAGE,
+    MAX_PAGE,
+    AuditFilter,
+    AuditReader,
+    FilterError,
+    parse_count,
+)
 from wsgate.audit.witness import WitnessError
 from wsgate.errors import (
     AUDIT_UNAVAILABLE,
@@ -77,11 +86,31 @@ class AuditKeyHandler(JSONHandler):
                               f"the audit store cannot be read now ({exc.__class__.__name__})"))
 
 
+    def param(self, name: str, strip: bool = True) -> str | None:
+        """The query parameter ``name`` as sent, or None when absent.
+
+        Read from the raw query: Tornado's own accessors drop control characters
+        (a NUL would vanish instead of being refused) and pick the last of
+        repeated values.
+
+        Raises:
+            FilterError: given more than once, or not UTF-8.
+        """
+        values = self.request.query_arguments.get(name, [])
+        if not values:
+            return None
+        if len(values) > 1:
+            raise FilterError(f"{name}: given more than once")
+        try:
+            value = values[0].decode("utf-8")
+        except UnicodeDecodeError:
+            raise FilterError(f"{name}: not valid UTF-8") from None
+        return value.strip() if strip else value
+
     def parsed_filter(self) -> AuditFilter | None:
         """The query string's filters; None after answering 400 for a bad one."""
-        args: dict[str, Any] = {name: self.get_query_argument(name, None) or None
-                                for name in FILTERS}
         try:
+            args: dict[str, Any] = {name: self.param(name) or None for name in FILTERS}
             return AuditFilter.parse(**args)
         except FilterError as exc:
             self.fail(HTTPFailure(400, BAD_REQUEST, str(exc)))
@@ -108,19 +137,19 @@ class AuditAPIHandler(AuditKeyHandler):
     async def get(self) -> None:
         if not self._authorized():
             return
-        raw_limit = self.get_query_argument("limit", None)
         try:
-            limit = int(raw_limit) if raw_limit is not None else DEFAULT_PAGE
-        except ValueError:
-            limit = 0
-        if not 1 <= limit <= MAX_PAGE:
-            self.fail(HTTPFailure(400, BAD_REQUEST,
-                                  f"limit: must be a number from 1 to {MAX_PAGE}"))
+            # Not stripped: " 5" is as malformed as "+5".
+            raw_limit = self.param("limit", strip=False)
+            limit = (parse_count(raw_limit, "limit", 1, MAX_PAGE) if raw_limit is not None
+                     else DEFAULT_PAGE)
+            cursor = self.param("cursor") or None
+        except FilterError as exc:
+            self.fail(HTTPFailure(400, BAD_REQUEST, str(exc)))
             return
         flt = self.parsed_filter()
         if flt is None:
             return
-        page = await self.fetch_page(flt, self.get_query_argument("cursor", None) or None, limit)
+        page = await self.fetch_page(flt, cursor, limit)
         if page is None:
             return
         self.write_json(200, page)

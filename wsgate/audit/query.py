@@ -45,27 +45,81 @@ class FilterError(ValueError):
     """A filter value that cannot be used; the message names the filter and the fix."""
 
 
+#: The longest time text taken (``2024-05-01T12:00:00.123456+02:00`` is 32).
+MAX_TIME_TEXT = 64
+
+
+def _shown(value: str, most: int = 40) -> str:
+    """A value as an error message quotes it: repr, cut to ``most`` characters."""
+    return repr(value if len(value) <= most else value[:most] + "...")
+
+
 def parse_time(value: str, name: str = "time") -> datetime:
     """Parse an ISO 8601 time or date into an aware UTC datetime.
 
     ``2024-05-01``, ``2024-05-01T12:00``, ``2024-05-01T12:00:00.5Z`` and
-    ``...+02:00`` are accepted; a time without a zone is taken as UTC.
+    ``...+02:00`` are accepted; a time without a zone is taken as UTC. Only
+    printable ASCII is taken, and the time must lie in years 1 to 9999 once
+    converted to UTC (``9999-12-31T23:59:59-23:59`` does not).
 
     Raises:
-        FilterError: not ISO 8601.
+        FilterError: not ISO 8601, or out of range; the message names ``name``.
     """
     text = value.strip()
     if text.endswith(("Z", "z")):
         text = text[:-1] + "+00:00"
     try:
+        # fromisoformat takes a trailing NUL; nothing here is sent that way.
+        if len(text) > MAX_TIME_TEXT or not (text.isascii() and text.isprintable()):
+            raise ValueError
         when = datetime.fromisoformat(text)
     except ValueError:
         raise FilterError(
-            f"{name}: {value!r} is not an ISO 8601 time (for example 2024-05-01 or "
+            f"{name}: {_shown(value)} is not an ISO 8601 time (for example 2024-05-01 or "
             "2024-05-01T12:00:00Z)") from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return when.astimezone(UTC)
+    try:
+        return when.astimezone(UTC)
+    except OverflowError:
+        raise FilterError(
+            f"{name}: {_shown(value)} is out of range: in UTC it must fall in the years "
+            "1 to 9999") from None
+
+
+def parse_count(value: str, name: str, low: int, high: int) -> int:
+    """A whole number from ``low`` to ``high`` written in ASCII digits (``0005`` is 5).
+
+    Not ``int()`` alone: it also takes ``+5``, `` 5``, ``5_0`` and other
+    scripts' digits (``\u0665``).
+
+    Raises:
+        FilterError: anything else; the message names ``name``.
+    """
+    most = len(str(high))
+    if re.fullmatch(rf"[0-9]{{1,{most}}}", value) is None or not low <= int(value) <= high:
+        raise FilterError(f"{name}: must be a whole number from {low} to {high} in ASCII digits")
+    return int(value)
+
+
+def _check_text(name: str, value: str) -> None:
+    """A text filter must be something a stored value can equal.
+
+    Stored text never holds NUL (``chain.clean_text``) nor is longer than
+    ``chain.MAX_TEXT``; PostgreSQL refuses NUL in a parameter, and a lone
+    surrogate (from a command line that was not UTF-8) cannot be sent at all.
+
+    Raises:
+        FilterError: NUL, too long, or not UTF-8; the message names ``name``.
+    """
+    if "\x00" in value:
+        raise FilterError(f"{name}: must not contain NUL")
+    if len(value) > chain.MAX_TEXT:
+        raise FilterError(f"{name}: at most {chain.MAX_TEXT} characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FilterError(f"{name}: not valid UTF-8") from None
 
 
 @dataclass(frozen=True)
@@ -96,8 +150,13 @@ class AuditFilter:
         Raises:
             FilterError: a bad outcome or time; the message names the filter.
         """
+        texts = {"customer": customer, "agent": agent, "subject": subject,
+                 "topic_prefix": topic_prefix, "connection": connection}
+        for name, value in texts.items():
+            if value:
+                _check_text(name, value)
         if outcome is not None and outcome not in OUTCOMES:
-            raise FilterError(f"outcome: must be accepted or rejected, not {outcome!r}")
+            raise FilterError(f"outcome: must be accepted or rejected, not {_shown(outcome)}")
         start = parse_time(since, "since") if since else None
         end = parse_time(until, "until") if until else None
         if start and end and end <= start:
@@ -166,14 +225,31 @@ def _cursor_encode(occurred_at: str, row_id: int) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+#: The range of the id column (BigInteger, and SQLite's INTEGER): 64-bit signed.
+ID_MIN, ID_MAX = -(2 ** 63), 2 ** 63 - 1
+#: Longer than any cursor this API returns (about 60 characters).
+MAX_CURSOR = 200
+
+
 def _cursor_decode(cursor: str) -> tuple[str, int]:
+    """The (occurred_at, id) of a cursor from :func:`_cursor_encode`.
+
+    Raises:
+        FilterError: anything else: not base64 JSON ``[time, id]``, an id outside
+            the column's 64-bit range, or a time not in the stored form.
+    """
     try:
+        if len(cursor) > MAX_CURSOR:
+            raise ValueError
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         occurred_at, row_id = json.loads(raw)
-        if not isinstance(occurred_at, str) or not isinstance(row_id, int):
+        # bool is an int to Python, and a number past 64 bits overflows the column.
+        if (not isinstance(occurred_at, str) or type(row_id) is not int
+                or not ID_MIN <= row_id <= ID_MAX):
             raise ValueError
-        chain.parse_stored_time(occurred_at)
-    except (ValueError, TypeError, json.JSONDecodeError):
+        if chain.format_time(chain.parse_stored_time(occurred_at)) != occurred_at:
+            raise ValueError
+    except (ValueError, TypeError, RecursionError):
         raise FilterError("cursor: not a cursor this API returned") from None
     return occurred_at, row_id
 
