@@ -81,6 +81,11 @@ class PluginConfig:
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
+#: The least ``[ingest] idempotency_max_bytes`` may give each ingest key: more
+#: than the answer to a full batch (1000 event ids as JSON are about 39 KB).
+MIN_IDEMPOTENCY_SHARE = 65536
+
+
 @dataclass(frozen=True)
 class IngestConfig:
     #: Bearer keys accepted on POST /v1.0/events.
@@ -91,6 +96,9 @@ class IngestConfig:
     signature_window: int = 300
     max_body_bytes: int = 1048576
     max_batch: int = 1000
+    #: Bytes of answers remembered by Idempotency-Key, shared equally among the
+    #: ingest keys (keys and hmac_secrets); each key's share is evicted oldest first.
+    idempotency_max_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -324,6 +332,11 @@ def _check(cfg: Config) -> None:
     i = cfg.ingest
     if i.max_body_bytes < 1 or i.max_batch < 1 or i.signature_window < 1:
         raise bad("ingest", "max_body_bytes/max_batch/signature_window", "must be at least 1")
+    shares = max(1, len(i.keys) + len(i.hmac_secrets))
+    if i.idempotency_max_bytes < MIN_IDEMPOTENCY_SHARE * shares:
+        raise bad("ingest", "idempotency_max_bytes",
+                  f"must be at least {MIN_IDEMPOTENCY_SHARE} bytes per ingest key "
+                  f"({MIN_IDEMPOTENCY_SHARE * shares} for {shares}), not {i.idempotency_max_bytes}")
     a = cfg.audit
     if not a.url:
         raise bad("audit", "url", "must be a SQLAlchemy URL")

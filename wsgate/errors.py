@@ -45,6 +45,8 @@ BATCH_TOO_LARGE = "batch_too_large"
 BAD_JSON = "bad_json"
 REPLAYED = "replayed"
 INVALID_EVENT = "invalid_event"
+#: An Idempotency-Key sent again (same ingest key) with another body: 422.
+IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
 BROKER_UNAVAILABLE = "broker_unavailable"
 
 #: The code and message of a bare HTTP error answer, by status (Tornado's own

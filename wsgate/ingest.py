@@ -8,7 +8,10 @@ signature::
 
 A signed request must be within ``[ingest] signature_window`` seconds of the
 server clock and is accepted once (a replay gets 409). An ``Idempotency-Key``
-header makes a retried POST publish once: the retry gets the first answer.
+header makes a retried POST publish once: the retry gets the first answer, and
+the same key with another body gets 422 ``idempotency_key_reused``. What is
+remembered is bounded in bytes and shared out per ingest key
+(:class:`IdempotencyStore`).
 
 :class:`IngestService` knows no HTTP server: Tornado's
 :class:`wsgate.adapters.ingest.IngestHandler` and the keep-alive fast path in
@@ -20,9 +23,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
+import sys
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from wsgate import errors
@@ -89,6 +95,102 @@ class ExpiringSet:
         self._expire(time.monotonic())
 
 
+#: Seconds an answer is remembered for its ``Idempotency-Key``.
+IDEMPOTENCY_TTL = 24 * 3600.0
+#: Bytes an entry costs beyond its key, digest and answer: its slot in the
+#: per-key OrderedDict (a linked node and a hash-table slot), the
+#: :class:`_Remembered` record and its float. Measured with tracemalloc
+#: (tests/test_idempotency.py checks the accounting is not below the real cost).
+ENTRY_OVERHEAD = 240
+#: The cost of an answer not known yet (an asyncio.Future and its bookkeeping).
+PENDING_OVERHEAD = 400
+
+
+@dataclass(slots=True)
+class _Remembered:
+    born: float
+    #: SHA-256 of the request body, to tell a retry from a reuse of the key.
+    digest: bytes
+    #: The answer as compact JSON (far smaller than the dict and its id strings),
+    #: or the Future of a request being published now.
+    answer: bytes | asyncio.Future[bytes | None]
+    size: int
+
+
+class IdempotencyStore:
+    """Answers by ``(ingest key id, Idempotency-Key)``, bounded in bytes per ingest key.
+
+    Each ingest key id (every Bearer key and HMAC secret configured) has its
+    own share, ``max_bytes // len(key_ids)``, and its own oldest-first
+    eviction: one backend flooding new keys evicts only its own entries, never
+    another's. An entry costs its real size: the Idempotency-Key, the body's
+    SHA-256, the answer as JSON bytes and :data:`ENTRY_OVERHEAD`; the bytes
+    accounted for a key never pass its share, so the whole store never passes
+    ``max_bytes``. Entries older than ``ttl`` are dropped. An answer bigger
+    than a whole share is not remembered (the config keeps shares at least
+    :data:`wsgate.config.MIN_IDEMPOTENCY_SHARE`, larger than a full batch's answer).
+    """
+
+    def __init__(self, max_bytes: int, key_ids: Iterable[str],
+                 ttl: float = IDEMPOTENCY_TTL) -> None:
+        ids = sorted(set(key_ids))
+        self.max_bytes = max_bytes
+        self.ttl = ttl
+        self.share = max_bytes // max(1, len(ids))
+        self._entries: dict[str, OrderedDict[str, _Remembered]] = {k: OrderedDict() for k in ids}
+        self._used: dict[str, int] = dict.fromkeys(ids, 0)
+
+    def used(self, kid: str | None = None) -> int:
+        """Bytes accounted for one key id, or for all of them."""
+        if kid is None:
+            return sum(self._used.values())
+        return self._used.get(kid, 0)
+
+    def __len__(self) -> int:
+        return sum(len(e) for e in self._entries.values())
+
+    def get(self, kid: str, idem: str) -> _Remembered | None:
+        entries = self._entries.get(kid)
+        if entries is None:
+            return None
+        self._expire(kid, time.monotonic())
+        return entries.get(idem)
+
+    def put(self, kid: str, idem: str, digest: bytes,
+            answer: bytes | asyncio.Future[bytes | None]) -> bool:
+        """Remember an answer (or the Future of one); False when it cannot fit at all."""
+        entries = self._entries.get(kid)
+        if entries is None:  # not a configured key: nothing of anyone's to share
+            return False
+        self.discard(kid, idem)
+        cost = (sys.getsizeof(idem) + sys.getsizeof(digest) + ENTRY_OVERHEAD
+                + (sys.getsizeof(answer) if isinstance(answer, bytes) else PENDING_OVERHEAD))
+        if cost > self.share:
+            return False
+        self._expire(kid, time.monotonic())
+        while entries and self._used[kid] + cost > self.share:
+            _, oldest = entries.popitem(last=False)
+            self._used[kid] -= oldest.size
+        entries[idem] = _Remembered(time.monotonic(), digest, answer, cost)
+        self._used[kid] += cost
+        return True
+
+    def discard(self, kid: str, idem: str) -> None:
+        entries = self._entries.get(kid)
+        old = None if entries is None else entries.pop(idem, None)
+        if old is not None:
+            self._used[kid] -= old.size
+
+    def _expire(self, kid: str, now: float) -> None:
+        entries = self._entries[kid]
+        while entries:
+            first = next(iter(entries.values()))
+            if now - first.born < self.ttl:
+                break
+            entries.popitem(last=False)
+            self._used[kid] -= first.size
+
+
 class IngestService:
     """What an ingest request does, whichever HTTP layer read it (one per gateway).
 
@@ -103,7 +205,8 @@ class IngestService:
         self.bearer = [(k.encode(), key_id(k, "key")) for k in config.keys]
         self.hmac = [(k.encode(), key_id(k, "hmac")) for k in config.hmac_secrets]
         self.seen_signatures = ExpiringSet(2 * config.signature_window)
-        self.idempotent = ExpiringSet(24 * 3600.0, max_items=50_000)
+        self.idempotent = IdempotencyStore(
+            config.idempotency_max_bytes, [kid for _, kid in (*self.bearer, *self.hmac)])
 
     def precheck(self, headers: Headers) -> tuple[HTTPFailure | None, str | None]:
         """The checks made from the headers alone, before the body is read.
@@ -176,29 +279,34 @@ class IngestService:
         if not idem or len(idem) > MAX_IDEMPOTENCY_KEY:
             raise HTTPFailure(400, errors.BAD_REQUEST,
                               f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
-        scoped = f"{kid}\x00{idem}"
+        digest = hashlib.sha256(body).digest()
         while True:
-            earlier = self.idempotent.get(scoped)
+            earlier = self.idempotent.get(kid, idem)
             if earlier is None:
                 break
-            if not isinstance(earlier, asyncio.Future):
-                return dict(earlier), kid, 0
-            # The same key is being published right now (a concurrent retry):
+            if earlier.digest != digest:
+                raise HTTPFailure(422, errors.IDEMPOTENCY_KEY_REUSED,
+                                  "this Idempotency-Key was sent before with another body; "
+                                  "nothing was published (use a new key for new events)")
+            if isinstance(earlier.answer, bytes):
+                return json.loads(earlier.answer), kid, 0
+            # The same request is being published right now (a concurrent retry):
             # wait for its answer instead of publishing twice.
-            answer = await asyncio.shield(earlier)
-            if answer is not None:
-                return dict(answer), kid, 0
-        marker: asyncio.Future[dict[str, Any] | None] = \
-            asyncio.get_running_loop().create_future()
-        self.idempotent.put(scoped, marker)
+            done = await asyncio.shield(earlier.answer)
+            if done is not None:
+                return json.loads(done), kid, 0
+        marker: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        self.idempotent.put(kid, idem, digest, marker)
         try:
             answer = await self._validate_and_publish(body, kid)
         except BaseException:
-            self.idempotent.discard(scoped)
+            self.idempotent.discard(kid, idem)
             marker.set_result(None)
             raise
-        self.idempotent.put(scoped, answer)
-        marker.set_result(answer)
+        encoded = json.dumps(answer, separators=(",", ":")).encode()
+        if not self.idempotent.put(kid, idem, digest, encoded):
+            self.idempotent.discard(kid, idem)
+        marker.set_result(encoded)
         return answer, kid, answer["accepted"]
 
     def _check_signature(self, headers: Headers, body: bytes) -> str:
