@@ -174,7 +174,10 @@ def parse_expiry(value: object, *, where: str = "", field: str = "expires_at") -
     if isinstance(value, datetime):
         if value.tzinfo is None or value.utcoffset() is None:
             raise PrincipalError(where, field, "needs a time zone offset (e.g. Z or +00:00)")
-        return value.astimezone(UTC)
+        try:
+            return value.astimezone(UTC)
+        except OverflowError:  # 9999-12-31T23:59:59-23:59 is past the year 9999 in UTC
+            raise PrincipalError(where, field, "is not a representable time") from None
     raise PrincipalError(where, field, "must be a time (RFC 3339 string or seconds since "
                          f"the epoch), not {_tname(value)}")
 
