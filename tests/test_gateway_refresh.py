@@ -151,3 +151,34 @@ async def test_a_refreshed_expiry_is_the_one_that_closes(make_node):
     await node.gateway.refresh_all()
     await wait_for(lambda: peer.closes)
     assert peer.close_code == 4001
+
+
+@pytest.mark.gen_test
+async def test_a_renewal_with_fewer_rights_closes_4003_and_ends_held_topics_revoked(make_node):
+    # Issue 16 item 3: an admin renewing with a non-admin token of the same subject
+    # kept its customer-wide subscription until the next re-check (or forever).
+    node, auth = await scripted_node(make_node)
+    auth.answers["plain"] = dataclasses.replace(ALICE, permissions=frozenset())
+    conn, peer = await node.connect("alice")
+    await node.subscribe(conn, ALL)
+    peer.take()
+    await node.request(conn, renew("plain"))
+    assert peer.closes == [(4003, "rights revoked: the new token may not hold every "
+                                  "subscribed topic")]
+    assert [f for f in peer.take() if f.get("type") == "authenticated"] == []
+    await node.publish(event())
+    assert peer.take() == []
+    await conn.ended
+    assert node.audit.rows("renew") == [("renew", "", "rejected", "revoked")]
+    assert node.audit.rows("unsubscribe") == [("unsubscribe", ALL, "accepted", "revoked")]
+
+
+@pytest.mark.gen_test
+async def test_a_renewal_whose_rights_still_cover_every_held_topic_is_accepted(make_node):
+    node, auth = await scripted_node(make_node)
+    auth.answers["plain"] = dataclasses.replace(ALICE, permissions=frozenset())
+    conn, peer = await node.connect("alice")
+    await node.request(conn, renew("plain"))  # holds nothing: nothing to refuse
+    assert peer.take()[-1]["type"] == "authenticated"
+    assert peer.closes == []
+    assert node.audit.rows("renew") == [("renew", "", "accepted", "")]

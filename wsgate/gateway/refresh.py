@@ -90,9 +90,23 @@ class Refresh:
             return
         if conn.closed:
             return
+        if self._refused_any(conn, principal):
+            # The new token carries fewer rights than a held topic needs: like the
+            # periodic re-check, close 4003 at once (no await before it, so no
+            # event of a refused topic goes out after the renew is decided); the
+            # close ends every subscription with reason ``revoked``.
+            self.close(conn, errors.CLOSE_REVOKED, "rights revoked: the new token may not "
+                       "hold every subscribed topic")
+            await self.audit.write_ends([conn.record(RENEW, "", REJECTED, errors.END_REVOKED)])
+            return
         self._become(conn, principal)
         await self.audit.write_ends([conn.record(RENEW, "", ACCEPTED)])
         conn.transport.send_text(protocol.authenticated(msg, rfc3339(principal.expires_at)))
+
+    def _refused_any(self, conn: Connection, principal: Principal) -> bool:
+        """Whether the authorizer refuses principal any topic conn holds."""
+        return any(not self.decide(principal, t, SUBSCRIBE).allowed
+                   for t in conn.subscriptions.values())
 
     async def loop(self, interval: float, connections: Mapping[str, Connection]) -> None:
         """Re-check every connection every ``interval`` seconds, until cancelled."""
@@ -119,8 +133,7 @@ class Refresh:
                     principal.subject != conn.principal.subject:
                 self.close(conn, errors.CLOSE_REVOKED, "rights revoked")
                 continue
-            if any(not self.decide(principal, t, SUBSCRIBE).allowed
-                   for t in conn.subscriptions.values()):
+            if self._refused_any(conn, principal):
                 self.close(conn, errors.CLOSE_REVOKED, "rights revoked")
                 continue
             if principal != conn.principal:
