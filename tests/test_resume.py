@@ -111,3 +111,18 @@ async def test_event_published_during_replay_arrives_once_after_it(make_server):
     assert (await again.recv())["event_id"] == missed["event_ids"][0]
     assert (await again.recv())["event_id"] == during["event_ids"][0]
     await again.no_frame()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_since_an_event_the_token_cannot_see_is_not_recovered(make_server):
+    # Issue 16 item 9: resume must not be an oracle for events of other topics.
+    server = await make_server()
+    call_topic = f"customer_id:{CUSTOMER}:call:{event()['data']['id']}"
+    status, queue = await server.post(event("queue_updated", data={"id": "q-1"}))
+    assert status == 202
+    await server.post(event())
+    direct = await server.connect("direct-token")
+    reply = await direct.subscribe(call_topic, since=queue["event_ids"][0])
+    assert reply["type"] == "subscribed" and reply["topics"] == [call_topic]
+    assert reply["recovered"] is False
+    await direct.no_frame()
