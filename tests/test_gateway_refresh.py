@@ -182,3 +182,37 @@ async def test_a_renewal_whose_rights_still_cover_every_held_topic_is_accepted(m
     assert peer.take()[-1]["type"] == "authenticated"
     assert peer.closes == []
     assert node.audit.rows("renew") == [("renew", "", "accepted", "")]
+
+
+@pytest.mark.gen_test
+async def test_refused_renewals_count_as_bad_messages_and_close_1008(make_node):
+    # Issue 16 item 6: a refused renewal is a backend call; each counts toward the
+    # bad-message close as well as the refusal limit.
+    node, auth = await scripted_node(make_node, server={"max_bad_messages_per_minute": 2})
+    conn, peer = await node.connect("alice")
+    for n in range(5):
+        if conn.closed:
+            break
+        await node.request(conn, renew(f"nonsense-{n}", n))
+    assert peer.closes == [(1008, "too many bad messages")]
+    assert auth.calls == 1 + 3  # the connect, then the limit and the one past it
+
+
+@pytest.mark.gen_test
+async def test_a_re_check_round_asks_once_per_principal_and_applies_it_to_all(make_node):
+    node, auth = await scripted_node(make_node)
+    asked: list[str] = []
+    refresh = type(auth).refresh
+
+    async def counting(self, principal):
+        asked.append(principal.subject)
+        return await refresh(self, principal)
+
+    auth.refresh = counting.__get__(auth)
+    conns = [(await node.connect("alice"))[0] for _ in range(5)]
+    bob, _ = await node.connect("bob")
+    lesser = auth.refreshed["alice"] = dataclasses.replace(ALICE, permissions=frozenset())
+    await node.gateway.refresh_all()
+    assert sorted(asked) == ["alice", "bob"]
+    assert {c.principal for c in conns} == {lesser}
+    assert bob.principal == BOB
