@@ -108,3 +108,17 @@ async def test_a_draining_node_refuses_new_connections(make_node):
     with pytest.raises(errors.Draining) as info:
         await node.connect()
     assert (info.value.status, info.value.code) == (503, "shutting_down")
+
+
+@pytest.mark.gen_test
+async def test_a_token_over_max_token_bytes_is_refused_without_asking_the_plugin(make_node):
+    # Issue 16 item 6: 64 KB tokens were forwarded to the backend as they were.
+    node = await make_node(**SCRIPTED_AUTH, server={"max_token_bytes": 16})
+    auth = node.gateway.authenticator
+    auth.answers["é" * 9] = ALICE  # 9 characters, 18 bytes: bytes count, not characters
+    auth.answers["a" * 16] = ALICE
+    with pytest.raises(Refused, match="longer than 16 bytes"):
+        await node.gateway.authenticate("é" * 9)
+    assert auth.calls == 0
+    assert await node.gateway.authenticate("a" * 16) == ALICE
+    assert auth.calls == 1

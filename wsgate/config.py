@@ -48,6 +48,9 @@ class ServerConfig:
     ping_timeout: float = 10.0
     #: Largest client message in bytes (all its fragments); a bigger one closes with 1009.
     max_message_size: int = 65536
+    #: Longest credential in bytes (UTF-8), at the upgrade and in ``authenticate``: a
+    #: longer one is refused (401 / ``unauthenticated``) before the authenticator is asked.
+    max_token_bytes: int = 8192
     #: Most frames one client message may take (its first frame and continuations,
     #: empty ones too); one more closes the connection with 1009.
     max_fragments: int = 1000
@@ -305,6 +308,8 @@ def _check(cfg: Config) -> None:
             raise bad("server", name, "must be greater than 0")
     if s.ping_timeout > s.ping_interval:
         raise bad("server", "ping_timeout", "must not be longer than ping_interval")
+    if s.max_token_bytes < 1:
+        raise bad("server", "max_token_bytes", "must be at least 1")
     for name in ("max_message_size", "max_fragments", "max_subscriptions", "max_output_buffer",
                  "max_bad_messages_per_minute", "max_rejected_topics_per_minute"):
         if getattr(s, name) < 1:
