@@ -3,9 +3,11 @@
 - expiry: a connection closes with 4001 when its principal's ``expires_at`` passes;
 - renewal: ``authenticate`` with a new token of the same principal extends it
   (an audit ``renew`` row either way; a refused token counts against the
-  connection's refusal limit, a backend that cannot decide does not);
+  connection's refusal and bad-message limits, a backend that cannot decide
+  does not); a new principal the authorizer refuses any held topic closes 4003;
 - re-authorization: every ``[server] refresh_interval`` the authenticator
-  re-checks each principal and the authorizer each held topic (4003 when refused).
+  re-checks each distinct principal once and the authorizer each held topic
+  of its connections (4003 when refused).
 """
 
 from __future__ import annotations
