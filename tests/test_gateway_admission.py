@@ -9,9 +9,10 @@ from datetime import timedelta
 
 import pytest
 
-from tests.conftest import CUSTOMER
+from tests.conftest import CUSTOMER, base_config
 from tests.fakes import SCRIPTED_AUTH
 from wsgate import errors
+from wsgate.config import ConfigError
 from wsgate.gateway import admission, utcnow
 from wsgate.plugins import Principal, Refused, Unavailable
 
@@ -122,3 +123,8 @@ async def test_a_token_over_max_token_bytes_is_refused_without_asking_the_plugin
     assert auth.calls == 0
     assert await node.gateway.authenticate("a" * 16) == ALICE
     assert auth.calls == 1
+
+
+def test_max_token_bytes_must_be_at_least_1(tmp_path):
+    with pytest.raises(ConfigError, match=r"\[server\] max_token_bytes: must be at least 1"):
+        base_config(tmp_path, server={"max_token_bytes": 0})

@@ -308,8 +308,6 @@ def _check(cfg: Config) -> None:
             raise bad("server", name, "must be greater than 0")
     if s.ping_timeout > s.ping_interval:
         raise bad("server", "ping_timeout", "must not be longer than ping_interval")
-    if s.max_token_bytes < 1:
-        raise bad("server", "max_token_bytes", "must be at least 1")
     for name in ("max_message_size", "max_fragments", "max_subscriptions", "max_output_buffer",
                  "max_bad_messages_per_minute", "max_rejected_topics_per_minute"):
         if getattr(s, name) < 1:
@@ -322,6 +320,8 @@ def _check(cfg: Config) -> None:
         if origin != "*" and "://" not in origin:
             raise bad("server", "allowed_origins",
                       f"{origin!r} is not an origin like https://app.example.com")
+    if s.max_token_bytes < 1:
+        raise bad("server", "max_token_bytes", "must be at least 1")
     if not cfg.auth.plugin:
         raise bad("auth", "plugin", "must name an authenticator")
     if not cfg.permissions.plugin:
