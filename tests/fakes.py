@@ -264,11 +264,13 @@ class HeldBroker(MemoryBroker):
         await self.listening.passing()
         return await super().ready(scope_keys, timeout)
 
-    async def history_since(self, scope_key: str, event_id: str) -> list[Event] | None:
-        found = await super().history_since(scope_key, event_id) if self.read_first else None
+    async def history_since(self, scope_key: str, event_id: str, *,
+                            with_since: bool = False) -> list[Event] | None:
+        found = (await super().history_since(scope_key, event_id, with_since=with_since)
+                 if self.read_first else None)
         await self.reading.passing()
         if not self.read_first:
-            found = await super().history_since(scope_key, event_id)
+            found = await super().history_since(scope_key, event_id, with_since=with_since)
         return found
 
 

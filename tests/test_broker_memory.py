@@ -51,6 +51,9 @@ async def test_history_keeps_the_newest_events_per_scope(clock: Clock) -> None:
     scope = events[0].topics[0].scope_key
     assert await broker.history_since(scope, events[2].event_id) == events[3:]
     assert await broker.history_since(scope, events[1].event_id) is None  # pushed out
+    # with_since: the since event itself first (resume checks its topics).
+    assert await broker.history_since(scope, events[2].event_id, with_since=True) == events[2:]
+    assert await broker.history_since(scope, events[1].event_id, with_since=True) is None
     assert broker.history_size() == 3
 
 

@@ -195,6 +195,10 @@ async def test_history_since_reads_what_another_node_published(redis_url, nodes)
     assert [e.event_id for e in await b.broker.history_since(A, batch[2].event_id) or []] == \
         [batch[3].event_id]
     assert await b.broker.history_since(C, batch[3].event_id) == []
+    with_since = await b.broker.history_since(C, batch[2].event_id, with_since=True)
+    assert [e.event_id for e in with_since or []] == [e.event_id for e in batch[2:]]
+    assert [t.text for t in (with_since or [])[0].topics] == [t.text for t in batch[2].topics]
+    assert await b.broker.history_since(C, str(uuid.uuid4()), with_since=True) is None
     assert await b.broker.history_since(C, str(uuid.uuid4())) is None
     assert await b.broker.history_since(OTHER, batch[0].event_id) is None
     assert a.broker.history_size() == 8  # 4 events x 2 scopes; b published nothing

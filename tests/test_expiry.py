@@ -121,3 +121,21 @@ async def test_revoked_principal_is_closed_4003(make_server):
     finally:
         backend.stop()
         await backend.close_all_connections()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_renewing_with_fewer_rights_closes_4003_and_stops_customer_events(make_server):
+    # Issue 16 item 3: an admin renewed with a non-admin token of the same subject
+    # got "authenticated" and kept receiving customer-wide events.
+    server = await make_server(**jwt_tables())
+    client = await server.connect(mint(server))
+    await client.subscribe(ALL)
+    plain = server.gateway.authenticator.mint(
+        Principal(kind="agent", subject=AGENT, customer_id=CUSTOMER, agent_id=AGENT), 60)
+    await client.send({"type": "authenticate", "token": plain, "id": "r"})
+    assert await client.closed() == 4003
+    ends = await wait_for(lambda: [r for r in rows(server) if r["action"] == "unsubscribe"])
+    assert ends == [{"action": "unsubscribe", "topic": ALL, "outcome": "accepted",
+                     "code": "revoked"}]
+    assert [r for r in rows(server) if r["action"] == "renew"] == [
+        {"action": "renew", "topic": "", "outcome": "rejected", "code": "revoked"}]

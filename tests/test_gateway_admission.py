@@ -9,9 +9,10 @@ from datetime import timedelta
 
 import pytest
 
-from tests.conftest import CUSTOMER
+from tests.conftest import CUSTOMER, base_config
 from tests.fakes import SCRIPTED_AUTH
 from wsgate import errors
+from wsgate.config import ConfigError
 from wsgate.gateway import admission, utcnow
 from wsgate.plugins import Principal, Refused, Unavailable
 
@@ -108,3 +109,22 @@ async def test_a_draining_node_refuses_new_connections(make_node):
     with pytest.raises(errors.Draining) as info:
         await node.connect()
     assert (info.value.status, info.value.code) == (503, "shutting_down")
+
+
+@pytest.mark.gen_test
+async def test_a_token_over_max_token_bytes_is_refused_without_asking_the_plugin(make_node):
+    # Issue 16 item 6: 64 KB tokens were forwarded to the backend as they were.
+    node = await make_node(**SCRIPTED_AUTH, server={"max_token_bytes": 16})
+    auth = node.gateway.authenticator
+    auth.answers["é" * 9] = ALICE  # 9 characters, 18 bytes: bytes count, not characters
+    auth.answers["a" * 16] = ALICE
+    with pytest.raises(Refused, match="longer than 16 bytes"):
+        await node.gateway.authenticate("é" * 9)
+    assert auth.calls == 0
+    assert await node.gateway.authenticate("a" * 16) == ALICE
+    assert auth.calls == 1
+
+
+def test_max_token_bytes_must_be_at_least_1(tmp_path):
+    with pytest.raises(ConfigError, match=r"\[server\] max_token_bytes: must be at least 1"):
+        base_config(tmp_path, server={"max_token_bytes": 0})

@@ -151,3 +151,68 @@ async def test_a_refreshed_expiry_is_the_one_that_closes(make_node):
     await node.gateway.refresh_all()
     await wait_for(lambda: peer.closes)
     assert peer.close_code == 4001
+
+
+@pytest.mark.gen_test
+async def test_a_renewal_with_fewer_rights_closes_4003_and_ends_held_topics_revoked(make_node):
+    # Issue 16 item 3: an admin renewing with a non-admin token of the same subject
+    # kept its customer-wide subscription until the next re-check (or forever).
+    node, auth = await scripted_node(make_node)
+    auth.answers["plain"] = dataclasses.replace(ALICE, permissions=frozenset())
+    conn, peer = await node.connect("alice")
+    await node.subscribe(conn, ALL)
+    peer.take()
+    await node.request(conn, renew("plain"))
+    assert peer.closes == [(4003, "rights revoked: the new token may not hold every "
+                                  "subscribed topic")]
+    assert [f for f in peer.take() if f.get("type") == "authenticated"] == []
+    await node.publish(event())
+    assert peer.take() == []
+    await conn.ended
+    assert node.audit.rows("renew") == [("renew", "", "rejected", "revoked")]
+    assert node.audit.rows("unsubscribe") == [("unsubscribe", ALL, "accepted", "revoked")]
+
+
+@pytest.mark.gen_test
+async def test_a_renewal_whose_rights_still_cover_every_held_topic_is_accepted(make_node):
+    node, auth = await scripted_node(make_node)
+    auth.answers["plain"] = dataclasses.replace(ALICE, permissions=frozenset())
+    conn, peer = await node.connect("alice")
+    await node.request(conn, renew("plain"))  # holds nothing: nothing to refuse
+    assert peer.take()[-1]["type"] == "authenticated"
+    assert peer.closes == []
+    assert node.audit.rows("renew") == [("renew", "", "accepted", "")]
+
+
+@pytest.mark.gen_test
+async def test_refused_renewals_count_as_bad_messages_and_close_1008(make_node):
+    # Issue 16 item 6: a refused renewal is a backend call; each counts toward the
+    # bad-message close as well as the refusal limit.
+    node, auth = await scripted_node(make_node, server={"max_bad_messages_per_minute": 2})
+    conn, peer = await node.connect("alice")
+    for n in range(5):
+        if conn.closed:
+            break
+        await node.request(conn, renew(f"nonsense-{n}", n))
+    assert peer.closes == [(1008, "too many bad messages")]
+    assert auth.calls == 1 + 3  # the connect, then the limit and the one past it
+
+
+@pytest.mark.gen_test
+async def test_a_re_check_round_asks_once_per_principal_and_applies_it_to_all(make_node):
+    node, auth = await scripted_node(make_node)
+    asked: list[str] = []
+    refresh = type(auth).refresh
+
+    async def counting(self, principal):
+        asked.append(principal.subject)
+        return await refresh(self, principal)
+
+    auth.refresh = counting.__get__(auth)
+    conns = [(await node.connect("alice"))[0] for _ in range(5)]
+    bob, _ = await node.connect("bob")
+    lesser = auth.refreshed["alice"] = dataclasses.replace(ALICE, permissions=frozenset())
+    await node.gateway.refresh_all()
+    assert sorted(asked) == ["alice", "bob"]
+    assert {c.principal for c in conns} == {lesser}
+    assert bob.principal == BOB

@@ -108,3 +108,28 @@ async def test_events_of_topics_already_held_are_not_replayed(make_node):
     frames = peer.take()
     assert frames[0]["recovered"] is True
     assert ids(frames[1:]) == [queue.event_id]
+
+
+@pytest.mark.gen_test
+async def test_since_an_event_of_no_resumed_topic_is_not_recovered(make_node):
+    # Issue 16 item 9: a direct token resuming its own call topic with the id of a
+    # queue event it cannot see got recovered: true (and the calls after it), which
+    # told it that event's place in the customer's history.
+    node = await make_node()
+    call_topic = f"customer_id:{CUSTOMER}:call:{event()['data']['id']}"
+    [queue] = await node.publish(event("queue_updated", data={"id": "q-1"}))
+    [call] = await node.publish(event())
+    conn, peer = await node.connect("direct-token")
+    await node.subscribe(conn, call_topic, since=queue.event_id)
+    frames = peer.take()
+    assert frames[0]["topics"] == [call_topic]
+    assert frames[0]["recovered"] is False
+    assert ids(frames[1:]) == []
+    # Its own topic's event resumes as before.
+    [later] = await node.publish(event())
+    peer.take()
+    again, peer2 = await node.connect("direct-token")
+    await node.subscribe(again, call_topic, since=call.event_id)
+    frames = peer2.take()
+    assert frames[0]["recovered"] is True
+    assert ids(frames[1:]) == [later.event_id]

@@ -48,7 +48,7 @@ class AuthHandler(RequestHandler):
             self.write(AGENT)
         elif token == "soon-expired":
             self.write({**AGENT, "expires_at": "2001-01-01T00:00:00Z"})
-        elif token == "bad":
+        elif token == "bad" or token.startswith("refused-"):
             self.set_status(401)
             self.write({"error": "nope"})
         elif token == "forbidden":

@@ -4,10 +4,13 @@ import asyncio
 
 import pytest
 
-from tests.conftest import AGENT, CUSTOMER, event
+from tests import test_broker_redis
+from tests.conftest import AGENT, CUSTOMER, base_config, event
 from tests.fakes import HeldBroker
 
 ALL = f"customer_id:{CUSTOMER}"
+admin = test_broker_redis.admin
+redis_url = test_broker_redis.redis_url
 
 
 async def seen_event(server, client, **fields):
@@ -110,4 +113,38 @@ async def test_event_published_during_replay_arrives_once_after_it(make_server):
     assert reply["type"] == "subscribed" and reply["recovered"] is True
     assert (await again.recv())["event_id"] == missed["event_ids"][0]
     assert (await again.recv())["event_id"] == during["event_ids"][0]
+    await again.no_frame()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_since_an_event_the_token_cannot_see_is_not_recovered(make_server):
+    # Issue 16 item 9: resume must not be an oracle for events of other topics.
+    await since_an_event_the_token_cannot_see_is_not_recovered(await make_server())
+
+
+@pytest.mark.redis
+@pytest.mark.gen_test(timeout=30)
+async def test_since_an_event_the_token_cannot_see_is_not_recovered_on_redis(
+        make_server, redis_url, tmp_path):
+    await since_an_event_the_token_cannot_see_is_not_recovered(
+        await make_server(base_config(tmp_path, broker={"url": redis_url})))
+
+
+async def since_an_event_the_token_cannot_see_is_not_recovered(server):
+    call_topic = f"customer_id:{CUSTOMER}:call:{event()['data']['id']}"
+    status, queue = await server.post(event("queue_updated", data={"id": "q-1"}))
+    assert status == 202
+    await server.post(event())
+    direct = await server.connect("direct-token")
+    reply = await direct.subscribe(call_topic, since=queue["event_ids"][0])
+    assert reply["type"] == "subscribed" and reply["topics"] == [call_topic]
+    assert reply["recovered"] is False
+    await direct.no_frame()
+    # Its own topic's event still resumes, with what came after it.
+    status, mine = await server.post(event())
+    status, later = await server.post(event())
+    again = await server.connect("direct-token")
+    reply = await again.subscribe(call_topic, since=mine["event_ids"][0])
+    assert reply["recovered"] is True
+    assert (await again.recv())["event_id"] == later["event_ids"][0]
     await again.no_frame()

@@ -48,6 +48,9 @@ class ServerConfig:
     ping_timeout: float = 10.0
     #: Largest client message in bytes (all its fragments); a bigger one closes with 1009.
     max_message_size: int = 65536
+    #: Longest credential in bytes (UTF-8), at the upgrade and in ``authenticate``: a
+    #: longer one is refused (401 / ``unauthenticated``) before the authenticator is asked.
+    max_token_bytes: int = 8192
     #: Most frames one client message may take (its first frame and continuations,
     #: empty ones too); one more closes the connection with 1009.
     max_fragments: int = 1000
@@ -325,6 +328,8 @@ def _check(cfg: Config) -> None:
         if origin != "*" and "://" not in origin:
             raise bad("server", "allowed_origins",
                       f"{origin!r} is not an origin like https://app.example.com")
+    if s.max_token_bytes < 1:
+        raise bad("server", "max_token_bytes", "must be at least 1")
     if not cfg.auth.plugin:
         raise bad("auth", "plugin", "must name an authenticator")
     if not cfg.permissions.plugin:

@@ -41,8 +41,10 @@ class Broker(Protocol):
         """Return once events of the watched scope_keys published on any node reach
         this node (waiting at most timeout); True when they do."""
 
-    async def history_since(self, scope_key: str, event_id: str) -> list[Event] | None:
-        """The events of scope_key published after event_id, oldest first.
+    async def history_since(self, scope_key: str, event_id: str, *,
+                            with_since: bool = False) -> list[Event] | None:
+        """The events of scope_key published after event_id, oldest first; with
+        ``with_since``, the event event_id itself first (resume checks its topics).
 
         Publishing keeps a bounded history per scope (``[history] size`` and
         ``ttl``). Returns None when the history cannot cover the gap: the id

@@ -57,7 +57,8 @@ class MemoryBroker:
                 break
             del history[scope]
 
-    async def history_since(self, scope_key: str, event_id: str) -> list[Event] | None:
+    async def history_since(self, scope_key: str, event_id: str, *,
+                            with_since: bool = False) -> list[Event] | None:
         kept = self._history.get(scope_key)
         if not kept:
             return None
@@ -66,7 +67,8 @@ class MemoryBroker:
             kept.popleft()
         for position in range(len(kept) - 1, -1, -1):
             if kept[position][1].event_id == event_id:
-                return [event for _, event in list(kept)[position + 1:]]
+                start = position if with_since else position + 1
+                return [event for _, event in list(kept)[start:]]
         return None
 
     def history_size(self) -> int:

@@ -327,7 +327,8 @@ class RedisBroker:
 
     # -- history -------------------------------------------------------------
 
-    async def history_since(self, scope_key: str, event_id: str) -> list[Event] | None:
+    async def history_since(self, scope_key: str, event_id: str, *,
+                            with_since: bool = False) -> list[Event] | None:
         """Events of scope_key after event_id, oldest first (XRANGE of its stream).
 
         Returns None when history is off, the id is not in the stream (never
@@ -352,7 +353,8 @@ class RedisBroker:
         for position in range(len(kept) - 1, -1, -1):
             header = kept[position].partition(b"\n")[0]
             if header.partition(b" ")[2] == wanted:
-                return [_decode(payload) for payload in kept[position + 1:]]
+                start = position if with_since else position + 1
+                return [_decode(payload) for payload in kept[start:]]
         return None
 
     def history_size(self) -> int:

@@ -41,10 +41,16 @@ class Admission:
     async def authenticate(self, credential: str) -> Principal:
         """Ask the authenticator, checking what it answers.
 
+        A credential longer than ``[server] max_token_bytes`` is refused without
+        asking the authenticator (a backend is not sent arbitrarily large tokens).
+
         Raises:
             Refused: 401.
             Unavailable: 503 (also for a plugin that fails, hangs or answers nonsense).
         """
+        limit = self.server.max_token_bytes
+        if len(credential) > limit or len(credential.encode("utf-8", "replace")) > limit:
+            raise Refused(f"the token is longer than {limit} bytes")
         try:
             principal = await asyncio.wait_for(
                 self.authenticator.authenticate(credential), AUTHENTICATE_TIMEOUT)

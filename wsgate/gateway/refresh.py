@@ -3,9 +3,11 @@
 - expiry: a connection closes with 4001 when its principal's ``expires_at`` passes;
 - renewal: ``authenticate`` with a new token of the same principal extends it
   (an audit ``renew`` row either way; a refused token counts against the
-  connection's refusal limit, a backend that cannot decide does not);
+  connection's refusal and bad-message limits, a backend that cannot decide
+  does not); a new principal the authorizer refuses any held topic closes 4003;
 - re-authorization: every ``[server] refresh_interval`` the authenticator
-  re-checks each principal and the authorizer each held topic (4003 when refused).
+  re-checks each distinct principal once and the authorizer each held topic
+  of its connections (4003 when refused).
 """
 
 from __future__ import annotations
@@ -72,10 +74,11 @@ class Refresh:
             await self.audit.write_ends([conn.record(RENEW, "", REJECTED,
                                                      errors.UNAUTHENTICATED)])
             conn.transport.send_text(protocol.error(errors.UNAUTHENTICATED, str(exc), msg))
-            # Each refusal is an audit row: it counts like a refused topic (a
-            # backend that cannot decide is not the client's fault).
-            if isinstance(exc, Refused) and self.limits.too_many_refused(conn, 1):
-                self.close_flooding(conn)
+            # Each refusal is an audit row and, usually, a backend call: it counts
+            # like a refused topic and like a bad message (a backend that cannot
+            # decide is not the client's fault).
+            if isinstance(exc, Refused):
+                self._refused(conn)
             return
         old = conn.principal
         if (principal.subject, principal.kind, principal.customer_id) != \
@@ -85,14 +88,34 @@ class Refresh:
             conn.transport.send_text(protocol.error(
                 errors.UNAUTHENTICATED, "the new token is for another principal; "
                 "open a new connection for it", msg))
-            if self.limits.too_many_refused(conn, 1):
-                self.close_flooding(conn)
+            self._refused(conn)
             return
         if conn.closed:
+            return
+        if self._refused_any(conn, principal):
+            # The new token carries fewer rights than a held topic needs: like the
+            # periodic re-check, close 4003 at once (no await before it, so no
+            # event of a refused topic goes out after the renew is decided); the
+            # close ends every subscription with reason ``revoked``.
+            self.close(conn, errors.CLOSE_REVOKED, "rights revoked: the new token may not "
+                       "hold every subscribed topic")
+            await self.audit.write_ends([conn.record(RENEW, "", REJECTED, errors.END_REVOKED)])
             return
         self._become(conn, principal)
         await self.audit.write_ends([conn.record(RENEW, "", ACCEPTED)])
         conn.transport.send_text(protocol.authenticated(msg, rfc3339(principal.expires_at)))
+
+    def _refused(self, conn: Connection) -> None:
+        """Count a refused renewal toward both limits; close 1008 past either."""
+        if self.limits.too_many_bad(conn):
+            self.close(conn, errors.CLOSE_POLICY, "too many bad messages")
+        elif self.limits.too_many_refused(conn, 1):
+            self.close_flooding(conn)
+
+    def _refused_any(self, conn: Connection, principal: Principal) -> bool:
+        """Whether the authorizer refuses principal any topic conn holds."""
+        return any(not self.decide(principal, t, SUBSCRIBE).allowed
+                   for t in conn.subscriptions.values())
 
     async def loop(self, interval: float, connections: Mapping[str, Connection]) -> None:
         """Re-check every connection every ``interval`` seconds, until cancelled."""
@@ -101,27 +124,33 @@ class Refresh:
             await self.refresh_all(connections)
 
     async def refresh_all(self, connections: Mapping[str, Connection]) -> None:
-        """Ask the authenticator to re-check every connected principal (4003 when refused)."""
+        """Ask the authenticator to re-check every connected principal (4003 when refused).
+
+        One ``refresh`` call per distinct principal per round, its answer applied
+        to all the connections of that principal: a principal with many
+        connections costs its backend one request, not one per connection.
+        """
         authenticator = self.admission.authenticator
+        groups: dict[Principal, list[Connection]] = {}
         for conn in list(connections.values()):
-            if conn.closed:
-                continue
+            if not conn.closed:
+                groups.setdefault(conn.principal, []).append(conn)
+        for old, conns in groups.items():
             try:
-                principal = await authenticator.refresh(conn.principal)
+                principal = await authenticator.refresh(old)
             except Unavailable:
                 continue
             except Exception:
                 log.exception("authenticator %s failed to refresh", authenticator.name)
                 continue
-            if conn.closed:
-                continue
-            if principal is None or not isinstance(principal, Principal) or \
-                    principal.subject != conn.principal.subject:
-                self.close(conn, errors.CLOSE_REVOKED, "rights revoked")
-                continue
-            if any(not self.decide(principal, t, SUBSCRIBE).allowed
-                   for t in conn.subscriptions.values()):
-                self.close(conn, errors.CLOSE_REVOKED, "rights revoked")
-                continue
-            if principal != conn.principal:
-                self._become(conn, principal)
+            fresh = principal if isinstance(principal, Principal) and \
+                principal.subject == old.subject else None
+            for conn in conns:
+                # A connection renewed meanwhile was checked by its renewal.
+                if conn.closed or conn.principal != old:
+                    continue
+                if fresh is None or self._refused_any(conn, fresh):
+                    self.close(conn, errors.CLOSE_REVOKED, "rights revoked")
+                    continue
+                if fresh != old:
+                    self._become(conn, fresh)

@@ -95,7 +95,8 @@ class Resume:
         try:
             for topic in new_topics:
                 self.add(conn, topic)
-            replay = await self.history_after(new_topics, since) if new_topics else None
+            replay = (await self.history_after(new_topics, since, accepted)
+                      if new_topics else None)
             if conn.closed:
                 return
             buffer.inner.send_text(protocol.reply(msg, [t.text for t in accepted], rejected,
@@ -116,17 +117,25 @@ class Resume:
             conn.transport = buffer.inner
         buffer.flush(skip=sent)
 
-    async def history_after(self, topics: list[Topic], since: str) -> list[Event] | None:
-        """Events after since in the scopes of topics, oldest first; None if a gap."""
+    async def history_after(self, topics: list[Topic], since: str,
+                            accepted: list[Topic]) -> list[Event] | None:
+        """Events after since in the scopes of topics, oldest first; None if a gap.
+
+        Also None when the ``since`` event matches none of ``accepted`` (the
+        topics this subscribe resumes): an id of an event the client could not
+        see must not tell it whether that event is in the history, nor where.
+        """
         merged: dict[str, Event] = {}
         for scope in dict.fromkeys(t.scope_key for t in topics):
             try:
-                found = await self.broker.history_since(scope, since)
+                found = await self.broker.history_since(scope, since, with_since=True)
             except Exception:
                 log.exception("history of %s could not be read", scope)
                 return None
-            if found is None:
+            if not found or found[0].event_id != since:
                 return None
-            for event in found:
+            if not any(_matches_any(accepted, t.segments) for t in found[0].topics):
+                return None
+            for event in found[1:]:
                 merged.setdefault(event.event_id, event)
         return sorted(merged.values(), key=lambda e: e.published_at)
