@@ -131,3 +131,11 @@ def test_principal_mapping_accepts_voipbin_mask_and_epoch():
     assert principal.expires_at == datetime.fromtimestamp(1_900_000_000, UTC)
     with pytest.raises(PrincipalError, match=r"^x\.permissions: .*negative"):
         principal_from_mapping({**ADMIN, "permissions": -1}, where="x")
+
+
+@pytest.mark.parametrize("value", ["9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+23:59"])
+def test_an_expiry_outside_the_years_1_to_9999_in_utc_names_the_field(value):
+    from wsgate_plugins._principal import parse_expiry
+
+    with pytest.raises(PrincipalError, match="expires_at.*not a representable time"):
+        parse_expiry(value, where="tokens['x']")
