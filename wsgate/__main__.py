@@ -91,8 +91,11 @@ def _serve_workers(config: Config, workers: int) -> int:
     P+i-1. SIGTERM or SIGINT to the parent drains every worker; a worker that
     dies later is restarted. Returns the exit status.
 
-    The parent holds the node lock of ``<node_id>`` (see
-    :mod:`wsgate.audit.nodelock`) and each worker its own node's: a second
+    Before binding with SO_REUSEPORT the parent binds the port once without it
+    (a probe): a port any process listens on already, another ``serve
+    --workers`` included, is refused (exit 1, naming the port, nothing written)
+    rather than shared. The parent also holds the node lock of ``<node_id>``
+    (see :mod:`wsgate.audit.nodelock`) and each worker its own node's: a second
     ``serve`` of this config exits 1 before it forks.
     """
     import dataclasses
@@ -121,6 +124,19 @@ def _serve_workers(config: Config, workers: int) -> int:
         print(f"wsgate: {config.source}: {exc}", file=sys.stderr)
         return 2
     host = config.server.host
+    # SO_REUSEPORT lets any process of this user bind a port that reuse-port
+    # sockets listen on, and the kernel then gives it part of the connections:
+    # an independent `serve --workers` (another config, so another node id and
+    # node lock) would join this port, or this one join its. A probe turns that
+    # away before anything is taken or written: the port bound once WITHOUT
+    # SO_REUSEPORT fails (EADDRINUSE) whatever socket listens there.
+    if config.server.port:
+        try:
+            for probe in listen(host, config.server.port):
+                probe.close()
+        except ListenError as exc:
+            print(f"wsgate: {exc}", file=sys.stderr)
+            return 1
     try:
         first = listen(host, config.server.port, reuse_port=True)
     except ListenError as exc:
@@ -129,8 +145,9 @@ def _serve_workers(config: Config, workers: int) -> int:
     port = first[0].getsockname()[1]
     base = node_id_for(dataclasses.replace(
         config, server=dataclasses.replace(config.server, port=port)))
-    # SO_REUSEPORT lets a second `serve --workers` with this config bind the
-    # port too: the lock on the base node id (no worker's) turns it away. The
+    # The probe above refuses a second `serve --workers` of this config too; the
+    # lock on the base node id (no worker's) is the second line, for one that
+    # started in the same instant (both probes passed before either bound). The
     # workers inherit it; each also takes its own node's lock.
     try:
         lock = nodelock.acquire(config.audit.url, base, f"pid {parent} on "
