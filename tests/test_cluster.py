@@ -580,3 +580,40 @@ async def test_a_second_serve_workers_of_another_config_on_a_served_port_exits_1
             None, lambda: process.wait(timeout=20)) == 0, log.read_text()
     finally:
         stop_workers(process)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_serve_workers_probes_and_binds_under_the_port_startup_lock(
+        redis_url, tmp_path) -> None:
+    """Two servers starting in the same instant must not both pass their probes
+    before either binds: a server waits for the port's startup lock, and probes
+    only once the one holding it is done (here: has bound the port)."""
+    import fcntl
+    import socket
+
+    from wsgate.__main__ import port_startup_lock_path
+
+    sock, port = tornado.testing.bind_unused_port()
+    sock.close()
+    config = write_config(tmp_path, port, redis_url)
+    fd = os.open(port_startup_lock_path("127.0.0.1", port), os.O_RDONLY | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # "another server is starting on this port"
+    log = tmp_path / "serve.log"
+    process = start_workers(config, log)
+    holder = None
+    try:
+        await asyncio.sleep(2.0)  # long enough to have bound, had it not waited
+        assert process.poll() is None, log.read_text()
+        holder = socket.create_server(("127.0.0.1", port))  # the other one binds first
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        code = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: process.wait(timeout=30))
+        assert code == 1, log.read_text()
+        assert f"wsgate: cannot listen on 127.0.0.1:{port}: Address already in use" \
+            in log.read_text()
+        assert not list(tmp_path.glob("audit*"))
+    finally:
+        os.close(fd)
+        if holder is not None:
+            holder.close()
+        stop_workers(process)
