@@ -34,7 +34,7 @@ def wsgate_config(port: int, workdir: Path, node_id: str, *, audit_url: str | No
                   broker_url: str = "memory://", record_events: bool = False,
                   max_subscriptions: int = 1000) -> str:
     """The TOML a benchmarked wsgate serves: one static token, every topic allowed,
-    pings and rate limits out of the way, SQLite audit in workdir unless given,
+    pings, rate and connection limits out of the way, SQLite audit in workdir unless given,
     checkpoints signed as a deployment signs them (a key made in workdir).
 
     ``WSGATE_BENCH_AUDIT`` (environment), if set, is added to the [audit] table
@@ -66,6 +66,10 @@ max_subscriptions = {max_subscriptions}
 max_messages_per_second = 0.0
 refresh_interval = 0.0
 idle_connection_timeout = 600.0
+# Thousands of connections from 127.0.0.1, all one principal: off (the defaults
+# are 100 per principal, 1000 per address).
+max_connections_per_principal = 0
+max_connections_per_ip = 0
 
 [auth]
 plugin = "static"

@@ -440,7 +440,8 @@ async def test_a_second_serve_workers_of_the_same_config_exits_1_and_writes_noth
         assert (await client.recv())["type"] == "connected"
         assert (await client.subscribe(C))["topics"] == [C]
         before = audit_rows(backend.url)
-        # SO_REUSEPORT would let it bind the port too: the node lock turns it away.
+        # SO_REUSEPORT would let it bind the port too: the probe (a bind without
+        # SO_REUSEPORT) turns it away before it takes or writes anything.
         second = subprocess.Popen(
             [sys.executable, "-m", "wsgate", "serve", "--config", str(config), "--workers", "2"],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -453,9 +454,9 @@ async def test_a_second_serve_workers_of_the_same_config_exits_1_and_writes_noth
                 os.killpg(second.pid, signal.SIGKILL)
                 second.communicate()
         assert second.returncode == 1, stderr
-        assert stderr.startswith(f"wsgate: node id 'wk' is already served by another "
-                                 f"process (port {port}): "), stderr
-        assert "--workers 2" in stderr  # the holder said who it is
+        assert stderr == (f"wsgate: cannot listen on 127.0.0.1:{port}: Address already in "
+                          "use (another process listens there: is this config served "
+                          "already?)\n"), stderr
         assert audit_rows(backend.url) == before
         assert not list(tmp_path.glob("audit.journal*"))
         assert (await client.subscribe(f"{C}:after"))["topics"] == [f"{C}:after"]
@@ -473,3 +474,96 @@ async def test_a_second_serve_workers_of_the_same_config_exits_1_and_writes_noth
     verify = subprocess.run([sys.executable, "-m", "wsgate", "audit", "verify", "--config",
                              str(config)], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_a_second_serve_workers_of_another_config_on_a_served_port_exits_1(
+        redis_url, tmp_path) -> None:
+    """SO_REUSEPORT would let an independent instance (another config, so another
+    node id and another node lock) join the port and take part of its traffic:
+    it is refused at start, naming the port, and writes nothing."""
+    sock, port = tornado.testing.bind_unused_port()
+    sock.close()
+    config = write_config(tmp_path, port, redis_url)
+    log = tmp_path / "serve.log"
+    process = start_workers(config, log)
+    other = tmp_path / "other"
+    other.mkdir()
+    other_config = other / "wsgate.toml"
+    other_config.write_text(
+        config.read_text().replace('node_id = "wk"', 'node_id = "intruder"')
+        .replace(f"{tmp_path}/audit", f"{other}/audit")
+        .replace(f'keys = ["{INGEST_KEY}"]', 'keys = ["only-the-intruder-key"]'))
+    try:
+        await wait_for(lambda: log.read_text().count("wsgate serving on") == 2
+                       or process.poll() is not None, timeout=30, interval=0.1)
+        assert process.poll() is None, log.read_text()
+        second = subprocess.Popen(
+            [sys.executable, "-m", "wsgate", "serve", "--config", str(other_config),
+             "--workers", "2"],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True)
+        try:
+            _, stderr = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: second.communicate(timeout=30))
+        except subprocess.TimeoutExpired:
+            stderr = "(still running after 30 s: it joined the port)"
+        finally:
+            if second.poll() is None:  # its workers too: they are its process group
+                os.killpg(second.pid, signal.SIGKILL)
+                second.communicate()
+        assert second.returncode == 1, stderr
+        assert stderr.startswith(f"wsgate: cannot listen on 127.0.0.1:{port}: "), stderr
+        assert "Address already in use" in stderr, stderr
+        assert not list(other.glob("audit*")), list(other.iterdir())  # wrote nothing
+        # Every POST is answered by the first instance: the intruder's key never works.
+        http = tornado.httpclient.AsyncHTTPClient()
+        for _ in range(20):
+            response = await http.fetch(
+                f"http://127.0.0.1:{port}/v1.0/events", method="POST",
+                body=json.dumps(event()), raise_error=False,
+                headers={"Authorization": "Bearer only-the-intruder-key",
+                         "Content-Type": "application/json"})
+            assert response.code == 401, response.body
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.get_running_loop().run_in_executor(
+            None, lambda: process.wait(timeout=20)) == 0, log.read_text()
+    finally:
+        stop_workers(process)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_serve_workers_probes_and_binds_under_the_port_startup_lock(
+        redis_url, tmp_path) -> None:
+    """Two servers starting in the same instant must not both pass their probes
+    before either binds: a server waits for the port's startup lock, and probes
+    only once the one holding it is done (here: has bound the port)."""
+    import fcntl
+    import socket
+
+    from wsgate.__main__ import port_startup_lock_path
+
+    sock, port = tornado.testing.bind_unused_port()
+    sock.close()
+    config = write_config(tmp_path, port, redis_url)
+    fd = os.open(port_startup_lock_path("127.0.0.1", port), os.O_RDONLY | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # "another server is starting on this port"
+    log = tmp_path / "serve.log"
+    process = start_workers(config, log)
+    holder = None
+    try:
+        await asyncio.sleep(2.0)  # long enough to have bound, had it not waited
+        assert process.poll() is None, log.read_text()
+        holder = socket.create_server(("127.0.0.1", port))  # the other one binds first
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        code = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: process.wait(timeout=30))
+        assert code == 1, log.read_text()
+        assert f"wsgate: cannot listen on 127.0.0.1:{port}: Address already in use" \
+            in log.read_text()
+        assert not list(tmp_path.glob("audit*"))
+    finally:
+        os.close(fd)
+        if holder is not None:
+            holder.close()
+        stop_workers(process)

@@ -32,6 +32,7 @@ from tests.conftest import (
     wait_for,
 )
 from tests.fakes import SCRIPTED_AUTH, FakeTransport, ScriptedAuthenticator
+from wsgate import errors
 from wsgate.app import build_gateway
 from wsgate.gateway import MinuteCount
 from wsgate.plugins import Principal
@@ -475,6 +476,37 @@ async def test_connections_per_principal_and_per_address_get_429_json(make_serve
     await wait_for(lambda: len(server.gateway.connections) == 2)
     await server.connect("admin-token")
     assert db_rows(server.config.audit.url) == []
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_the_default_config_limits_connections_per_principal_with_429(make_server):
+    """No limit set: one token may not hold more than 100 connections (it held
+    1,500, at ~0.8 MiB each with 1,000 subscriptions, when the default was 0)."""
+    server = await make_server()
+    limit = server.config.server.max_connections_per_principal
+    assert limit == 100
+    clients = [await server.connect("admin-token") for _ in range(limit)]
+    status, body = await server.refused("admin-token")
+    assert status == 429 and body["error"]["code"] == "too_many_connections"
+    assert "at most 100 connections per principal" in body["error"]["message"]
+    await server.connect("agent-token")  # another principal is still let in
+    clients[0].close()
+    await wait_for(lambda: len(server.gateway.connections) == limit)
+    await server.connect("admin-token")
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_the_default_config_limits_connections_per_address(make_node):
+    """No limit per address set: the 1,001st connection from one address is
+    refused (too_many_connections: 429 before the upgrade), another address is not."""
+    node = await make_node(server={"max_connections_per_principal": 0})
+    limit = node.gateway.config.server.max_connections_per_ip
+    assert limit == 1000
+    for _ in range(limit):
+        await node.connect("admin-token", remote_addr="203.0.113.7")
+    with pytest.raises(errors.TooManyConnections, match="at most 1000 connections per address"):
+        await node.connect("admin-token", remote_addr="203.0.113.7")
+    await node.connect("admin-token", remote_addr="203.0.113.8")
 
 
 @pytest.mark.gen_test(timeout=30)

@@ -269,3 +269,32 @@ async def test_readyz_recovers_without_a_new_write(tmp_path):
     finally:
         lock.close()
         await server.stop()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_peer_close_codes_make_a_bounded_label_set(make_server):
+    """A client picks its close code: 200 connections closing with 200 distinct
+    codes (RFC 6455 forbids some, 3000-4999 are anyone's) leave a few series in
+    wsgate_disconnects_total, not 200. A code not valid on the wire is answered
+    and counted as 1002; valid private codes share one label."""
+    server = await make_server(metrics=METRICS)
+    invalid = [0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535]
+    private = list(range(3000, 3190))
+    answers = {}
+    for code in invalid + private:
+        client = await server.connect("admin-token")
+        client.ws.close(code)
+        answers[code] = await client.closed()
+    await wait_for(lambda: not server.gateway.connections)
+    assert {answers[code] for code in invalid} == {1002}
+    assert all(answers[code] == code for code in private)
+    client = await server.connect("admin-token")
+    client.ws.close(4003)  # a client may send the server's own codes: a label of their own
+    assert await client.closed() == 4003
+    await wait_for(lambda: not server.gateway.connections)
+
+    code, text = await get(server.base + "/metrics", {"Authorization": f"Bearer {METRICS_KEY}"})
+    assert code == 200
+    series = {dict(labels)["code"]: v for (name, labels), v in parse(text).items()
+              if name == "wsgate_disconnects_total"}
+    assert series == {"1002": len(invalid), "3000-4999": len(private), "4003": 1}, series

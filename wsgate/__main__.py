@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -91,8 +92,11 @@ def _serve_workers(config: Config, workers: int) -> int:
     P+i-1. SIGTERM or SIGINT to the parent drains every worker; a worker that
     dies later is restarted. Returns the exit status.
 
-    The parent holds the node lock of ``<node_id>`` (see
-    :mod:`wsgate.audit.nodelock`) and each worker its own node's: a second
+    Before binding with SO_REUSEPORT the parent binds the port once without it
+    (a probe): a port any process listens on already, another ``serve
+    --workers`` included, is refused (exit 1, naming the port, nothing written)
+    rather than shared. The parent also holds the node lock of ``<node_id>``
+    (see :mod:`wsgate.audit.nodelock`) and each worker its own node's: a second
     ``serve`` of this config exits 1 before it forks.
     """
     import dataclasses
@@ -121,17 +125,36 @@ def _serve_workers(config: Config, workers: int) -> int:
         print(f"wsgate: {config.source}: {exc}", file=sys.stderr)
         return 2
     host = config.server.host
-    try:
-        first = listen(host, config.server.port, reuse_port=True)
-    except ListenError as exc:
-        print(f"wsgate: {exc}", file=sys.stderr)
-        return 1
+    # SO_REUSEPORT lets any process of this user bind a port that reuse-port
+    # sockets listen on, and the kernel then gives it part of the connections:
+    # an independent `serve --workers` (another config, so another node id and
+    # node lock) would join this port, or this one join its. A probe turns that
+    # away before anything is taken or written: the port bound once WITHOUT
+    # SO_REUSEPORT fails (EADDRINUSE) whatever socket listens there.
+    # Two servers starting in the same instant could both pass their probes
+    # before either binds: the probe and the bind are made under a short lock
+    # on the port (see _port_startup_lock), so the second probes after the
+    # first has bound.
+    with _port_startup_lock(host, config.server.port):
+        if config.server.port:
+            try:
+                for probe in listen(host, config.server.port):
+                    probe.close()
+            except ListenError as exc:
+                print(f"wsgate: {exc}", file=sys.stderr)
+                return 1
+        try:
+            first = listen(host, config.server.port, reuse_port=True)
+        except ListenError as exc:
+            print(f"wsgate: {exc}", file=sys.stderr)
+            return 1
     port = first[0].getsockname()[1]
     base = node_id_for(dataclasses.replace(
         config, server=dataclasses.replace(config.server, port=port)))
-    # SO_REUSEPORT lets a second `serve --workers` with this config bind the
-    # port too: the lock on the base node id (no worker's) turns it away. The
-    # workers inherit it; each also takes its own node's lock.
+    # The probe above refuses a second `serve --workers` of this config too; the
+    # lock on the base node id (no worker's) is the second line, for one whose
+    # startup lock was elsewhere (another TMPDIR). The workers inherit it; each
+    # also takes its own node's lock.
     try:
         lock = nodelock.acquire(config.audit.url, base, f"pid {parent} on "
                                 f"{socket.gethostname()}, port {port}, --workers {workers}")
@@ -208,6 +231,59 @@ def _serve_workers(config: Config, workers: int) -> int:
             spawn(i, tornado.netutil.bind_sockets(port, host, reuse_port=True))
     lock.release()
     return status
+
+
+#: How long ``serve --workers`` waits for another server starting on the same
+#: port to have bound it (see :func:`_port_startup_lock`).
+PORT_STARTUP_WAIT = 10.0
+
+
+def port_startup_lock_path(host: str | None, port: int) -> str:
+    """The file ``serve --workers`` locks while it probes and binds ``host:port``."""
+    import tempfile
+    from urllib.parse import quote
+
+    return os.path.join(tempfile.gettempdir(),
+                        f"wsgate-port-{quote(host or '*', safe='')}-{port}.lock")
+
+
+@contextlib.contextmanager
+def _port_startup_lock(host: str | None, port: int) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on :func:`port_startup_lock_path` while the
+    port is probed and bound (port 0: nothing to lock), waiting up to
+    PORT_STARTUP_WAIT for a server that holds it. Best effort: a file that
+    cannot be opened or locked in time is logged and the start goes on (the
+    probe still refuses a port already bound). Nothing is written in the file.
+    """
+    import fcntl
+    import time
+
+    if not port:
+        yield
+        return
+    path = port_startup_lock_path(host, port)
+    log = logging.getLogger("wsgate")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        log.warning("cannot open the port's startup lock %s: %s", path, exc.strerror or exc)
+        yield
+        return
+    try:
+        deadline = time.monotonic() + PORT_STARTUP_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    log.warning("the port's startup lock %s is still held after %.0f s: "
+                                "going on", path, PORT_STARTUP_WAIT)
+                    break
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # drops the lock
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -67,8 +67,10 @@ class ServerConfig:
     #: Client messages per second (averaged over 10 s) before a 1008 close; 0 = unlimited.
     max_messages_per_second: float = 100.0
     #: Open connections per principal subject and per remote address; 0 = unlimited.
-    max_connections_per_principal: int = 0
-    max_connections_per_ip: int = 0
+    #: Each can cost ~1 MiB (max_output_buffer, subscriptions): docs/security.md
+    #: ("Sizing the connection limits") says how to size them.
+    max_connections_per_principal: int = 100
+    max_connections_per_ip: int = 1000
     #: Seconds an HTTP connection may stay idle, and may take to send its body.
     idle_connection_timeout: float = 60.0
     body_timeout: float = 30.0

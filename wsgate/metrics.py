@@ -27,6 +27,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
+from wsgate import errors
+
 if TYPE_CHECKING:
     from wsgate.audit.witness import WitnessPublisher
     from wsgate.events import Event
@@ -37,6 +39,26 @@ log = logging.getLogger("wsgate.metrics")
 #: Latency buckets in seconds: sub-millisecond local work up to multi-second stalls.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                    1.0, 2.5, 5.0, 10.0)
+
+#: Close codes counted under a label of their own: those a peer may send on
+#: the wire below 3000 (RFC 6455 section 7.4.1, and 1012-1014 from IANA's
+#: registry), 1006 (no close frame), and the server's own private codes.
+_CLOSE_LABELS = frozenset((1000, 1001, 1002, 1003, 1006, 1007, 1008, 1009, 1010, 1011, 1012,
+                           1013, 1014, errors.CLOSE_EXPIRED, errors.CLOSE_REVOKED,
+                           errors.CLOSE_SLOW_CONSUMER))
+#: The one label of every other private code (3000-4999: any application's).
+PRIVATE_CLOSE_LABEL = "3000-4999"
+
+
+def close_label(code: int) -> str:
+    """The ``code`` label of ``wsgate_disconnects`` for a close code: a bounded
+    set, whatever a peer sends (the WebSocket layer already records a code not
+    valid on the wire as the 1002 it answered; "other" is only a safety net)."""
+    if code in _CLOSE_LABELS:
+        return str(code)
+    if 3000 <= code <= 4999:
+        return PRIVATE_CLOSE_LABEL
+    return "other"
 
 
 class GatewayMetrics:
@@ -56,7 +78,8 @@ class GatewayMetrics:
             ["code"], registry=r)
         self.disconnects = Counter(
             "wsgate_disconnects", "Closed WebSocket connections, by close code "
-            "(1006: the peer went away without a close code).", ["code"], registry=r)
+            "(1006: the peer went away without a close code; 3000-4999: a client's "
+            "private code other than 4001, 4003, 4008).", ["code"], registry=r)
         self.audit_write_seconds = Histogram(
             "wsgate_audit_write_seconds", "Time a subscribe waited for its audit rows "
             "to be committed (or refused).", buckets=LATENCY_BUCKETS, registry=r)
@@ -91,7 +114,7 @@ class GatewayMetrics:
 
     def closed(self, code: int) -> None:
         """Count one closed connection under its close code."""
-        self.disconnects.labels(str(code)).inc()
+        self.disconnects.labels(close_label(code)).inc()
 
     def audit_waited(self, seconds: float) -> None:
         """Observe how long one subscribe waited for its audit rows."""

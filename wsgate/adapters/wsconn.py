@@ -247,7 +247,11 @@ class WebSocketConnection(asyncio.Protocol):
             transport.close()
         self.state = _CLOSED
         if self.conn is not None:
-            self.gateway.disconnected(self.conn, close.code)
+            # Recorded as the code the server answered: the peer's own when valid
+            # on the wire, else 1002 (or 1007 for a reason that is not UTF-8), so
+            # the peer cannot invent close codes for the log and the metrics.
+            self.gateway.disconnected(
+                self.conn, close.code if close.reply == close.code else close.reply)
 
     def _fail(self, code: int, reason: str) -> None:
         """A protocol error by the peer: close with code, through the gateway, and
