@@ -297,10 +297,12 @@ def _report(result: store.VerifyResult) -> int:
                f"{result.checkpoints_checked} checkpoints on {len(result.nodes)} node(s); "
                f"{sigs}{witnesses}")
     for t in result.unsealed:
-        noun = "rows" if t.chain == "rows" else "events"
-        print(f"WARNING: node {t.node_id}: {t.rows} {noun} after seq {t.after_seq} are not "
-              f"signed by a checkpoint yet ({t.first_at or '?'} to {t.last_at or '?'}); "
-              "a witness cannot vouch for them")
+        one = t.rows == 1
+        noun = ("row" if t.chain == "rows" else "event") + ("" if one else "s")
+        print(f"WARNING: node {t.node_id}: {t.rows} {noun} after seq {t.after_seq} "
+              f"{'is' if one else 'are'} not signed by a checkpoint yet "
+              f"({t.first_at or '?'} to {t.last_at or '?'}); a witness cannot vouch for "
+              f"{'it' if one else 'them'}")
     first = result.first
     if first is None:
         print(f"OK: the audit log is whole ({summary})")
