@@ -7,10 +7,23 @@ Options (``[auth.options]``), all checked at start-up:
     list from HS256 HS384 HS512 RS256 ES256 EdDSA; default ``["HS256"]``.
     HMAC and public-key algorithms cannot be mixed: a public key that can be
     read by anyone must never be accepted as an HMAC secret.
-``key`` | ``key_file`` | ``jwks_file``
+``key`` | ``key_file`` | ``jwks_file`` | ``jwks_url`` | ``oidc_issuer``
     exactly one: the HMAC secret or a PEM public key inline (``{env = ...}``
-    works), a file holding it, or a JWKS file whose keys are chosen by the
-    token's ``kid`` header (several keys, for rotation).
+    works), a file holding it, a JWKS file whose keys are chosen by the
+    token's ``kid`` header (several keys, for rotation), a JWKS served over
+    http(s), or an OpenID Connect issuer whose discovery document names the
+    JWKS (``<issuer>/.well-known/openid-configuration``; ``iss`` must then
+    equal the issuer). ``key_file`` and ``jwks_file`` are re-read when they
+    change on disk (checked at most every ``file_check`` seconds, and at once
+    for an unknown ``kid``).
+``jwks_refresh``
+    seconds between fetches of a ``jwks_url``/``oidc_issuer`` key set;
+    default 300. A token naming an unknown ``kid`` also triggers a fetch, at
+    most every 30 s. A failed fetch keeps the last good set (logged once per
+    outage); until a first set is fetched tokens get 503 (Unavailable).
+``file_check``
+    seconds between checks of ``key_file``/``jwks_file`` for a change;
+    default 5.
 ``issuer``, ``audience``
     when set, tokens must carry a matching ``iss`` / ``aud``.
 ``leeway``
@@ -29,19 +42,24 @@ Options (``[auth.options]``), all checked at start-up:
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
-from wsgate.plugins import Authenticator, OptionError, Principal, Refused
+from wsgate.plugins import Authenticator, OptionError, Principal, Refused, Unavailable
 
 from ._principal import (
     PrincipalError,
@@ -59,8 +77,18 @@ PUBLIC_KEY_ALGORITHMS = ("RS256", "ES256", "EdDSA")
 ALGORITHMS = (*HMAC_ALGORITHMS, *PUBLIC_KEY_ALGORITHMS)
 MIN_RSA_BITS = 2048
 
-OPTIONS = ("algorithms", "key", "key_file", "jwks_file", "issuer", "audience", "leeway",
-           "require_exp", "claims", "private_key_file", "default_ttl")
+OPTIONS = ("algorithms", "key", "key_file", "jwks_file", "jwks_url", "oidc_issuer",
+           "jwks_refresh", "file_check", "issuer", "audience", "leeway", "require_exp",
+           "claims", "private_key_file", "default_ttl")
+KEY_SOURCES = ("key", "key_file", "jwks_file", "jwks_url", "oidc_issuer")
+#: An unknown ``kid`` triggers a fetch of a remote key set at most this often (seconds).
+UNKNOWN_KID_REFETCH = 30.0
+#: A remote key set (or discovery document) fetch gives up after this many seconds...
+FETCH_TIMEOUT = 10.0
+#: ... and refuses an answer larger than this many bytes.
+MAX_JWKS_BYTES = 1024 * 1024
+
+log = logging.getLogger(__name__)
 #: Principal-side names of the claims and the claim each is read from by default.
 DEFAULT_CLAIMS: Mapping[str, str] = {
     "customer_id": "customer_id",
@@ -107,25 +135,84 @@ class JWTAuthenticator(Authenticator):
         self._required = ["exp"] if bool_option(options, "require_exp", True) else []
         self.claims = _claim_names(options.get("claims", {}))
 
-        sources = [k for k in ("key", "key_file", "jwks_file") if k in options]
+        sources = [k for k in KEY_SOURCES if k in options]
         if len(sources) != 1:
-            raise OptionError("key", "give exactly one of key, key_file and jwks_file"
+            raise OptionError("key",
+                              "give exactly one of " + ", ".join(KEY_SOURCES[:-1])
+                              + f" and {KEY_SOURCES[-1]}"
                               + (f" (got {', '.join(sources)})" if sources else ""))
+        self._source = sources[0]
+        self._clock = time.monotonic  # a seam for tests
         self._key: bytes | _PublicKey | None = None
         self._jwks: dict[str | None, jwt.PyJWK] = {}
-        if "jwks_file" in options:
+        # key_file / jwks_file: the file and what it looked like when last read.
+        self._file: str | None = None
+        self._file_stamp: tuple[int, int, int] | None = None
+        self._file_checked = 0.0
+        self._file_broken = False
+        self.file_check = seconds_option(options, "file_check", 5.0)
+        # jwks_url / oidc_issuer: the remote key set.
+        self.jwks_url: str | None = None
+        self.oidc_issuer: str | None = None
+        self.jwks_refresh = seconds_option(options, "jwks_refresh", 300.0, above=True)
+        self._refetch_interval = UNKNOWN_KID_REFETCH
+        self._fetched = False  # a good set was fetched at least once
+        self._last_unknown_fetch: float | None = None
+        self._outage = False
+        self._fetching: asyncio.Task[None] | None = None
+        self._refresher: asyncio.Task[None] | None = None
+        self._client: AsyncHTTPClient | None = None
+        if self._source not in ("jwks_url", "oidc_issuer"):
+            for key in ("jwks_refresh",):
+                if key in options:
+                    raise OptionError(key, "only applies with jwks_url or oidc_issuer")
+        if self._source not in ("key_file", "jwks_file") and "file_check" in options:
+            raise OptionError("file_check", "only applies with key_file or jwks_file")
+        if self._source == "jwks_file":
+            self._file = _file_option(options["jwks_file"], "jwks_file")
             self._jwks = self._load_jwks(options["jwks_file"])
+            self._file_stamp = _stamp(self._file)
+        elif self._source == "jwks_url":
+            self.jwks_url = _url(options["jwks_url"], "jwks_url")
+        elif self._source == "oidc_issuer":
+            self.oidc_issuer = _url(options["oidc_issuer"], "oidc_issuer").rstrip("/")
+            if self.issuer is not None and self.issuer != self.oidc_issuer:
+                raise OptionError("issuer", f"must equal oidc_issuer ({self.oidc_issuer}) "
+                                  "or be left out")
+            self.issuer = self.oidc_issuer
         else:
-            source = sources[0]
+            source = self._source
             raw = _read_file(options[source], source) if source == "key_file" else options["key"]
             if not isinstance(raw, (str, bytes)) or not raw:
                 raise OptionError(source, "must be a non-empty string")
             self._key = self._verification_key(raw, source)
+            if source == "key_file":
+                self._file = options["key_file"]
+                self._file_stamp = _stamp(options["key_file"])
+        self._file_checked = self._clock()
+        if self.remote and self.hmac:
+            raise OptionError(self._source, "a key set fetched over the network holds public "
+                              "keys: list RS256, ES256 or EdDSA in algorithms, not HMAC")
+        if self.remote and "private_key_file" in options:
+            raise OptionError("private_key_file", f"cannot be checked against a key set from "
+                              f"{self._source}; mint with a key_file or jwks_file config")
 
         self._signing_key: bytes | PrivateKeyTypes | None = None
         self._signing_alg = ""
         self._signing_kid: str | None = None
         self._load_signing_key(options.get("private_key_file"))
+        if self.remote:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                pass  # built outside the server (check-config, wsgate token): fetch when asked
+            else:
+                self._start_refresher()
+
+    @property
+    def remote(self) -> bool:
+        """The keys come from jwks_url or oidc_issuer."""
+        return self._source in ("jwks_url", "oidc_issuer")
 
     # --- start-up -----------------------------------------------------------
 
@@ -156,45 +243,73 @@ class JWTAuthenticator(Authenticator):
             doc = json.loads(_read_file(path, "jwks_file"))
         except json.JSONDecodeError as exc:
             raise OptionError("jwks_file", f"{path}: not valid JSON: {exc}") from None
+        return self._parse_jwks(doc, "jwks_file", str(path))
+
+    def _parse_jwks(self, doc: object, source: str, name: str, *,
+                    lenient: bool = False) -> dict[str | None, jwt.PyJWK]:
+        """The keys of a JWKS document.
+
+        A remote set (``lenient``) skips the keys wsgate cannot use (another
+        algorithm, encryption keys, private parts) instead of refusing the
+        whole set: identity providers publish more than signing keys.
+        """
         raw_keys = doc.get("keys") if isinstance(doc, dict) else None
         if not isinstance(raw_keys, list) or not raw_keys:
-            raise OptionError("jwks_file", f"{path}: must be a JWKS: {{\"keys\": [...]}} "
+            raise OptionError(source, f"{name}: must be a JWKS: {{\"keys\": [...]}} "
                               "with at least one key")
         keys: dict[str | None, jwt.PyJWK] = {}
         for number, raw in enumerate(raw_keys, start=1):
-            where = f"jwks_file key #{number}"
-            if not isinstance(raw, dict):
-                raise OptionError(where, "must be a JSON object (a JWK)")
-            kid = raw.get("kid")
-            if kid is None and len(raw_keys) > 1:
-                raise OptionError(where, "has no kid: with several keys each needs one")
-            if kid is not None and not isinstance(kid, str):
-                raise OptionError(where, "kid must be a string")
-            if kid in keys:
-                raise OptionError(where, f"kid {kid!r} is used twice")
-            if "d" in raw:
-                raise OptionError(where, "holds a private key; a JWKS for verification must "
-                                  "hold public keys only")
-            try:
-                jwk = jwt.PyJWK.from_dict(raw)
-            except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, KeyError, TypeError):
-                # PyJWT's own message may quote the JWK, secret parts included.
-                raise OptionError(where, f"not a usable JWK (kty {raw.get('kty')!r}, "
-                                  f"alg {raw.get('alg')!r})") from None
-            alg = jwk.algorithm_name
-            if alg not in self.algorithms:
-                raise OptionError(where, f"is for {alg}, which is not in algorithms "
-                                  f"({', '.join(self.algorithms)})")
-            if alg in HMAC_ALGORITHMS:
-                if len(jwk.key) < HMAC_ALGORITHMS[alg]:
-                    raise OptionError(where, f"an {alg} secret needs at least "
-                                      f"{HMAC_ALGORITHMS[alg]} bytes")
+            where = f"{source} key #{number}"
+            if lenient:
+                try:
+                    jwk = self._parse_jwk(raw, where, len(raw_keys), keys)
+                except OptionError as exc:
+                    log.debug("%s: skipped: %s", name, exc.message)
+                    continue
             else:
-                problem = _key_problem(alg, jwk.key)
-                if problem:
-                    raise OptionError(where, problem)
-            keys[kid] = jwk
+                jwk = self._parse_jwk(raw, where, len(raw_keys), keys)
+            assert isinstance(raw, dict)
+            keys[raw.get("kid")] = jwk
+        if not keys:
+            raise OptionError(source, f"{name}: holds no key usable with "
+                              f"{', '.join(self.algorithms)}")
         return keys
+
+    def _parse_jwk(self, raw: object, where: str, count: int,
+                   keys: Mapping[str | None, jwt.PyJWK]) -> jwt.PyJWK:
+        if not isinstance(raw, dict):
+            raise OptionError(where, "must be a JSON object (a JWK)")
+        if raw.get("use") not in (None, "sig"):
+            raise OptionError(where, f"is for use {raw.get('use')!r}, not signatures")
+        kid = raw.get("kid")
+        if kid is None and count > 1:
+            raise OptionError(where, "has no kid: with several keys each needs one")
+        if kid is not None and not isinstance(kid, str):
+            raise OptionError(where, "kid must be a string")
+        if kid in keys:
+            raise OptionError(where, f"kid {kid!r} is used twice")
+        if "d" in raw:
+            raise OptionError(where, "holds a private key; a JWKS for verification must "
+                              "hold public keys only")
+        try:
+            jwk = jwt.PyJWK.from_dict(raw)
+        except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, KeyError, TypeError):
+            # PyJWT's own message may quote the JWK, secret parts included.
+            raise OptionError(where, f"not a usable JWK (kty {raw.get('kty')!r}, "
+                              f"alg {raw.get('alg')!r})") from None
+        alg = jwk.algorithm_name
+        if alg not in self.algorithms:
+            raise OptionError(where, f"is for {alg}, which is not in algorithms "
+                              f"({', '.join(self.algorithms)})")
+        if alg in HMAC_ALGORITHMS:
+            if len(jwk.key) < HMAC_ALGORITHMS[alg]:
+                raise OptionError(where, f"an {alg} secret needs at least "
+                                  f"{HMAC_ALGORITHMS[alg]} bytes")
+        else:
+            problem = _key_problem(alg, jwk.key)
+            if problem:
+                raise OptionError(where, problem)
+        return jwk
 
     def _load_signing_key(self, path: object) -> None:
         if path is None:
@@ -247,8 +362,179 @@ class JWTAuthenticator(Authenticator):
                 or ``claim '...': ...`` for a claim of the wrong form. The
                 token itself is never in the message.
         """
+        if self.remote:
+            await self._remote_keys(credential)
+        elif self._file is not None:
+            self._check_file(credential)
         claims = self.decode(credential)
         return self.principal_from_claims(claims)
+
+    async def close(self) -> None:
+        """Stop refreshing the remote key set and close the HTTP client."""
+        for task in (self._refresher, self._fetching):
+            if task is not None and not task.done():
+                task.cancel()
+        self._refresher = self._fetching = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    # --- keys that change -----------------------------------------------------
+
+    def _unknown_kid(self, credential: str) -> bool:
+        """The token names a kid the current set does not hold (False when unsure)."""
+        if self._key is not None:
+            return False
+        try:
+            kid = jwt.get_unverified_header(credential).get("kid")
+        except jwt.InvalidTokenError:
+            return False
+        if kid is None:
+            return not self._jwks
+        return isinstance(kid, str) and kid not in self._jwks
+
+    def _check_file(self, credential: str) -> None:
+        """Re-read key_file/jwks_file if it changed (every file_check s, or for a new kid)."""
+        now = self._clock()
+        if now - self._file_checked < self.file_check and not self._unknown_kid(credential):
+            return
+        self._file_checked = now
+        assert self._file is not None
+        try:
+            stamp = _stamp(self._file)
+        except OSError as exc:
+            self._file_problem(f"cannot be read: {exc.strerror}")
+            return
+        if stamp == self._file_stamp:
+            return
+        try:
+            if self._source == "jwks_file":
+                self._jwks = self._load_jwks(self._file)
+            else:
+                self._key = self._verification_key(_read_file(self._file, "key_file"), "key_file")
+        except OptionError as exc:
+            # Half-written, or a bad key: keep the old one, and look again next time.
+            self._file_problem(exc.message)
+            return
+        self._file_stamp = stamp
+        self._file_broken = False
+        log.info("jwt: %s %s changed; its keys are now in use", self._source, self._file)
+
+    def _file_problem(self, why: str) -> None:
+        if not self._file_broken:
+            log.warning("jwt: %s %s: %s; the keys read before stay in use",
+                        self._source, self._file, why)
+        self._file_broken = True
+
+    async def _remote_keys(self, credential: str) -> None:
+        """Make sure a fetched set is there, and fetch again for an unknown kid (rate-limited)."""
+        if self._refresher is None or self._refresher.done():
+            self._start_refresher()
+        if not self._fetched:
+            await self._fetch_once()
+            if not self._fetched:
+                raise Unavailable(f"the signing keys from {self._where()} could not be "
+                                  "fetched yet")
+            return
+        if not self._unknown_kid(credential):
+            return
+        if self._fetching is not None and not self._fetching.done():
+            await asyncio.shield(self._fetching)  # a fetch under way may bring it
+            return
+        now = self._clock()
+        if (self._last_unknown_fetch is not None
+                and now - self._last_unknown_fetch < self._refetch_interval):
+            return  # decode refuses it: unknown key id
+        self._last_unknown_fetch = now
+        await self._fetch_once()
+
+    def _start_refresher(self) -> None:
+        self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await self._fetch_once()
+            await asyncio.sleep(self.jwks_refresh if self._fetched else
+                                min(self.jwks_refresh, 5.0))
+
+    async def _fetch_once(self) -> None:
+        """One fetch; tokens arriving meanwhile wait for the same one."""
+        if self._fetching is None or self._fetching.done():
+            self._fetching = asyncio.get_running_loop().create_task(self._fetch())
+        await asyncio.shield(self._fetching)
+
+    async def _fetch(self) -> None:
+        try:
+            url = self.jwks_url
+            if url is None:
+                url = await self._discover()
+            doc = await self._get_json(url)
+            keys = self._parse_jwks(doc, self._source, _host(url), lenient=True)
+        except _FetchError as exc:
+            if not self._outage:
+                kept = ("the keys fetched before stay in use" if self._fetched
+                        else "tokens get 503 until a key set is fetched")
+                log.warning("jwt: cannot fetch the signing keys: %s; %s", exc, kept)
+            self._outage = True
+            return
+        except OptionError as exc:
+            if not self._outage:
+                log.warning("jwt: the key set from %s is not usable: %s; %s", self._where(),
+                            exc.message, "the keys fetched before stay in use"
+                            if self._fetched else "tokens get 503 until a key set is fetched")
+            self._outage = True
+            return
+        if self._outage:
+            log.warning("jwt: the signing keys from %s can be fetched again", self._where())
+        self._outage = False
+        if set(keys) != set(self._jwks):
+            log.info("jwt: key set from %s: kids %s", self._where(),
+                     ", ".join(sorted(str(k) for k in keys)))
+        self._jwks = keys
+        self._fetched = True
+
+    async def _discover(self) -> str:
+        assert self.oidc_issuer is not None
+        doc = await self._get_json(f"{self.oidc_issuer}/.well-known/openid-configuration")
+        if not isinstance(doc, dict):
+            raise _FetchError(f"{_host(self.oidc_issuer)}: the discovery document is not a "
+                              "JSON object")
+        if doc.get("issuer") != self.oidc_issuer:
+            raise _FetchError(f"{_host(self.oidc_issuer)}: the discovery document names "
+                              f"issuer {str(doc.get('issuer'))[:100]!r}, not oidc_issuer")
+        uri = doc.get("jwks_uri")
+        try:
+            return _url(uri, "jwks_uri")
+        except OptionError:
+            raise _FetchError(f"{_host(self.oidc_issuer)}: the discovery document has no "
+                              "http(s) jwks_uri") from None
+
+    async def _get_json(self, url: str) -> object:
+        if self._client is None:
+            # force_instance: close() must not close a client others share.
+            self._client = AsyncHTTPClient(force_instance=True, max_body_size=MAX_JWKS_BYTES)
+        request = HTTPRequest(url, headers={"Accept": "application/json"},
+                              connect_timeout=FETCH_TIMEOUT, request_timeout=FETCH_TIMEOUT,
+                              follow_redirects=False)
+        where = _host(url)
+        try:
+            response = await self._client.fetch(request, raise_error=False)
+        except HTTPClientError as exc:
+            raise _FetchError(f"{where} did not answer ({exc.message})") from None
+        except OSError as exc:
+            raise _FetchError(f"{where} cannot be reached "
+                              f"({exc.strerror or type(exc).__name__})") from None
+        except Exception as exc:  # the client's other failures (body too large...)
+            raise _FetchError(f"{where} failed ({type(exc).__name__}: {exc})"[:300]) from None
+        if response.code != 200:
+            raise _FetchError(f"{where} answered {response.code}")
+        try:
+            return json.loads(response.body)
+        except (ValueError, UnicodeDecodeError):
+            raise _FetchError(f"{where} answered 200 with a body that is not JSON") from None
+
+    def _where(self) -> str:
+        return _host(self.jwks_url or self.oidc_issuer or "")
 
     def decode(self, token: str) -> dict[str, Any]:
         """The verified claims of a token (see authenticate for the refusals)."""
@@ -389,6 +675,39 @@ class JWTAuthenticator(Authenticator):
 
 
 # --- option helpers -------------------------------------------------------------
+
+
+class _FetchError(Exception):
+    """A remote key set (or discovery document) could not be fetched; says why, no secrets."""
+
+
+def _url(value: object, key: str) -> str:
+    if not isinstance(value, str):
+        raise OptionError(key, "must be an http:// or https:// URL")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise OptionError(key, f"must be an http:// or https:// URL with a host, not "
+                          f"{parts.scheme or 'no scheme'}://{parts.hostname or ''}")
+    return value
+
+
+def _host(url: str) -> str:
+    """scheme://host:port only: a URL may hold credentials or tokens in its query."""
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname}{port}"
+
+
+def _file_option(value: object, key: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise OptionError(key, "must be a file path")
+    return value
+
+
+def _stamp(path: str) -> tuple[int, int, int]:
+    """What says a file changed: its inode, size and modification time (ns)."""
+    st = os.stat(path)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _algorithms(value: object) -> list[str]:

@@ -262,7 +262,7 @@ def test_malformed_refused(token):
 
 @pytest.mark.parametrize("options,key,fragment", [
     ({"key": SECRET, "secret": "x"}, "secret", "unknown option"),
-    ({}, "key", "exactly one of key, key_file and jwks_file"),
+    ({}, "key", "exactly one of key, key_file, jwks_file, jwks_url and oidc_issuer"),
     ({"key": SECRET, "key_file": "k.pem"}, "key", "(got key, key_file)"),
     ({"key": SECRET, "algorithms": ["none"]}, "algorithms", "unsigned tokens are never"),
     ({"key": SECRET, "algorithms": ["HS256", "RS256"]}, "algorithms", "mixes HMAC"),
