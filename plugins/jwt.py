@@ -83,6 +83,8 @@ OPTIONS = ("algorithms", "key", "key_file", "jwks_file", "jwks_url", "oidc_issue
 KEY_SOURCES = ("key", "key_file", "jwks_file", "jwks_url", "oidc_issuer")
 #: An unknown ``kid`` triggers a fetch of a remote key set at most this often (seconds).
 UNKNOWN_KID_REFETCH = 30.0
+#: Until a first key set is fetched, a fetch is tried again at most this often (seconds).
+FIRST_FETCH_RETRY = 5.0
 #: A remote key set (or discovery document) fetch gives up after this many seconds...
 FETCH_TIMEOUT = 10.0
 #: ... and refuses an answer larger than this many bytes.
@@ -142,7 +144,8 @@ class JWTAuthenticator(Authenticator):
                               + f" and {KEY_SOURCES[-1]}"
                               + (f" (got {', '.join(sources)})" if sources else ""))
         self._source = sources[0]
-        self._clock = time.monotonic  # a seam for tests
+        self._clock = time.monotonic  # seams for tests
+        self._sleep = asyncio.sleep
         self._key: bytes | _PublicKey | None = None
         self._jwks: dict[str | None, jwt.PyJWK] = {}
         # key_file / jwks_file: the file and what it looked like when last read.
@@ -158,6 +161,8 @@ class JWTAuthenticator(Authenticator):
         self._refetch_interval = UNKNOWN_KID_REFETCH
         self._fetched = False  # a good set was fetched at least once
         self._last_unknown_fetch: float | None = None
+        self._last_attempt: float | None = None
+        self._jwks_uri: str | None = None  # oidc_issuer: from the discovery document
         self._outage = False
         self._fetching: asyncio.Task[None] | None = None
         self._refresher: asyncio.Task[None] | None = None
@@ -431,7 +436,11 @@ class JWTAuthenticator(Authenticator):
         if self._refresher is None or self._refresher.done():
             self._start_refresher()
         if not self._fetched:
-            await self._fetch_once()
+            now = self._clock()
+            if (self._fetching is not None and not self._fetching.done()) or (
+                    self._last_attempt is None
+                    or now - self._last_attempt >= FIRST_FETCH_RETRY):
+                await self._fetch_once()
             if not self._fetched:
                 raise Unavailable(f"the signing keys from {self._where()} could not be "
                                   "fetched yet")
@@ -454,8 +463,8 @@ class JWTAuthenticator(Authenticator):
     async def _refresh_loop(self) -> None:
         while True:
             await self._fetch_once()
-            await asyncio.sleep(self.jwks_refresh if self._fetched else
-                                min(self.jwks_refresh, 5.0))
+            await self._sleep(self.jwks_refresh if self._fetched else
+                                min(self.jwks_refresh, FIRST_FETCH_RETRY))
 
     async def _fetch_once(self) -> None:
         """One fetch; tokens arriving meanwhile wait for the same one."""
@@ -464,28 +473,33 @@ class JWTAuthenticator(Authenticator):
         await asyncio.shield(self._fetching)
 
     async def _fetch(self) -> None:
+        self._last_attempt = self._clock()
         try:
-            url = self.jwks_url
+            url = self.jwks_url or self._jwks_uri
             if url is None:
-                url = await self._discover()
-            doc = await self._get_json(url)
+                url = self._jwks_uri = await self._discover()
+            try:
+                doc = await self._get_json(url)
+            except _FetchError:
+                self._jwks_uri = None  # the provider may have moved it: discover again
+                raise
             keys = self._parse_jwks(doc, self._source, _host(url), lenient=True)
-        except _FetchError as exc:
+        except Exception as exc:
+            if isinstance(exc, OptionError):
+                why = f"the key set from {self._where()} is not usable: {exc.message}"
+            elif isinstance(exc, _FetchError):
+                why = str(exc)
+            else:  # a bug or an unforeseen answer: still only "keep the old set"
+                why = f"{self._where()}: {type(exc).__name__}"
+                log.debug("jwt: key set fetch failed", exc_info=True)
             if not self._outage:
                 kept = ("the keys fetched before stay in use" if self._fetched
                         else "tokens get 503 until a key set is fetched")
-                log.warning("jwt: cannot fetch the signing keys: %s; %s", exc, kept)
-            self._outage = True
-            return
-        except OptionError as exc:
-            if not self._outage:
-                log.warning("jwt: the key set from %s is not usable: %s; %s", self._where(),
-                            exc.message, "the keys fetched before stay in use"
-                            if self._fetched else "tokens get 503 until a key set is fetched")
+                log.warning("jwt: cannot fetch the signing keys: %s; %s", why, kept)
             self._outage = True
             return
         if self._outage:
-            log.warning("jwt: the signing keys from %s can be fetched again", self._where())
+            log.info("jwt: the signing keys from %s can be fetched again", self._where())
         self._outage = False
         if set(keys) != set(self._jwks):
             log.info("jwt: key set from %s: kids %s", self._where(),

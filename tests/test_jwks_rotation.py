@@ -116,10 +116,19 @@ def server():
         s.down()
 
 
+async def _forever(_seconds: float) -> None:
+    await asyncio.Event().wait()
+
+
 def remote(options):
+    """The plugin on a fake clock; its background refresh fetches once, then waits for close.
+
+    (The periodic refresh has its own test, on the real clock.)
+    """
     auth = JWTAuthenticator({"algorithms": ["EdDSA"], **options})
     clock = Clock()
     auth._clock = clock
+    auth._sleep = _forever
     return auth, clock
 
 
@@ -233,7 +242,13 @@ def test_no_key_set_at_start_answers_503_until_one_is_fetched(server, caplog):
             assert len(fetch_warnings(caplog)) == 1
             assert "tokens get 503" in fetch_warnings(caplog)[0].getMessage()
             server.up()
+            clock.now += 4  # tokens do not hammer a provider that is down...
+            with pytest.raises(Unavailable):
+                await auth.authenticate(token(K1, "k1"))
+            assert server.jwks_count() == 0
+            clock.now += 1  # ... but try again every 5 s
             assert (await auth.authenticate(token(K1, "k1"))).agent_id == A
+            assert server.jwks_count() == 1
         finally:
             await auth.close()
 
@@ -301,6 +316,11 @@ def test_oidc_discovery_finds_the_jwks_and_requires_the_issuer(server):
                 await auth.authenticate(token(K1, "k1", iss="https://evil.example.com/realms/x"))
             with pytest.raises(Refused, match="iss"):
                 await auth.authenticate(token(K1, "k1"))
+            server.keys = [jwk(K2, "k2")]  # rotation: the JWKS again, not the discovery
+            clock.now += 31
+            assert (await auth.authenticate(token(K2, "k2", iss=issuer))).agent_id == A
+            assert server.jwks_count() == 2
+            assert sum(p.endswith("openid-configuration") for p in server.fetches) == 1
         finally:
             await auth.close()
 
