@@ -91,6 +91,7 @@ FETCH_TIMEOUT = 10.0
 MAX_JWKS_BYTES = 1024 * 1024
 
 log = logging.getLogger(__name__)
+
 #: Principal-side names of the claims and the claim each is read from by default.
 DEFAULT_CLAIMS: Mapping[str, str] = {
     "customer_id": "customer_id",
@@ -180,7 +181,8 @@ class JWTAuthenticator(Authenticator):
         elif self._source == "jwks_url":
             self.jwks_url = _url(options["jwks_url"], "jwks_url")
         elif self._source == "oidc_issuer":
-            self.oidc_issuer = _url(options["oidc_issuer"], "oidc_issuer").rstrip("/")
+            # Kept as written: it is compared with iss as is (some issuers end in "/").
+            self.oidc_issuer = _url(options["oidc_issuer"], "oidc_issuer")
             if self.issuer is not None and self.issuer != self.oidc_issuer:
                 raise OptionError("issuer", f"must equal oidc_issuer ({self.oidc_issuer}) "
                                   "or be left out")
@@ -509,7 +511,9 @@ class JWTAuthenticator(Authenticator):
 
     async def _discover(self) -> str:
         assert self.oidc_issuer is not None
-        doc = await self._get_json(f"{self.oidc_issuer}/.well-known/openid-configuration")
+        # OpenID Connect Discovery 1.0 §4: the issuer without its trailing "/", then the path.
+        doc = await self._get_json(self.oidc_issuer.rstrip("/")
+                                   + "/.well-known/openid-configuration")
         if not isinstance(doc, dict):
             raise _FetchError(f"{_host(self.oidc_issuer)}: the discovery document is not a "
                               "JSON object")

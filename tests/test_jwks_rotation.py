@@ -327,6 +327,24 @@ def test_oidc_discovery_finds_the_jwks_and_requires_the_issuer(server):
     asyncio.run(scenario())
 
 
+def test_an_issuer_ending_in_a_slash_is_compared_as_written(server):
+    issuer = f"{server.base}/tenant/"
+    server.discovery = {"issuer": issuer, "jwks_uri": f"{server.base}/tenant/certs"}
+    server.keys = [jwk(K1, "k1")]
+
+    async def scenario():
+        auth, _ = remote({"oidc_issuer": issuer})
+        try:
+            assert (await auth.authenticate(token(K1, "k1", iss=issuer))).agent_id == A
+            assert server.fetches[0] == "/tenant/.well-known/openid-configuration"
+            with pytest.raises(Refused, match="wrong issuer"):
+                await auth.authenticate(token(K1, "k1", iss=issuer.rstrip("/")))
+        finally:
+            await auth.close()
+
+    asyncio.run(scenario())
+
+
 def test_oidc_discovery_naming_another_issuer_is_not_trusted(server):
     issuer = f"{server.base}/realms/x"
     server.discovery = {"issuer": "https://other.example.com", "jwks_uri": f"{issuer}/certs"}
