@@ -185,3 +185,27 @@ def test_old_redis_messages_without_an_audience_still_decode() -> None:
     assert Event.from_wire(wire).audience is None
     restricted = Event.from_wire({**wire, "audience": CUSTOMER})
     assert restricted.audience == CUSTOMER and restricted.to_wire()["audience"] == CUSTOMER
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_resume_replay_skips_a_scoped_keys_event_for_another_customer(
+        make_server, broker_url, tmp_path) -> None:
+    server = await make_server(base_config(tmp_path, **tables(broker_url)))
+    victim = await server.connect("victim-token")
+    mine = f"agent_id:{VICTIM_AGENT}"
+    assert (await victim.subscribe(mine))["topics"] == [mine]
+    status, body = await server.post(event(customer_id=OTHER_CUSTOMER, agent_id=VICTIM_AGENT,
+                                           data={"n": 0}))
+    assert status == 202, body
+    first = (await victim.recv())["event_id"]
+    victim.close()
+    status, body = await server.post(event(agent_id=VICTIM_AGENT, data={"n": 1}), key=SCOPED_KEY)
+    assert status == 202, body
+    status, body = await server.post(event(customer_id=OTHER_CUSTOMER, agent_id=VICTIM_AGENT,
+                                           data={"n": 2}))
+    assert status == 202, body
+    again = await server.connect("victim-token")
+    reply = await again.subscribe(mine, since=first)
+    assert reply["recovered"] is True, reply
+    assert (await again.recv())["data"] == {"n": 2}
+    await again.no_frame(0.3)
