@@ -283,3 +283,60 @@ async def test_a_reviewer_who_leaves_mid_export_is_no_uncaught_exception(
     await wait_for(lambda: any("closed the connection before the end" in r.getMessage()
                                for r in caplog.records), timeout=10)
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_scoped_review_key_sees_only_its_customers_rows_in_chromium(
+        make_server, tmp_path):
+    """SPEC §6 "Scoped review keys": the page, its export and verify, in Chromium."""
+    chromium = chromium_or_skip()
+    from playwright.async_api import async_playwright, expect
+
+    acme_key = "acme-review-key"
+    server = await make_server(audit={"api_keys": [
+        REVIEW_KEY, {"key": acme_key, "customers": [CUSTOMER]}]})
+    ours = await audit_history(server)  # all of CUSTOMER
+    root = await server.connect("super-token")  # a principal of OTHER_CUSTOMER
+    secret = f"customer_id:{OTHER_CUSTOMER}:call:other-customers-call"
+    assert (await root.subscribe(secret))["topics"] == [secret]
+    await server_rows(server, expect=ours + 1)
+
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            context = await browser.new_context(accept_downloads=True,
+                                                viewport={"width": 1400, "height": 900})
+            page = await context.new_page()
+            rows = page.locator("#rows tbody tr")
+            await page.goto(server.base + "/audit/")
+            await page.fill("#key", acme_key)
+            await page.click("#sign-in-button")
+            await page.select_option("select[name=limit]", "100")
+            await expect(rows).to_have_count(ours)
+            customers = await page.locator("td[data-column=customer_id]").all_text_contents()
+            assert set(customers) == {CUSTOMER}
+            assert "other-customers-call" not in await page.content()
+
+            # Filtering another customer is refused, in words, with no row shown.
+            await page.fill("input[name=customer]", OTHER_CUSTOMER)
+            await page.click("#search")
+            await expect(page.locator("#status")).to_contain_text("only its customers")
+            assert "other-customers-call" not in await page.content()
+
+            await page.click("#clear")
+            await expect(rows).to_have_count(ours)
+            async with page.expect_download() as info:
+                await page.click("#export")
+            saved = tmp_path / "scoped.csv"
+            await (await info.value).save_as(saved)
+            exported = list(csv.reader(io.StringIO(saved.read_text())))
+            body = [dict(zip(FIELDS, r, strict=True)) for r in exported[1:]]
+            assert len(body) == ours and {r["customer_id"] for r in body} == {CUSTOMER}
+            assert "other-customers-call" not in saved.read_text()
+
+            await page.click("#verify")
+            await expect(page.locator("#verify-result")).to_contain_text(
+                "needs an audit API key without customers")
+            await context.close()
+        finally:
+            await browser.close()

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from wsgate.audit.witness import check_witness_url
+from wsgate.topics import is_uuid
 
 
 class ConfigError(Exception):
@@ -32,6 +33,23 @@ class Secret(str):
 
     def __repr__(self) -> str:
         return "Secret('***')"
+
+
+class ScopedSecret(Secret):
+    """A key that may be limited to customers (ingest keys, HMAC secrets, audit API keys).
+
+    Written as a string, ``{env = "NAME"}``, or ``{key = <either>, customers =
+    ["<uuid>", ...]}``. ``customers`` is None for an unscoped key (all customers).
+    """
+
+    customers: frozenset[str] | None = None
+
+    def __repr__(self) -> str:
+        return "ScopedSecret('***')"
+
+    def scope(self) -> str:
+        """What the key may reach, for logs: its customer ids, or ``all``."""
+        return "all" if self.customers is None else ",".join(sorted(self.customers))
 
 
 @dataclass(frozen=True)
@@ -93,10 +111,11 @@ MIN_IDEMPOTENCY_SHARE = 65536
 
 @dataclass(frozen=True)
 class IngestConfig:
-    #: Bearer keys accepted on POST /v1.0/events.
-    keys: tuple[Secret, ...] = ()
-    #: Secrets for the X-Wsgate-Signature HMAC scheme.
-    hmac_secrets: tuple[Secret, ...] = ()
+    #: Bearer keys accepted on POST /v1.0/events; an entry
+    #: ``{key = ..., customers = [...]}`` is scoped to those customers (SPEC §3).
+    keys: tuple[ScopedSecret, ...] = ()
+    #: Secrets for the X-Wsgate-Signature HMAC scheme (scoped the same way).
+    hmac_secrets: tuple[ScopedSecret, ...] = ()
     #: Seconds a signed request's timestamp may differ from the server's clock.
     signature_window: int = 300
     max_body_bytes: int = 1048576
@@ -127,8 +146,9 @@ class AuditConfig:
     group_commit_max_rows: int = 5000
     #: Seconds between attempts to reach a failed store (subscribes are refused meanwhile).
     retry_interval: float = 1.0
-    #: Keys for GET /v1.0/audit and the review page.
-    api_keys: tuple[Secret, ...] = ()
+    #: Keys for GET /v1.0/audit and the review page; an entry
+    #: ``{key = ..., customers = [...]}`` sees only those customers' rows (SPEC §6).
+    api_keys: tuple[ScopedSecret, ...] = ()
     #: Record every ingested event (id, type, topics, payload hash) for `audit recipients`.
     record_events: bool = True
     #: Where every signed checkpoint is also kept, outside the database: file:///absolute/path
@@ -275,6 +295,8 @@ def _coerce(hint: Any, value: Any, at: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{at}: must be a list, not {_tname(value)}")
         return tuple(_coerce(args[0], v, f"{at}[{i}]") for i, v in enumerate(value))
+    if hint is ScopedSecret:
+        return _scoped_secret(value, at)
     if hint is Secret:
         if isinstance(value, dict) and set(value) == {"env"}:
             return _env_secret(value, at)
@@ -294,6 +316,29 @@ def _coerce(hint: Any, value: Any, at: str) -> Any:
             raise ConfigError(f"{at}: must be a {hint.__name__}, not {_tname(value)}")
         return value
     raise ConfigError(f"{at}: unsupported type {hint!r}")  # pragma: no cover - schema bug
+
+
+def _scoped_secret(value: Any, at: str) -> ScopedSecret:
+    if isinstance(value, dict) and set(value) != {"env"}:
+        unknown = set(value) - {"key", "customers"}
+        if unknown or "key" not in value or "customers" not in value:
+            raise ConfigError(f'{at}: a scoped key is {{key = "..." or {{env = "NAME"}}, '
+                              f'customers = ["<uuid>", ...]}}, not a table with '
+                              f'{", ".join(sorted(value)) or "no keys"}')
+        secret = ScopedSecret(_coerce(Secret, value["key"], f"{at}.key"))
+        customers = value["customers"]
+        if not isinstance(customers, list) or not customers:
+            raise ConfigError(f"{at}.customers: must be a non-empty list of customer ids "
+                              f"(leave customers out for a key of all customers)")
+        for n, cid in enumerate(customers):
+            if not isinstance(cid, str) or not is_uuid(cid):
+                raise ConfigError(f"{at}.customers[{n}]: must be a UUID in canonical lower-case "
+                                  f"form, like 5013bc52-da9a-11ee-844f-2fa34248de28, not "
+                                  f"{cid!r}" if isinstance(cid, str) else
+                                  f"{at}.customers[{n}]: must be a string, not {_tname(cid)}")
+        secret.customers = frozenset(customers)
+        return secret
+    return ScopedSecret(_coerce(Secret, value, at))
 
 
 def _tname(value: Any) -> str:

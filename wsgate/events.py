@@ -33,17 +33,28 @@ class Event:
     published_at: str
     #: Per-frame strings, built on first delivery on each node.
     _frames: dict[str, str] | None = field(default=None, repr=False)
+    #: The only customer whose principals (and super admins) may receive the
+    #: event, or None for anyone its topics reach: set for events posted with a
+    #: scoped ingest key (SPEC §3 "Scoped keys").
+    audience: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         """The form sent between nodes and kept in history."""
-        return {"type": self.type, "data": self.data_json, "topics": [t.text for t in self.topics],
+        wire = {"type": self.type, "data": self.data_json, "topics": [t.text for t in self.topics],
                 "event_id": self.event_id, "published_at": self.published_at}
+        if self.audience is not None:
+            wire["audience"] = self.audience
+        return wire
 
     @classmethod
     def from_wire(cls, wire: dict[str, Any]) -> Event:
-        """Inverse of to_wire. The topics were validated by the publishing node."""
+        """Inverse of to_wire. The topics were validated by the publishing node.
+
+        A message without ``audience`` (from a node before scoped keys) is unrestricted.
+        """
         topics = tuple(Topic(t, tuple(t.split(":"))) for t in wire["topics"])
-        return cls(wire["type"], wire["data"], topics, wire["event_id"], wire["published_at"])
+        return cls(wire["type"], wire["data"], topics, wire["event_id"], wire["published_at"],
+                   audience=wire.get("audience"))
 
 
 class InvalidEvents(Exception):

@@ -35,7 +35,7 @@ from wsgate import errors
 from wsgate.broker import BrokerUnavailable
 from wsgate.config import IngestConfig
 from wsgate.errors import HTTPFailure
-from wsgate.events import InvalidEvents, decode_json, parse_body, validate_events
+from wsgate.events import Event, InvalidEvents, decode_json, parse_body, validate_events
 from wsgate.gateway import Gateway
 
 MAX_IDEMPOTENCY_KEY = 200
@@ -204,9 +204,20 @@ class IngestService:
         self.limit = config.max_body_bytes
         self.bearer = [(k.encode(), key_id(k, "key")) for k in config.keys]
         self.hmac = [(k.encode(), key_id(k, "hmac")) for k in config.hmac_secrets]
+        #: The customers each key id may post for (None: all customers).
+        self.scopes: dict[str, frozenset[str] | None] = {
+            **{key_id(k, "key"): getattr(k, "customers", None) for k in config.keys},
+            **{key_id(k, "hmac"): getattr(k, "customers", None) for k in config.hmac_secrets}}
         self.seen_signatures = ExpiringSet(2 * config.signature_window)
         self.idempotent = IdempotencyStore(
             config.idempotency_max_bytes, [kid for _, kid in (*self.bearer, *self.hmac)])
+
+    def key_scope(self, kid: str | None) -> str | None:
+        """A key id's scope for the access log: its customer ids, ``all``, or None (no key)."""
+        if kid is None or kid not in self.scopes:
+            return None
+        customers = self.scopes[kid]
+        return "all" if customers is None else ",".join(sorted(customers))
 
     def precheck(self, headers: Headers) -> tuple[HTTPFailure | None, str | None]:
         """The checks made from the headers alone, before the body is read.
@@ -359,6 +370,9 @@ class IngestService:
             raise HTTPFailure(422, errors.INVALID_EVENT,
                               f"{len(exc.details)} problem(s); nothing was published",
                               details=exc.details) from None
+        customers = self.scopes.get(kid)
+        if customers is not None:
+            check_scope(raw_events, events, customers)
         hashes = [hashlib.sha256(e.data_json.encode()).hexdigest() for e in events]
         try:
             await self.gateway.publish(events, kid, hashes)
@@ -366,3 +380,41 @@ class IngestService:
             raise HTTPFailure(503, errors.BROKER_UNAVAILABLE,
                               f"events cannot be published now ({exc}); retry") from None
         return {"accepted": len(events), "event_ids": [e.event_id for e in events]}
+
+
+def check_scope(raw_events: list[Any], events: list[Event], customers: frozenset[str]) -> None:
+    """Hold valid events posted with a key scoped to ``customers`` to that scope (SPEC §3).
+
+    Each event must carry a ``customer_id`` of the scope and each extra topic
+    must lie under ``customer_id:<one of them>`` or be under the event's own
+    ``agent_id:`` topic. Each event is then restricted to principals of its
+    customer (``Event.audience``), so an ``agent_id`` topic cannot reach
+    another customer's agent.
+
+    Raises:
+        HTTPFailure: 403 ``forbidden`` with details as for 422; nothing is published.
+    """
+    details: list[dict[str, Any]] = []
+    for index, (raw, event) in enumerate(zip(raw_events, events, strict=True)):
+        customer = raw.get("customer_id")
+        if customer not in customers:
+            details.append({"index": index, "field": "customer_id",
+                            "message": "this key may post only for its customers; give "
+                                       "customer_id of one of them"})
+        agent = raw.get("agent_id")
+        for topic in raw.get("topics", ()):
+            segments = topic.split(":")
+            if len(segments) >= 2 and (
+                    (segments[0] == "customer_id" and segments[1] in customers)
+                    or (agent is not None and segments[0] == "agent_id"
+                        and segments[1] == agent)):
+                continue
+            details.append({"index": index, "field": "topics",
+                            "message": f"topic {topic[:80]!r} is outside this key's customers: "
+                                       "use customer_id:<one of them>:... or the event's own "
+                                       "agent_id:... topic"})
+        event.audience = customer
+    if details:
+        raise HTTPFailure(403, errors.FORBIDDEN,
+                          f"{len(details)} problem(s): this key is scoped to customers; "
+                          "nothing was published", details=details)

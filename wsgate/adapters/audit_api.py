@@ -16,10 +16,17 @@ Every parameter is taken at most once and checked before the store is asked
 
 ``GET /v1.0/audit/verify`` answers the verify result as JSON (``ok``,
 ``first``, ``problems``...), status 200 either way.
+
+A scoped key (``{key = ..., customers = [...]}``, SPEC §6 "Scoped review
+keys") sees only rows whose ``customer_id`` is one of its customers: the
+filter is forced on every page and on the CSV export; a ``customer`` filter
+outside its list is 403 ``forbidden`` (naming no row), and verify, which
+reports on the whole log (other customers' rows included), is 403 for it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 from collections.abc import Sequence
 from typing import Any
@@ -39,6 +46,7 @@ from wsgate.audit.witness import WitnessError
 from wsgate.errors import (
     AUDIT_UNAVAILABLE,
     BAD_REQUEST,
+    FORBIDDEN,
     NOT_FOUND,
     UNAUTHENTICATED,
     HTTPFailure,
@@ -59,6 +67,11 @@ class AuditKeyHandler(JSONHandler):
         """
         self.reader = reader
         self.api_keys = tuple(k.encode() for k in api_keys)
+        #: The customers each key may read (None: all), in api_keys' order.
+        self.scopes: tuple[frozenset[str] | None, ...] = tuple(
+            getattr(k, "customers", None) for k in api_keys)
+        #: The customers the request's key may read (None: all), once authorized.
+        self.scope: frozenset[str] | None = None
 
     def _authorized(self) -> bool:
         if not self.api_keys:
@@ -70,8 +83,10 @@ class AuditKeyHandler(JSONHandler):
         token = given.strip().encode() if scheme.lower() == "bearer" else b""
         # Compare against every key, without stopping early, so timing tells nothing.
         ok = False
-        for key in self.api_keys:
-            ok |= hmac.compare_digest(token, key)
+        for key, customers in zip(self.api_keys, self.scopes, strict=True):
+            if hmac.compare_digest(token, key):
+                ok = True
+                self.scope = customers
         if not ok or not token:
             self.set_header("WWW-Authenticate", 'Bearer realm="wsgate-audit"')
             self.fail(HTTPFailure(
@@ -111,10 +126,18 @@ class AuditKeyHandler(JSONHandler):
         """The query string's filters; None after answering 400 for a bad one."""
         try:
             args: dict[str, Any] = {name: self.param(name) or None for name in FILTERS}
-            return AuditFilter.parse(**args)
+            flt = AuditFilter.parse(**args)
         except FilterError as exc:
             self.fail(HTTPFailure(400, BAD_REQUEST, str(exc)))
             return None
+        if self.scope is None:
+            return flt
+        if flt.customer is not None and flt.customer not in self.scope:
+            self.fail(HTTPFailure(403, FORBIDDEN,
+                                  "this audit API key may read only its customers' rows: "
+                                  "leave customer out or give one of its customers"))
+            return None
+        return dataclasses.replace(flt, customers=self.scope)
 
     async def fetch_page(self, flt: AuditFilter, cursor: str | None,
                          limit: int) -> dict[str, Any] | None:
@@ -156,10 +179,16 @@ class AuditAPIHandler(AuditKeyHandler):
 
 
 class AuditVerifyHandler(AuditKeyHandler):
-    """``GET /v1.0/audit/verify``: the whole-log check, as JSON."""
+    """``GET /v1.0/audit/verify``: the whole-log check, as JSON (403 for a scoped key)."""
 
     async def get(self) -> None:
         if not self._authorized():
+            return
+        if self.scope is not None:
+            # The result speaks of the whole log (every customer's rows): refused.
+            self.fail(HTTPFailure(403, FORBIDDEN,
+                                  "verify checks every customer's rows: it needs an audit API "
+                                  "key without customers"))
             return
         try:
             assert self.reader is not None

@@ -280,7 +280,8 @@ class FastIngestConnection:
         seconds = self._loop.time() - self._started
         self._service.gateway.metrics.ingested(status, accepted, seconds)
         log_access(status, "POST", PATH, self._remote, seconds,
-                   {"events_accepted": accepted, "key_id": kid})
+                   {"events_accepted": accepted, "key_id": kid,
+                    "key_scope": self._service.key_scope(kid)})
         self._close_after = self._close_after or self._draining
         self._write(response(status, body, self._close_after))
 

@@ -51,7 +51,8 @@ class IngestHandler(JSONHandler):
 
     def log_fields(self) -> dict[str, Any]:
         """Fields for this request's access log line (never the key itself)."""
-        return {"events_accepted": self.accepted, "key_id": self.key_id}
+        return {"events_accepted": self.accepted, "key_id": self.key_id,
+                "key_scope": self.service.key_scope(self.key_id)}
 
     def data_received(self, chunk: bytes) -> None:
         if request_finished(self) or self.too_big:

@@ -139,6 +139,8 @@ class AuditFilter:
     outcome: str | None = None
     since: datetime | None = None
     until: datetime | None = None
+    #: Rows of these customers only (a scoped review key's), on top of the rest.
+    customers: frozenset[str] | None = None
 
     @classmethod
     def parse(cls, customer: str | None = None, agent: str | None = None,
@@ -170,6 +172,8 @@ class AuditFilter:
         out: list[ColumnElement[bool]] = []
         if self.customer:
             out.append(t.customer_id == self.customer)
+        if self.customers is not None:
+            out.append(t.customer_id.in_(sorted(self.customers)))
         if self.agent:
             out.append(t.agent_id == self.agent)
         if self.subject:

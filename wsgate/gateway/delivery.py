@@ -20,6 +20,16 @@ from wsgate.index import SubscriptionIndex
 Close = Callable[[Connection, int, str], None]
 
 
+def may_receive(conn: Connection, audience: str) -> bool:
+    """Whether conn may get an event restricted to customer ``audience`` (scoped ingest key)."""
+    principal = conn.info.principal
+    return (principal.customer_id == audience
+            or SUPER_ADMIN in principal.permissions)
+
+
+SUPER_ADMIN = "project_super_admin"
+
+
 class Delivery:
     """Fan-out over a subscription index.
 
@@ -56,6 +66,7 @@ class Delivery:
             prefix: str | None = None
             tail = ""
             self.current_event_id = event.event_id
+            audience = event.audience
             for topic in event.topics:
                 matched = index_match(topic.segments)
                 if not matched:
@@ -65,6 +76,8 @@ class Delivery:
                     if conn.mark is mark:
                         continue
                     conn.mark = mark
+                    if audience is not None and not may_receive(conn, audience):
+                        continue
                     if wire is None:
                         if prefix is None:
                             prefix = protocol.event_frame_prefix(event.type)

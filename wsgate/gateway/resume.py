@@ -16,6 +16,7 @@ from wsgate import protocol
 from wsgate.broker import Broker
 from wsgate.events import Event
 from wsgate.gateway.connection import Connection, Transport
+from wsgate.gateway.delivery import may_receive
 from wsgate.topics import Topic, matches
 
 log = logging.getLogger("wsgate.gateway")
@@ -102,6 +103,8 @@ class Resume:
             buffer.inner.send_text(protocol.reply(msg, [t.text for t in accepted], rejected,
                                                   replay is not None))
             for event in replay or ():
+                if event.audience is not None and not may_receive(conn, event.audience):
+                    continue
                 if any(_matches_any(held, t.segments) for t in event.topics):
                     continue
                 for topic in event.topics:
