@@ -15,9 +15,19 @@ import tornado.httpclient
 import tornado.websocket
 
 from tests import test_broker_redis
-from tests.conftest import AGENT, CUSTOMER, Client, event, wait_for
+from tests.conftest import (
+    AGENT,
+    CUSTOMER,
+    INGEST_KEY,
+    TOKENS,
+    Client,
+    base_config,
+    event,
+    wait_for,
+)
 from tests.test_cluster import REPO, start_workers, stop_workers
 from tests.test_crash import ServeProcess, unused_port
+from wsgate.app import build_plugins, config_changes, needs_restart
 
 admin = test_broker_redis.admin
 redis_url = test_broker_redis.redis_url
@@ -236,3 +246,43 @@ async def test_serve_workers_passes_sighup_to_every_worker(redis_url, tmp_path) 
             client.close()
     finally:
         stop_workers(process)
+
+
+# -- the seam, without a process -------------------------------------------------
+
+def test_config_changes_names_table_keys_and_plugin_options_never_values(tmp_path) -> None:
+    old = base_config(tmp_path)
+    new = base_config(tmp_path, server={"port": 9090, "max_subscriptions": 5},
+                      auth={"options": {"tokens": {**TOKENS, "sekrit-token": TOKENS[
+                          "admin-token"]}}}, ingest={"keys": [INGEST_KEY, "sekrit-key"]})
+    changed = config_changes(old, new)
+    assert changed == ["server.port", "server.max_subscriptions", "auth.options.tokens",
+                       "ingest.keys"]
+    assert [k for k in changed if needs_restart(k)] == ["server.port"]
+    assert config_changes(old, base_config(tmp_path)) == []
+    for key in ("server.host", "server.node_id", "audit.url", "broker.url", "metrics.port"):
+        assert needs_restart(key), key
+    for key in ("server.allowed_origins", "ingest.hmac_secrets", "permissions.options.x",
+                "auth.plugin", "audit.record_events"):
+        assert not needs_restart(key), key
+
+
+@pytest.mark.gen_test
+async def test_reconfigure_swaps_the_plugins_and_limits_in_every_room(make_node) -> None:
+    node = await make_node()
+    gateway = node.gateway
+    new = base_config(Path(gateway.config.audit.journal_path).parent, server={
+        "refresh_interval": 0, "max_subscriptions": 7, "max_messages_per_second": 3.0,
+        "max_bad_messages_per_minute": 4, "max_rejected_topics_per_minute": 5,
+        "max_output_buffer": 4096, "max_connections_per_ip": 2,
+        "allowed_origins": [NEW_ORIGIN]})
+    authenticator, authorizer = build_plugins(new)
+    gateway.reconfigure(new, authenticator, authorizer)
+    assert gateway.config is new
+    assert gateway.authenticator is authenticator is gateway.admission.authenticator
+    assert gateway.authorizer is authorizer is gateway.subscriptions.authorizer
+    assert gateway.admission.server is new.server
+    assert gateway.subscriptions.max_subscriptions == 7
+    assert (gateway.limits.rate, gateway.limits.max_bad, gateway.limits.max_rejected) == \
+        (3.0, 4, 5)
+    assert gateway.delivery.max_output_buffer == 4096

@@ -94,8 +94,8 @@ def _serve_workers(config: Config, workers: int) -> int:
     P+i-1. SIGTERM or SIGINT to the parent drains every worker; SIGHUP is
     passed to every worker, which reloads the config file (each measures the
     change against the file it started from); a worker that dies later is
-    restarted with the config the server started with (not a reloaded one).
-    Returns the exit status.
+    restarted (from the last config file the workers accepted). Returns the
+    exit status.
 
     Before binding with SO_REUSEPORT the parent binds the port once without it
     (a probe): a port any process listens on already, another ``serve
@@ -111,7 +111,14 @@ def _serve_workers(config: Config, workers: int) -> int:
 
     import tornado.netutil
 
-    from wsgate.app import ListenError, build_plugins, listen, node_id_for
+    from wsgate.app import (
+        ListenError,
+        build_plugins,
+        config_changes,
+        listen,
+        needs_restart,
+        node_id_for,
+    )
     from wsgate.audit import nodelock
 
     if workers < 1:
@@ -215,6 +222,7 @@ def _serve_workers(config: Config, workers: int) -> int:
                 pass
 
     def reload(_signum: int, _frame: object) -> None:
+        nonlocal config
         if os.getpid() != parent:
             return
         log.info("SIGHUP: passing it to %d workers", len(running))
@@ -223,6 +231,17 @@ def _serve_workers(config: Config, workers: int) -> int:
                 os.kill(pid, signal.SIGHUP)
             except ProcessLookupError:
                 pass
+        # A worker restarted later starts from what the workers now run: the
+        # file, when they accept it (each worker logs why it does not).
+        try:
+            new = load_config(config.source)
+            if any(needs_restart(k) for k in config_changes(config, new)):
+                return
+            authenticator, _ = build_plugins(new)
+            asyncio.run(authenticator.close())
+        except (ConfigError, PluginError):
+            return
+        config = new
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
