@@ -221,6 +221,26 @@ async def test_a_port_change_is_refused_and_the_old_config_stays(tmp_path, serve
     alice.close()
 
 
+@pytest.mark.gen_test(timeout=90)
+async def test_a_lower_limit_applies_to_an_open_connection_after_sighup(
+        tmp_path, served) -> None:
+    port = unused_port()
+    config = write(tmp_path / "wsgate.toml", port, {"alice-token": "alice"}, [OLD_KEY], [])
+    server = served(config, port)
+    await server.ready()
+    alice = await connect(port, "alice-token")
+    assert (await alice.subscribe(C))["topics"] == [C]
+
+    write(config, port, {"alice-token": "alice"}, [OLD_KEY], [],
+          extra_server="max_subscriptions = 1")
+    server.proc.send_signal(signal.SIGHUP)
+    line = await reloaded(server, "config reloaded")
+    assert line.endswith("changed server.max_subscriptions"), line
+    reply = await alice.subscribe(f"agent_id:{AGENT}")
+    assert [r["code"] for r in reply["rejected"]] == ["limit_exceeded"], reply
+    alice.close()
+
+
 @pytest.mark.redis
 @pytest.mark.gen_test(timeout=120)
 async def test_serve_workers_passes_sighup_to_every_worker(redis_url, tmp_path) -> None:
