@@ -52,6 +52,7 @@ class StaticAuthenticator(Authenticator):
                               "or tokens_file, or both")
         self._by_digest: dict[bytes, Principal] = {}
         self._by_subject: dict[str, str] = {}
+        self._principals: set[Principal] = set()
         if "tokens" in options:
             self._load(options["tokens"], "tokens")
         if "tokens_file" in options:
@@ -76,6 +77,7 @@ class StaticAuthenticator(Authenticator):
                                   f"(subjects {self._by_digest[digest].subject!r} "
                                   f"and {principal.subject!r})")
             self._by_digest[digest] = principal
+            self._principals.add(principal)
             # Kept only for mint (`wsgate token`), which must hand out the token itself.
             self._by_subject.setdefault(principal.subject, token)
 
@@ -92,6 +94,14 @@ class StaticAuthenticator(Authenticator):
         if principal.expires_at is not None and principal.expires_at <= datetime.now(UTC):
             raise Refused("token expired")
         return principal
+
+    async def refresh(self, principal: Principal) -> Principal | None:
+        """Keep a principal that one of this plugin's tokens still maps to.
+
+        None (4003) once its token is gone: after a reload (SIGHUP) the plugin
+        is rebuilt from the new options and every open connection re-checked.
+        """
+        return principal if principal in self._principals else None
 
     def mint(self, principal: Principal, ttl: float | None) -> str:
         """Return the configured token whose principal has the same subject.

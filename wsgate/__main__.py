@@ -10,7 +10,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -38,14 +38,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return _serve(config)
 
 
-def _serve(config: Config, sockets: list[socket.socket] | None = None) -> int:
+def _serve(config: Config, sockets: list[socket.socket] | None = None,
+           raw: Config | None = None,
+           adjust: Callable[[Config], Config] | None = None) -> int:
     """Run ``wsgate.app.serve``; a failure to start is one line on stderr and
     the exit status (2: a plugin's config; 1: port, node lock or audit store)."""
     from wsgate.app import ListenError, serve
     from wsgate.audit.nodelock import NodeBusy, NodeLockError
 
     try:
-        asyncio.run(serve(config, sockets))
+        asyncio.run(serve(config, sockets, raw, adjust))
     except PluginError as exc:
         print(f"wsgate: {config.source}: {exc}", file=sys.stderr)
         return 2
@@ -89,8 +91,11 @@ def _serve_workers(config: Config, workers: int) -> int:
     connections across workers), then forks: no event loop exists before the
     fork. Worker i is node ``<node_id>-w<i>`` with its own audit chain and
     journal (``<journal_path>.w<i>``) and, with ``[metrics] port`` P, metrics on
-    P+i-1. SIGTERM or SIGINT to the parent drains every worker; a worker that
-    dies later is restarted. Returns the exit status.
+    P+i-1. SIGTERM or SIGINT to the parent drains every worker; SIGHUP is
+    passed to every worker, which reloads the config file (each measures the
+    change against the file it started from); a worker that dies later is
+    restarted (from the last config file the workers accepted). Returns the
+    exit status.
 
     Before binding with SO_REUSEPORT the parent binds the port once without it
     (a probe): a port any process listens on already, another ``serve
@@ -106,7 +111,14 @@ def _serve_workers(config: Config, workers: int) -> int:
 
     import tornado.netutil
 
-    from wsgate.app import ListenError, build_plugins, listen, node_id_for
+    from wsgate.app import (
+        ListenError,
+        build_plugins,
+        config_changes,
+        listen,
+        needs_restart,
+        node_id_for,
+    )
     from wsgate.audit import nodelock
 
     if workers < 1:
@@ -168,13 +180,12 @@ def _serve_workers(config: Config, workers: int) -> int:
     running: dict[int, tuple[int, float]] = {}
     stopping = False
 
-    def worker_config(i: int) -> Config:
-        m = config.metrics
+    def worker_config(c: Config, i: int) -> Config:
+        m = c.metrics
         return dataclasses.replace(
-            config,
-            server=dataclasses.replace(config.server, port=port, node_id=f"{base}-w{i}"),
-            audit=dataclasses.replace(config.audit,
-                                      journal_path=f"{config.audit.journal_path}.w{i}"),
+            c,
+            server=dataclasses.replace(c.server, port=port, node_id=f"{base}-w{i}"),
+            audit=dataclasses.replace(c.audit, journal_path=f"{c.audit.journal_path}.w{i}"),
             metrics=dataclasses.replace(m, port=m.port + i - 1) if m.port else m)
 
     def spawn(i: int, sockets: list[socket.socket]) -> None:
@@ -182,9 +193,12 @@ def _serve_workers(config: Config, workers: int) -> int:
         if pid == 0:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            # Until its loop handles SIGHUP (a reload), one must not kill it.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             code = 1
             try:
-                code = _serve(worker_config(i), sockets)
+                code = _serve(worker_config(config, i), sockets, config,
+                              lambda c: worker_config(c, i))
             except Exception:
                 log.exception("worker %d failed", i)
             finally:
@@ -207,8 +221,31 @@ def _serve_workers(config: Config, workers: int) -> int:
             except ProcessLookupError:
                 pass
 
+    def reload(_signum: int, _frame: object) -> None:
+        nonlocal config
+        if os.getpid() != parent:
+            return
+        log.info("SIGHUP: passing it to %d workers", len(running))
+        for pid in list(running):
+            try:
+                os.kill(pid, signal.SIGHUP)
+            except ProcessLookupError:
+                pass
+        # A worker restarted later starts from what the workers now run: the
+        # file, when they accept it (each worker logs why it does not).
+        try:
+            new = load_config(config.source)
+            if any(needs_restart(k) for k in config_changes(config, new)):
+                return
+            authenticator, _ = build_plugins(new)
+            asyncio.run(authenticator.close())
+        except (ConfigError, PluginError):
+            return
+        config = new
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reload)
     for i in range(1, workers + 1):
         spawn(i, first if i == 1 else
               tornado.netutil.bind_sockets(port, host, reuse_port=True))

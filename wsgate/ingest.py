@@ -219,12 +219,29 @@ class IngestService:
         customers = self.scopes[kid]
         return "all" if customers is None else ",".join(sorted(customers))
 
+    def follow_config(self) -> None:
+        """Take the gateway's current ``[ingest]`` table if a reload (SIGHUP)
+        changed it. Signatures seen stay replays; remembered answers are kept
+        while the key ids and ``idempotency_max_bytes`` stay the same."""
+        current = self.gateway.config.ingest
+        if current is self.config:
+            return
+        seen, idempotent = self.seen_signatures, self.idempotent
+        old_ids = sorted(kid for _, kid in (*self.bearer, *self.hmac))
+        old_max = self.config.idempotency_max_bytes
+        self.__init__(self.gateway, current)  # type: ignore[misc]
+        self.seen_signatures = seen
+        if old_ids == sorted(kid for _, kid in (*self.bearer, *self.hmac)) \
+                and old_max == current.idempotency_max_bytes:
+            self.idempotent = idempotent
+
     def precheck(self, headers: Headers) -> tuple[HTTPFailure | None, str | None]:
         """The checks made from the headers alone, before the body is read.
 
         Returns a failure to answer with (or None), and the Bearer key's id
         when the request carries a valid one (None for a signed request).
         """
+        self.follow_config()
         ctype = headers.get("content-type", "")
         if ctype.split(";")[0].strip().lower() != "application/json":
             return HTTPFailure(415, errors.UNSUPPORTED_MEDIA_TYPE,
@@ -272,6 +289,7 @@ class IngestService:
         Raises:
             HTTPFailure: the answer to give instead; nothing was published.
         """
+        self.follow_config()
         if kid is None:
             kid = self._check_signature(headers, body)
         try:

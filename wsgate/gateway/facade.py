@@ -226,6 +226,40 @@ class Gateway:
         # and its rows written like any other, and nothing after it is handled.
         self.close_connection(conn, errors.CLOSE_POLICY, self.limits.flood_reason)
 
+    def reconfigure(self, config: Config, authenticator: Authenticator,
+                    authorizer: Authorizer) -> None:
+        """Swap in a reloaded config and the plugins built from it (SIGHUP).
+
+        Synchronous, so no message is handled half with the old and half with
+        the new: every room's config-derived value (limits, the plugins) and
+        ``self.config`` (read live by the adapters: origins, output limit,
+        ingest keys) change together. Open connections stay open; the caller
+        then re-checks them (:meth:`refresh_all`) and closes the old
+        authenticator. The keys that need a restart (``wsgate.app.RESTART_KEYS``)
+        are the caller's to refuse; the periodic re-check restarts with a new
+        ``refresh_interval``.
+        """
+        old_interval = self.config.server.refresh_interval
+        self.config = config
+        self.authenticator = authenticator
+        self.authorizer = authorizer
+        s = config.server
+        self.admission.authenticator = authenticator
+        self.admission.server = s
+        limits = MessageLimits(s)
+        self.limits.rate, self.limits.burst = limits.rate, limits.burst
+        self.limits.max_bad, self.limits.max_rejected = limits.max_bad, limits.max_rejected
+        self.subscriptions.authorizer = authorizer
+        self.subscriptions.max_subscriptions = s.max_subscriptions
+        self.delivery.max_output_buffer = s.max_output_buffer
+        if s.refresh_interval != old_interval and not self.admission.draining:
+            if self._refresher is not None:
+                self._refresher.cancel()
+                self._refresher = None
+            if s.refresh_interval > 0:
+                self._refresher = asyncio.create_task(
+                    self.refresh.loop(s.refresh_interval, self.connections))
+
     async def refresh_all(self) -> None:
         """Re-check every connected principal now (see :meth:`Refresh.refresh_all`)."""
         await self.refresh.refresh_all(self.connections)
