@@ -23,7 +23,7 @@ import pytest
 from tests.conftest import event
 from tests.test_fast_ingest import Raw
 from wsgate import errors
-from wsgate.config import IngestConfig
+from wsgate.config import Config, IngestConfig
 from wsgate.errors import HTTPFailure
 from wsgate.ingest import IdempotencyStore, IngestService, key_id
 
@@ -107,6 +107,7 @@ class CountingGateway:
 
     def __init__(self) -> None:
         self.published: list[tuple[str, int]] = []
+        self.config = Config()
 
     async def publish(self, events: Sequence[Any], kid: str, hashes: Sequence[str]) -> None:
         self.published.append((kid, len(events)))
@@ -114,7 +115,8 @@ class CountingGateway:
 
 def service(**ingest: Any) -> tuple[IngestService, CountingGateway]:
     gateway = CountingGateway()
-    return IngestService(gateway, IngestConfig(**ingest)), gateway  # type: ignore[arg-type]
+    gateway.config = Config(ingest=IngestConfig(**ingest))  # what a reload would replace
+    return IngestService(gateway, gateway.config.ingest), gateway  # type: ignore[arg-type]
 
 
 async def post(svc: IngestService, body: Any, secret: str, idem: str) -> dict[str, Any]:
