@@ -3,24 +3,33 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= config.example.toml
-STAMP  := $(VENV)/.installed
+# Two install levels: `make run` needs only what serving needs (RUN_STAMP);
+# the test, lint and typecheck targets also install the `test` extra and the
+# example plugin (STAMP), which marks the serving level installed too.
+RUN_STAMP := $(VENV)/.installed-run
+STAMP     := $(VENV)/.installed
+PIP       := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
 .PHONY: install run test lint typecheck unit bench soak conformance clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "wsgate needs Python 3.11 or newer" or 0)'
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(RUN_STAMP): $(BIN)/python setup.cfg pyproject.toml
+	$(PIP) -e .
+	touch $(RUN_STAMP)
 
 $(STAMP): $(BIN)/python setup.cfg pyproject.toml
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(PIP) --upgrade pip
+	$(PIP) -e '.[test]'
 	@# The worked third-party plugin example of docs/plugins.md, loaded by the tests by entry-point name.
-	if [ -d examples/wsgate-example-plugin ]; then $(BIN)/python -m pip install --quiet -e examples/wsgate-example-plugin; fi
-	touch $(STAMP)
+	if [ -d examples/wsgate-example-plugin ]; then $(PIP) -e examples/wsgate-example-plugin; fi
+	touch $(STAMP) $(RUN_STAMP)
 
 install: $(STAMP)
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/wsgate serve --config $(CONFIG)
 
 lint: $(STAMP)
