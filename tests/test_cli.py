@@ -77,6 +77,50 @@ def test_token_for_jwt_is_accepted_by_the_same_config(tmp_path):
     assert "customer_admin" in principal.permissions
 
 
+JWT_KEY = "a-development-key-that-is-long-enough-123"
+
+
+def _jwt_config(tmp_path):
+    path = tmp_path / "jwt.toml"
+    path.write_text('[auth]\nplugin = "jwt"\n[auth.options]\nalgorithms = ["HS256"]\n'
+                    f'key = "{JWT_KEY}"\n')
+    return path
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_token_for_jwt_is_accepted_by_a_real_server(make_server, tmp_path):
+    """The flags the hint names mint a token the served jwt config accepts over the wire."""
+    path = _jwt_config(tmp_path)
+    result = run("token", "--config", str(path), "--agent", AGENT, "--customer", CUSTOMER,
+                 "--permission", "customer_admin")
+    assert result.returncode == 0, result.stderr
+    server = await make_server(auth={"plugin": "jwt",
+                                     "options": {"algorithms": ["HS256"], "key": JWT_KEY}})
+    client = await server.connect(result.stdout.strip())
+    await client.send({"type": "subscribe", "id": "s", "topics": [f"customer_id:{CUSTOMER}"]})
+    reply = await client.recv()
+    assert reply["type"] == "subscribed" and reply["rejected"] == [], reply
+
+
+def test_token_for_jwt_with_a_name_as_subject_says_what_to_pass(tmp_path):
+    """`--subject alice` (the static form) would mint a token the server refuses
+    (claim 'sub' must be a UUID): it stops, naming the flags that work."""
+    path = _jwt_config(tmp_path)
+    result = run("token", "--config", str(path), "--subject", "alice")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "claim 'sub'" in result.stderr
+    assert "--agent <uuid> --customer <uuid>" in result.stderr
+    assert "reads the agent id from the token's subject (sub)" in result.stderr
+
+
+def test_token_for_jwt_with_a_customer_that_is_no_uuid_stops(tmp_path):
+    path = _jwt_config(tmp_path)
+    result = run("token", "--config", str(path), "--agent", AGENT, "--customer", "acme")
+    assert result.returncode == 2
+    assert "customer_id" in result.stderr and result.stdout == ""
+
+
 def test_token_needs_a_subject():
     result = run("token", "--config", "config.example.toml")
     assert result.returncode == 2
