@@ -5,9 +5,12 @@ import contextlib
 import csv
 import io
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -297,3 +300,55 @@ def test_audit_output_into_head_ends_quietly_like_git_log(big_audit_log, argv):
     # 141 = 128 + SIGPIPE, as `git log | head` ends; nothing on stderr, no traceback.
     assert (wsgate.wait(60), errors) == (141, "")
     assert len(shown.decode().splitlines()) == 2
+
+
+def readme_jwt_path():
+    """README.md, quick start "With signed tokens (jwt)": its jwt.toml and its commands."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    part = text[text.index("### With signed tokens (`jwt`)"):text.index("## Documentation")]
+    blocks = re.findall(r"^```(\w*)\n(.*?)^```$", part, flags=re.M | re.S)
+    toml = next(body for lang, body in blocks if lang == "toml")
+    shell = next(body for lang, body in blocks if lang == "sh")
+    return toml, shell
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_the_readme_jwt_quick_start_runs_as_written(tmp_path, monkeypatch):
+    import tornado.websocket
+
+    from tests.test_crash import ServeProcess, unused_port
+
+    toml, shell = readme_jwt_path()
+    port = unused_port()
+    config = tmp_path / "jwt.toml"
+    config.write_text(toml.replace("port = 8081", f"port = {port}", 1))
+    lines = shell.replace("\\\n", "").splitlines()
+    export, serve, mint, listen_line = lines
+    key = export.removeprefix("export WSGATE_JWT_KEY=")
+    assert export != key and serve == ".venv/bin/wsgate serve --config jwt.toml &"
+    monkeypatch.setenv("WSGATE_JWT_KEY", key)
+    # The token command as written, with this checkout's wsgate.
+    command = mint.removeprefix("TOKEN=$(").removesuffix(")").split()
+    assert command[0] == ".venv/bin/wsgate", command
+    done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "wsgate", *command[1:]],
+                                   cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                                   env={**os.environ})
+    assert done.returncode == 0, done.stderr
+    token = done.stdout.strip()
+    topic = listen_line.split()[-1]
+    assert f"ws://127.0.0.1:8081/v1.0/ws --token \"$TOKEN\" {topic}" in listen_line
+    server = ServeProcess(tmp_path, port, config, "serve")
+    try:
+        await server.ready()
+        ws = await tornado.websocket.websocket_connect(
+            f"ws://127.0.0.1:{port}/v1.0/ws?token={token}")
+        try:
+            connected = json.loads(await asyncio.wait_for(ws.read_message(), 10))
+            assert connected["type"] == "connected", connected
+            await ws.write_message(json.dumps({"type": "subscribe", "topics": [topic]}))
+            subscribed = json.loads(await asyncio.wait_for(ws.read_message(), 10))
+            assert (subscribed["topics"], subscribed["rejected"]) == ([topic], []), subscribed
+        finally:
+            ws.close()
+    finally:
+        server.close()
