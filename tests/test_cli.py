@@ -61,6 +61,20 @@ def test_token_for_the_example_config():
     assert result.stdout.strip() == "dev-admin-token"
 
 
+def test_token_for_the_example_config_by_agent_id():
+    """The jwt flags work on the static example too: its token of that agent."""
+    result = run("token", "--config", "config.example.toml", "--agent",
+                 "8107ec3c-da9a-11ee-9a0c-5b1c1a1f4f3e")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "dev-admin-token"
+
+
+def test_token_for_an_unknown_static_subject_names_the_configured_ones():
+    result = run("token", "--config", "config.example.toml", "--subject", "bob")
+    assert result.returncode == 2
+    assert "no static token has subject 'bob' (configured subjects: 'alice')" in result.stderr
+
+
 def test_token_for_jwt_is_accepted_by_the_same_config(tmp_path):
     path = tmp_path / "jwt.toml"
     path.write_text('[auth]\nplugin = "jwt"\n[auth.options]\nalgorithms = ["HS256"]\n'
