@@ -21,7 +21,8 @@ $(BIN)/python:
 	$(PYTHON) -m venv --without-pip $(VENV)
 
 $(RUN_STAMP): $(BIN)/python setup.cfg pyproject.toml
-	if $(PYTHON) -m pip --python $(BIN)/python --version >/dev/null 2>&1; then \
+	@echo "installing wsgate (what serving needs) into $(VENV)"
+	@if $(PYTHON) -m pip --python $(BIN)/python --version >/dev/null 2>&1; then \
 	  $(PYTHON) -m pip --python $(BIN)/python install --quiet --disable-pip-version-check -e . pip; \
 	else \
 	  $(BIN)/python -m ensurepip --default-pip >/dev/null && $(PIP) -e .; \
