@@ -3,24 +3,42 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= config.example.toml
-STAMP  := $(VENV)/.installed
+# Two install levels: `make run` needs only what serving needs (RUN_STAMP);
+# the test, lint and typecheck targets (and `make install`) also install the
+# `test` extra and the example plugin (STAMP), on top of it.
+RUN_STAMP := $(VENV)/.installed-run
+STAMP     := $(VENV)/.installed
+PIP       := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
 .PHONY: install run test lint typecheck unit bench soak conformance clean
 
+# The venv is made without pip: where $(PYTHON) has a pip that can install into
+# another interpreter (--python, pip >= 22.3), that pip installs wsgate and pip
+# into it, which spares the venv's own bootstrap (ensurepip, a few seconds);
+# otherwise the venv bootstraps its own pip.
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "wsgate needs Python 3.11 or newer" or 0)'
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(PYTHON) -m venv --without-pip $(VENV)
 
-$(STAMP): $(BIN)/python setup.cfg pyproject.toml
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+$(RUN_STAMP): $(BIN)/python setup.cfg pyproject.toml
+	@echo "installing wsgate (what serving needs) into $(VENV)"
+	@if $(PYTHON) -m pip --python $(BIN)/python --version >/dev/null 2>&1; then \
+	  $(PYTHON) -m pip --python $(BIN)/python install --quiet --disable-pip-version-check -e . pip; \
+	else \
+	  $(BIN)/python -m ensurepip --default-pip >/dev/null && $(PIP) -e .; \
+	fi
+	touch $(RUN_STAMP)
+
+$(STAMP): $(RUN_STAMP) setup.cfg pyproject.toml
+	$(PIP) --upgrade pip
+	$(PIP) -e '.[test]'
 	@# The worked third-party plugin example of docs/plugins.md, loaded by the tests by entry-point name.
-	if [ -d examples/wsgate-example-plugin ]; then $(BIN)/python -m pip install --quiet -e examples/wsgate-example-plugin; fi
+	if [ -d examples/wsgate-example-plugin ]; then $(PIP) -e examples/wsgate-example-plugin; fi
 	touch $(STAMP)
 
 install: $(STAMP)
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/wsgate serve --config $(CONFIG)
 
 lint: $(STAMP)

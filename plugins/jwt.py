@@ -659,7 +659,8 @@ class JWTAuthenticator(Authenticator):
             NotImplementedError: no signing key is configured.
             ValueError: the principal cannot round-trip through a token (an
                 agent id that differs from the subject, since the subject is
-                read back from ``agent_id``).
+                read back from ``agent_id``; or a token this authenticator
+                would refuse, e.g. an agent whose subject is not a UUID).
         """
         if self._signing_key is None:
             raise NotImplementedError("the jwt authenticator mints with key (HMAC) or "
@@ -687,6 +688,10 @@ class JWTAuthenticator(Authenticator):
             claims["iss"] = self.issuer
         if self.audience:
             claims["aud"] = self.audience[0]
+        try:  # never hand out a token that authenticate() would refuse
+            self.principal_from_claims(claims)
+        except Refused as exc:
+            raise ValueError(f"the token would be refused: {exc}") from None
         headers = {"kid": self._signing_kid} if self._signing_kid else None
         return jwt.encode(claims, self._signing_key, algorithm=self._signing_alg,  # type: ignore[arg-type]
                           headers=headers)

@@ -104,20 +104,25 @@ class StaticAuthenticator(Authenticator):
         return principal if principal in self._principals else None
 
     def mint(self, principal: Principal, ttl: float | None) -> str:
-        """Return the configured token whose principal has the same subject.
+        """Return the configured token whose principal has the same subject (or,
+        failing that, the same agent_id, as `wsgate token --agent` gives).
 
         A static authenticator cannot create tokens, so ``ttl`` is ignored.
 
         Raises:
-            LookupError: no configured token has that subject.
+            LookupError: no configured token has that subject or agent id.
         """
-        try:
+        if principal.subject in self._by_subject:
             return self._by_subject[principal.subject]
-        except KeyError:
-            raise LookupError(
-                f"no static token has subject {principal.subject!r}; the static "
-                "authenticator cannot create tokens: add one to tokens or tokens_file"
-            ) from None
+        if principal.agent_id is not None:
+            for known in self._by_digest.values():
+                if known.agent_id == principal.agent_id:
+                    return self._by_subject[known.subject]
+        subjects = ", ".join(repr(s) for s in sorted(self._by_subject)[:5])
+        raise LookupError(
+            f"no static token has subject {principal.subject!r} (configured subjects: "
+            f"{subjects}); the static authenticator cannot create tokens: pass one of "
+            "those as --subject, or add a token to tokens or tokens_file")
 
 
 def _digest(token: str) -> bytes:

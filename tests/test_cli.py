@@ -5,9 +5,12 @@ import contextlib
 import csv
 import io
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -58,6 +61,20 @@ def test_token_for_the_example_config():
     assert result.stdout.strip() == "dev-admin-token"
 
 
+def test_token_for_the_example_config_by_agent_id():
+    """The jwt flags work on the static example too: its token of that agent."""
+    result = run("token", "--config", "config.example.toml", "--agent",
+                 "8107ec3c-da9a-11ee-9a0c-5b1c1a1f4f3e")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "dev-admin-token"
+
+
+def test_token_for_an_unknown_static_subject_names_the_configured_ones():
+    result = run("token", "--config", "config.example.toml", "--subject", "bob")
+    assert result.returncode == 2
+    assert "no static token has subject 'bob' (configured subjects: 'alice')" in result.stderr
+
+
 def test_token_for_jwt_is_accepted_by_the_same_config(tmp_path):
     path = tmp_path / "jwt.toml"
     path.write_text('[auth]\nplugin = "jwt"\n[auth.options]\nalgorithms = ["HS256"]\n'
@@ -75,6 +92,50 @@ def test_token_for_jwt_is_accepted_by_the_same_config(tmp_path):
     principal = asyncio.run(authenticator.authenticate(token))
     assert principal.customer_id == CUSTOMER
     assert "customer_admin" in principal.permissions
+
+
+JWT_KEY = "a-development-key-that-is-long-enough-123"
+
+
+def _jwt_config(tmp_path):
+    path = tmp_path / "jwt.toml"
+    path.write_text('[auth]\nplugin = "jwt"\n[auth.options]\nalgorithms = ["HS256"]\n'
+                    f'key = "{JWT_KEY}"\n')
+    return path
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_token_for_jwt_is_accepted_by_a_real_server(make_server, tmp_path):
+    """The flags the hint names mint a token the served jwt config accepts over the wire."""
+    path = _jwt_config(tmp_path)
+    result = run("token", "--config", str(path), "--agent", AGENT, "--customer", CUSTOMER,
+                 "--permission", "customer_admin")
+    assert result.returncode == 0, result.stderr
+    server = await make_server(auth={"plugin": "jwt",
+                                     "options": {"algorithms": ["HS256"], "key": JWT_KEY}})
+    client = await server.connect(result.stdout.strip())
+    await client.send({"type": "subscribe", "id": "s", "topics": [f"customer_id:{CUSTOMER}"]})
+    reply = await client.recv()
+    assert reply["type"] == "subscribed" and reply["rejected"] == [], reply
+
+
+def test_token_for_jwt_with_a_name_as_subject_says_what_to_pass(tmp_path):
+    """`--subject alice` (the static form) would mint a token the server refuses
+    (claim 'sub' must be a UUID): it stops, naming the flags that work."""
+    path = _jwt_config(tmp_path)
+    result = run("token", "--config", str(path), "--subject", "alice")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "claim 'sub'" in result.stderr
+    assert "--agent <uuid> --customer <uuid>" in result.stderr
+    assert "reads the agent id from the token's subject (sub)" in result.stderr
+
+
+def test_token_for_jwt_with_a_customer_that_is_no_uuid_stops(tmp_path):
+    path = _jwt_config(tmp_path)
+    result = run("token", "--config", str(path), "--agent", AGENT, "--customer", "acme")
+    assert result.returncode == 2
+    assert "customer_id" in result.stderr and result.stdout == ""
 
 
 def test_token_needs_a_subject():
@@ -253,3 +314,55 @@ def test_audit_output_into_head_ends_quietly_like_git_log(big_audit_log, argv):
     # 141 = 128 + SIGPIPE, as `git log | head` ends; nothing on stderr, no traceback.
     assert (wsgate.wait(60), errors) == (141, "")
     assert len(shown.decode().splitlines()) == 2
+
+
+def readme_jwt_path():
+    """README.md, quick start "With signed tokens (jwt)": its jwt.toml and its commands."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    part = text[text.index("### With signed tokens (`jwt`)"):text.index("## Documentation")]
+    blocks = re.findall(r"^```(\w*)\n(.*?)^```$", part, flags=re.M | re.S)
+    toml = next(body for lang, body in blocks if lang == "toml")
+    shell = next(body for lang, body in blocks if lang == "sh")
+    return toml, shell
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_the_readme_jwt_quick_start_runs_as_written(tmp_path, monkeypatch):
+    import tornado.websocket
+
+    from tests.test_crash import ServeProcess, unused_port
+
+    toml, shell = readme_jwt_path()
+    port = unused_port()
+    config = tmp_path / "jwt.toml"
+    config.write_text(toml.replace("port = 8081", f"port = {port}", 1))
+    lines = shell.replace("\\\n", "").splitlines()
+    export, serve, mint, listen_line = lines
+    key = export.removeprefix("export WSGATE_JWT_KEY=")
+    assert export != key and serve == ".venv/bin/wsgate serve --config jwt.toml &"
+    monkeypatch.setenv("WSGATE_JWT_KEY", key)
+    # The token command as written, with this checkout's wsgate.
+    command = mint.removeprefix("TOKEN=$(").removesuffix(")").split()
+    assert command[0] == ".venv/bin/wsgate", command
+    done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "wsgate", *command[1:]],
+                                   cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                                   env={**os.environ})
+    assert done.returncode == 0, done.stderr
+    token = done.stdout.strip()
+    topic = listen_line.split()[-1]
+    assert f"ws://127.0.0.1:8081/v1.0/ws --token \"$TOKEN\" {topic}" in listen_line
+    server = ServeProcess(tmp_path, port, config, "serve")
+    try:
+        await server.ready()
+        ws = await tornado.websocket.websocket_connect(
+            f"ws://127.0.0.1:{port}/v1.0/ws?token={token}")
+        try:
+            connected = json.loads(await asyncio.wait_for(ws.read_message(), 10))
+            assert connected["type"] == "connected", connected
+            await ws.write_message(json.dumps({"type": "subscribe", "topics": [topic]}))
+            subscribed = json.loads(await asyncio.wait_for(ws.read_message(), 10))
+            assert (subscribed["topics"], subscribed["rejected"]) == ([topic], []), subscribed
+        finally:
+            ws.close()
+    finally:
+        server.close()

@@ -349,7 +349,17 @@ def cmd_token(args: argparse.Namespace) -> int:
             permissions=frozenset(args.permission or ()),
             allowed_resources=frozenset(args.resource or ()), expires_at=expires)
         token = authenticator.mint(principal, args.ttl)
-    except (ValueError, NotImplementedError, LookupError) as exc:
+    except ValueError as exc:
+        print(f"wsgate token: {exc}", file=sys.stderr)
+        if args.kind == "agent":
+            # Token plugins (jwt) read an agent's id back from its subject:
+            # say which flags make a token the server accepts.
+            print(f"wsgate token: for an agent pass --agent <uuid> --customer <uuid> "
+                  f"(and no other --subject): the {config.auth.plugin} plugin reads the "
+                  f"agent id from the token's subject (sub), so it must be the agent's UUID",
+                  file=sys.stderr)
+        return 2
+    except (NotImplementedError, LookupError) as exc:
         print(f"wsgate token: {exc}", file=sys.stderr)
         return 2
     finally:
