@@ -13,7 +13,7 @@ PIP       := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 .PHONY: install run test lint typecheck unit bench soak conformance clean
 
 # The venv is made without pip: where $(PYTHON) has a pip that can install into
-# another interpreter (--python, pip >= 22.3), that pip installs wsgate and pip
+# another interpreter (--python, pip >= 22.3), that pip installs wsgate
 # into it, which spares the venv's own bootstrap (ensurepip, a few seconds);
 # otherwise the venv bootstraps its own pip.
 $(BIN)/python:
@@ -23,13 +23,18 @@ $(BIN)/python:
 $(RUN_STAMP): $(BIN)/python setup.cfg pyproject.toml
 	@echo "installing wsgate (what serving needs) into $(VENV)"
 	@if $(PYTHON) -m pip --python $(BIN)/python --version >/dev/null 2>&1; then \
-	  $(PYTHON) -m pip --python $(BIN)/python install --quiet --disable-pip-version-check -e . pip; \
+	  $(PYTHON) -m pip --python $(BIN)/python install --quiet --disable-pip-version-check -e .; \
 	else \
 	  $(BIN)/python -m ensurepip --default-pip >/dev/null && $(PIP) -e .; \
 	fi
 	touch $(RUN_STAMP)
 
+# Serving needs no pip in the venv (the step above spares it two seconds); the
+# test toolchain installs with the venv's own, brought in here.
 $(STAMP): $(RUN_STAMP) setup.cfg pyproject.toml
+	@$(BIN)/python -m pip --version >/dev/null 2>&1 || \
+	  $(PYTHON) -m pip --python $(BIN)/python install --quiet --disable-pip-version-check pip \
+	  || $(BIN)/python -m ensurepip --default-pip >/dev/null
 	$(PIP) --upgrade pip
 	$(PIP) -e '.[test]'
 	@# The worked third-party plugin example of docs/plugins.md, loaded by the tests by entry-point name.
