@@ -44,7 +44,8 @@ def token(name: str, subject: str) -> str:
 
 
 def write(path: Path, port: int, tokens: dict[str, str], keys: list[str],
-          origins: list[str], broker: str = "memory://", extra_server: str = "") -> Path:
+          origins: list[str], broker: str = "memory://", extra_server: str = "",
+          extra_audit: str = "", extra: str = "") -> Path:
     body = ", ".join(token(name, subject) for name, subject in tokens.items())
     path.write_text(f"""
 [server]
@@ -66,9 +67,11 @@ keys = {json.dumps(keys)}
 [audit]
 url = "sqlite:///{path.parent}/audit.db"
 journal_path = "{path.parent}/audit.journal"
+{extra_audit}
 
 [broker]
 url = "{broker}"
+{extra}
 """)
     return path
 
@@ -306,3 +309,38 @@ async def test_reconfigure_swaps_the_plugins_and_limits_in_every_room(make_node)
     assert (gateway.limits.rate, gateway.limits.max_bad, gateway.limits.max_rejected) == \
         (3.0, 4, 5)
     assert gateway.delivery.max_output_buffer == 4096
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_sighup_changes_the_audit_and_metrics_keys_live(tmp_path, served) -> None:
+    """Review and scrape keys are keys too (SPEC §6): new ones work at once, old
+    ones stop; turning the audit API off is refused (its routes are mounted at start)."""
+    port = unused_port()
+
+    def keys(review: list[str], scrape: list[str]) -> Path:
+        return write(tmp_path / "wsgate.toml", port, {"alice-token": "alice"}, [OLD_KEY], [],
+                     extra_audit=f"api_keys = {json.dumps(review)}",
+                     extra=f"[metrics]\nkeys = {json.dumps(scrape)}")
+
+    async def status(path: str, key: str) -> int:
+        response = await tornado.httpclient.AsyncHTTPClient().fetch(
+            f"http://127.0.0.1:{port}{path}", raise_error=False,
+            headers={"Authorization": f"Bearer {key}"})
+        return response.code
+
+    server = served(keys(["review-a"], ["scrape-a"]), port)
+    await server.ready()
+    assert (await status("/v1.0/audit", "review-a"), await status("/metrics", "scrape-a")) == (
+        200, 200)
+    keys(["review-b"], ["scrape-b"])
+    server.proc.send_signal(signal.SIGHUP)
+    line = await reloaded(server, "config reloaded")
+    assert "audit.api_keys" in line and "metrics.keys" in line, line
+    assert [await status("/v1.0/audit", k) for k in ("review-a", "review-b")] == [401, 200]
+    assert [await status("/metrics", k) for k in ("scrape-a", "scrape-b")] == [401, 200]
+    assert "review-b" not in server.output() and "scrape-b" not in server.output()
+    keys([], ["scrape-b"])
+    server.proc.send_signal(signal.SIGHUP)
+    line = await reloaded(server, "reload refused")
+    assert "turning the audit API on or off" in line, line
+    assert await status("/v1.0/audit", "review-b") == 200

@@ -114,10 +114,9 @@ def _serve_workers(config: Config, workers: int) -> int:
     from wsgate.app import (
         ListenError,
         build_plugins,
-        config_changes,
         listen,
-        needs_restart,
         node_id_for,
+        restart_changes,
     )
     from wsgate.audit import nodelock
 
@@ -235,7 +234,7 @@ def _serve_workers(config: Config, workers: int) -> int:
         # file, when they accept it (each worker logs why it does not).
         try:
             new = load_config(config.source)
-            if any(needs_restart(k) for k in config_changes(config, new)):
+            if restart_changes(config, new):
                 return
             authenticator, _ = build_plugins(new)
             asyncio.run(authenticator.close())

@@ -33,7 +33,8 @@ from wsgate.plugins import (
 log = logging.getLogger("wsgate")
 
 __all__ = ["RESTART_KEYS", "ListenError", "Reloader", "build_audit", "build_gateway",
-           "build_plugins", "config_changes", "listen", "needs_restart", "node_id_for", "serve"]
+           "build_plugins", "config_changes", "listen", "needs_restart", "node_id_for",
+           "restart_changes", "serve"]
 
 
 def node_id_for(config: Config) -> str:
@@ -93,8 +94,8 @@ RESTART_KEYS = (
     "ingest.max_body_bytes", "audit.url", "audit.signing_key", "audit.signing_key_file",
     "audit.verify_key_file", "audit.checkpoint_every", "audit.checkpoint_interval",
     "audit.journal_path", "audit.group_commit_ms", "audit.group_commit_max_rows",
-    "audit.retry_interval", "audit.api_keys", "audit.witness", "broker", "history",
-    "logging", "metrics")
+    "audit.retry_interval", "audit.witness", "broker", "history", "logging",
+    "metrics.port", "metrics.host")
 
 _ABSENT = object()
 
@@ -120,6 +121,16 @@ def config_changes(old: Config, new: Config) -> list[str]:
 def needs_restart(key: str) -> bool:
     """Whether a reload must refuse a change of ``key`` (see RESTART_KEYS)."""
     return any(key == k or key.startswith(k + ".") for k in RESTART_KEYS)
+
+
+def restart_changes(old: Config, new: Config) -> list[str]:
+    """What a reload from old to new must refuse: the RESTART_KEYS that changed,
+    and turning the audit API on or off (its routes are mounted at start; new
+    keys for an API that stays on apply live)."""
+    out = [k for k in config_changes(old, new) if needs_restart(k)]
+    if bool(old.audit.api_keys) != bool(new.audit.api_keys):
+        out.append("audit.api_keys (turning the audit API on or off)")
+    return out
 
 
 class Reloader:
@@ -175,7 +186,7 @@ class Reloader:
             log.error("reload refused: wsgate: %s: %s (the running config stays)", path, exc)
             return False
         changed = config_changes(self.raw, new)
-        restart = [k for k in changed if needs_restart(k)]
+        restart = restart_changes(self.raw, new)
         if restart:
             await authenticator.close()
             log.error("reload refused: %s: %s cannot change without a restart "

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -56,15 +56,23 @@ FILTERS = ("customer", "agent", "subject", "topic_prefix", "connection", "outcom
            "since", "until")
 
 
+#: Bearer keys, or a function returning the current ones (read at each request).
+Keys = Sequence[str] | Callable[[], Sequence[str]]
+
+
 class AuditKeyHandler(JSONHandler):
     """Base of the audit endpoints: checks the audit API key (constant time)."""
 
-    def initialize(self, reader: AuditReader | None, api_keys: Sequence[str]) -> None:
+    def initialize(self, reader: AuditReader | None, api_keys: Keys) -> None:
         """Args:
             reader: the audit reader (its queries run in worker threads); may be
                 None only when api_keys is empty.
-            api_keys: the accepted Bearer keys; empty turns the API off (404).
+            api_keys: the accepted Bearer keys, or a function that returns the
+                current ones (a SIGHUP reload changes them); empty turns the API
+                off (404).
         """
+        if callable(api_keys):
+            api_keys = api_keys()
         self.reader = reader
         self.api_keys = tuple(k.encode() for k in api_keys)
         #: The customers each key may read (None: all), in api_keys' order.
@@ -205,9 +213,10 @@ class AuditVerifyHandler(AuditKeyHandler):
 Route = tuple[str, type, dict[str, Any]]
 
 
-def audit_routes(reader: AuditReader | None, api_keys: Sequence[str]) -> list[Route]:
-    """The URL specs of the audit API for a given reader and keys."""
-    init = {"reader": reader, "api_keys": tuple(api_keys)}
+def audit_routes(reader: AuditReader | None, api_keys: Keys) -> list[Route]:
+    """The URL specs of the audit API for a given reader and keys (see
+    AuditKeyHandler.initialize)."""
+    init = {"reader": reader, "api_keys": api_keys}
     return [
         (r"/v1\.0/audit", AuditAPIHandler, init),
         (r"/v1\.0/audit/verify", AuditVerifyHandler, init),

@@ -9,7 +9,7 @@ default) serves it without a key: it is meant for a private interface.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from wsgate.adapters.base import JSONHandler
@@ -20,12 +20,16 @@ from wsgate.metrics import GatewayMetrics
 class MetricsHandler(JSONHandler):
     """Serves one gateway's registry in the format the scraper's Accept asks for."""
 
-    def initialize(self, metrics: GatewayMetrics, keys: Sequence[str] | None) -> None:
+    def initialize(self, metrics: GatewayMetrics,
+                   keys: Sequence[str] | Callable[[], Sequence[str]] | None) -> None:
         """Args:
             metrics: what to serve.
-            keys: accepted Bearer keys; an empty sequence turns the endpoint
-                off (404); None serves without a key (the private listener).
+            keys: accepted Bearer keys, or a function returning the current ones
+                (a SIGHUP reload changes them); an empty sequence turns the
+                endpoint off (404); None serves without a key (the private listener).
         """
+        if callable(keys):
+            keys = keys()
         self.metrics = metrics
         self.keys = None if keys is None else tuple(k.encode() for k in keys)
 
@@ -61,8 +65,9 @@ class MetricsHandler(JSONHandler):
         self.finish(body)
 
 
-def metrics_route(metrics: GatewayMetrics, keys: Sequence[str] | None) -> tuple[str, type,
-                                                                             dict[str, Any]]:
+def metrics_route(metrics: GatewayMetrics,
+                  keys: Sequence[str] | Callable[[], Sequence[str]] | None
+                  ) -> tuple[str, type, dict[str, Any]]:
     """The ``/metrics`` URL spec (see MetricsHandler.initialize for keys)."""
     return (r"/metrics", MetricsHandler, {"metrics": metrics, "keys": keys})
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import tornado.iostream
 import tornado.web
 from sqlalchemy.exc import SQLAlchemyError
 
-from wsgate.adapters.audit_api import AuditKeyHandler, Route
+from wsgate.adapters.audit_api import AuditKeyHandler, Keys, Route
 from wsgate.adapters.base import JSONHandler
 from wsgate.audit.query import MAX_PAGE, AuditReader, write_rows
 from wsgate.errors import NOT_FOUND, HTTPFailure
@@ -122,11 +121,11 @@ class ReviewPageOffHandler(JSONHandler):
                               "it, then sign in here with one of those keys"))
 
 
-def review_routes(reader: AuditReader | None, api_keys: Sequence[str]) -> list[Route]:
-    """The review page and export URL specs. With no audit key, the page's URLs
-    answer 404 saying how to turn it on, and the export the API's 404."""
-    init = {"reader": reader, "api_keys": tuple(api_keys)}
-    if not api_keys:
+def review_routes(reader: AuditReader | None, api_keys: Keys) -> list[Route]:
+    """The review page and export URL specs. With no audit key (at start), the
+    page's URLs answer 404 saying how to turn it on, and the export the API's 404."""
+    init = {"reader": reader, "api_keys": api_keys}
+    if not (api_keys() if callable(api_keys) else api_keys):
         return [
             (r"/audit(?:/.*)?", ReviewPageOffHandler, {}),
             (r"/v1\.0/audit/export\.csv", AuditExportHandler, init),

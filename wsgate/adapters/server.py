@@ -61,7 +61,8 @@ def make_app(gateway: Gateway, metrics: GatewayMetrics) -> tornado.web.Applicati
         (r"/v1\.0/events", IngestHandler, {"service": ingest}),
         (r"/healthz", HealthHandler),
         (r"/readyz", ReadyHandler, {"gateway": gateway}),
-        metrics_route(metrics, gateway.config.metrics.keys),
+        # Read at each request: a SIGHUP reload may change the keys.
+        metrics_route(metrics, lambda: gateway.config.metrics.keys),
     ]
     routes.extend(_audit_routes(gateway))
     return tornado.web.Application(
@@ -88,7 +89,10 @@ def _audit_routes(gateway: Gateway) -> list[Any]:
 
     audit = gateway.config.audit
     reader = AuditReader.from_config(audit) if audit.api_keys else None
-    return [*audit_routes(reader, audit.api_keys), *review_routes(reader, audit.api_keys)]
+    def keys() -> tuple[Any, ...]:  # at each request: a SIGHUP reload may change them
+        return gateway.config.audit.api_keys
+
+    return [*audit_routes(reader, keys), *review_routes(reader, keys)]
 
 
 def make_metrics_app(metrics: GatewayMetrics) -> tornado.web.Application:
