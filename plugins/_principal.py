@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from wsgate.config import _tname
 from wsgate.plugins import KINDS, PERMISSIONS, OptionError, Principal
@@ -245,3 +246,26 @@ def _show(value: object, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
 
+
+
+def url_option(value: object, key: str) -> str:
+    """An http:// or https:// URL with a host, from option ``key``.
+
+    Raises:
+        OptionError: naming the key and what it got (scheme and host only).
+    """
+    if not isinstance(value, str):
+        raise OptionError(key, "must be an http:// or https:// URL")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise OptionError(key, f"must be an http:// or https:// URL with a host, not "
+                          f"{parts.scheme or 'no scheme'}://{parts.hostname or ''}")
+    return value
+
+
+def url_host(url: str) -> str:
+    """scheme://host:port only, for logs and messages: a URL may hold credentials
+    or tokens in its query."""
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname}{port}"

@@ -38,7 +38,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
 
@@ -51,6 +50,8 @@ from ._principal import (
     principal_from_mapping,
     principal_to_mapping,
     seconds_option,
+    url_host,
+    url_option,
 )
 
 log = logging.getLogger(__name__)
@@ -86,8 +87,8 @@ class HTTPAuthenticator(Authenticator):
         check_option_keys(options, OPTIONS, "http")
         if "url" not in options:
             raise OptionError("url", "is required: the backend URL that validates tokens")
-        self.url = _url(options["url"], "url")
-        self.refresh_url = _url(options.get("refresh_url", self.url), "refresh_url")
+        self.url = url_option(options["url"], "url")
+        self.refresh_url = url_option(options.get("refresh_url", self.url), "refresh_url")
         self.timeout = seconds_option(options, "timeout", 2.0, above=True)
         self.cache_ttl = seconds_option(options, "cache_ttl", 60.0)
         self.negative_cache_ttl = seconds_option(options, "negative_cache_ttl", 10.0)
@@ -209,7 +210,7 @@ class HTTPAuthenticator(Authenticator):
             raise self._unavailable(f"answered 200 with an invalid principal: {exc}") from None
 
     def _unavailable(self, what: str) -> Unavailable:
-        message = f"the authentication backend {_host(self.url)} {what}"
+        message = f"the authentication backend {url_host(self.url)} {what}"
         log.warning("%s", message)
         return Unavailable(message)
 
@@ -237,23 +238,6 @@ class HTTPAuthenticator(Authenticator):
                  if isinstance(v, Principal) and v.subject == subject]
         for k in stale:
             del self._cache[k]
-
-
-def _url(value: object, key: str) -> str:
-    if not isinstance(value, str):
-        raise OptionError(key, "must be an http:// or https:// URL")
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise OptionError(key, f"must be an http:// or https:// URL with a host, not "
-                          f"{parts.scheme or 'no scheme'}://{parts.hostname or ''}")
-    return value
-
-
-def _host(url: str) -> str:
-    """scheme://host:port only: a URL may hold credentials or tokens in its query."""
-    parts = urlsplit(url)
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{parts.hostname}{port}"
 
 
 def _integer(options: Mapping[str, Any], key: str, default: int) -> int:

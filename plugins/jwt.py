@@ -50,7 +50,6 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import jwt
 from cryptography import x509
@@ -69,6 +68,8 @@ from ._principal import (
     permission_mask,
     principal_from_mapping,
     seconds_option,
+    url_host,
+    url_option,
 )
 
 #: HMAC algorithms and the shortest secret each accepts (RFC 7518 §3.2: the hash size).
@@ -179,10 +180,10 @@ class JWTAuthenticator(Authenticator):
             self._jwks = self._load_jwks(options["jwks_file"])
             self._file_stamp = _stamp(self._file)
         elif self._source == "jwks_url":
-            self.jwks_url = _url(options["jwks_url"], "jwks_url")
+            self.jwks_url = url_option(options["jwks_url"], "jwks_url")
         elif self._source == "oidc_issuer":
             # Kept as written: it is compared with iss as is (some issuers end in "/").
-            self.oidc_issuer = _url(options["oidc_issuer"], "oidc_issuer")
+            self.oidc_issuer = url_option(options["oidc_issuer"], "oidc_issuer")
             if self.issuer is not None and self.issuer != self.oidc_issuer:
                 raise OptionError("issuer", f"must equal oidc_issuer ({self.oidc_issuer}) "
                                   "or be left out")
@@ -485,7 +486,7 @@ class JWTAuthenticator(Authenticator):
             except _FetchError:
                 self._jwks_uri = None  # the provider may have moved it: discover again
                 raise
-            keys = self._parse_jwks(doc, self._source, _host(url), lenient=True)
+            keys = self._parse_jwks(doc, self._source, url_host(url), lenient=True)
         except Exception as exc:
             if isinstance(exc, OptionError):
                 why = f"the key set from {self._where()} is not usable: {exc.message}"
@@ -515,16 +516,16 @@ class JWTAuthenticator(Authenticator):
         doc = await self._get_json(self.oidc_issuer.rstrip("/")
                                    + "/.well-known/openid-configuration")
         if not isinstance(doc, dict):
-            raise _FetchError(f"{_host(self.oidc_issuer)}: the discovery document is not a "
+            raise _FetchError(f"{url_host(self.oidc_issuer)}: the discovery document is not a "
                               "JSON object")
         if doc.get("issuer") != self.oidc_issuer:
-            raise _FetchError(f"{_host(self.oidc_issuer)}: the discovery document names "
+            raise _FetchError(f"{url_host(self.oidc_issuer)}: the discovery document names "
                               f"issuer {str(doc.get('issuer'))[:100]!r}, not oidc_issuer")
         uri = doc.get("jwks_uri")
         try:
-            return _url(uri, "jwks_uri")
+            return url_option(uri, "jwks_uri")
         except OptionError:
-            raise _FetchError(f"{_host(self.oidc_issuer)}: the discovery document has no "
+            raise _FetchError(f"{url_host(self.oidc_issuer)}: the discovery document has no "
                               "http(s) jwks_uri") from None
 
     async def _get_json(self, url: str) -> object:
@@ -534,7 +535,7 @@ class JWTAuthenticator(Authenticator):
         request = HTTPRequest(url, headers={"Accept": "application/json"},
                               connect_timeout=FETCH_TIMEOUT, request_timeout=FETCH_TIMEOUT,
                               follow_redirects=False)
-        where = _host(url)
+        where = url_host(url)
         try:
             response = await self._client.fetch(request, raise_error=False)
         except HTTPClientError as exc:
@@ -552,7 +553,7 @@ class JWTAuthenticator(Authenticator):
             raise _FetchError(f"{where} answered 200 with a body that is not JSON") from None
 
     def _where(self) -> str:
-        return _host(self.jwks_url or self.oidc_issuer or "")
+        return url_host(self.jwks_url or self.oidc_issuer or "")
 
     def decode(self, token: str) -> dict[str, Any]:
         """The verified claims of a token (see authenticate for the refusals)."""
@@ -702,23 +703,6 @@ class JWTAuthenticator(Authenticator):
 
 class _FetchError(Exception):
     """A remote key set (or discovery document) could not be fetched; says why, no secrets."""
-
-
-def _url(value: object, key: str) -> str:
-    if not isinstance(value, str):
-        raise OptionError(key, "must be an http:// or https:// URL")
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise OptionError(key, f"must be an http:// or https:// URL with a host, not "
-                          f"{parts.scheme or 'no scheme'}://{parts.hostname or ''}")
-    return value
-
-
-def _host(url: str) -> str:
-    """scheme://host:port only: a URL may hold credentials or tokens in its query."""
-    parts = urlsplit(url)
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{parts.hostname}{port}"
 
 
 def _file_option(value: object, key: str) -> str:
