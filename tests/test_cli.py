@@ -6,7 +6,6 @@ import csv
 import io
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -319,8 +318,10 @@ def test_audit_output_into_head_ends_quietly_like_git_log(big_audit_log, argv):
 def readme_jwt_path():
     """README.md, quick start "With signed tokens (jwt)": its jwt.toml and its commands."""
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    part = text[text.index("### With signed tokens (`jwt`)"):text.index("## Documentation")]
-    blocks = re.findall(r"^```(\w*)\n(.*?)^```$", part, flags=re.M | re.S)
+    from tests.test_newcomer import fenced_blocks
+
+    blocks = fenced_blocks(
+        text[text.index("### With signed tokens (`jwt`)"):text.index("## Documentation")])
     toml = next(body for lang, body in blocks if lang == "toml")
     shell = next(body for lang, body in blocks if lang == "sh")
     return toml, shell
