@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
+
+import msgspec
 
 from wsgate.protocol import CONTROL_TYPES, STRICT_DECODER, dumps
 from wsgate.topics import Topic, TopicError, is_uuid, parse_topic
@@ -216,3 +219,150 @@ def decode_json(body: bytes) -> Any:
         raise ValueError("nested too deeply") from None
     except UnicodeDecodeError as exc:
         raise ValueError(f"not UTF-8: {exc}") from None
+
+
+# --- the fast path ---------------------------------------------------------------
+#
+# A valid ingest body is decoded and checked in C (msgspec) and ``data`` is
+# never decoded: its bytes, as posted, are what every frame carries (the same
+# JSON value; the frames of the slow path re-encode it). Anything the fast
+# path is not sure of (an error of any kind, a number Python's json would read
+# differently) makes it give up, and the caller runs the slow path above,
+# which gives the same answer it always gave, errors and their details
+# included. tests/test_events_fast.py checks that the two agree.
+
+
+class NotFast(Exception):
+    """The fast path cannot decide this body: use decode_json, parse_body, validate_events."""
+
+
+class _Event(msgspec.Struct, forbid_unknown_fields=True):
+    type: str
+    data: msgspec.Raw
+    customer_id: str | None = None
+    agent_id: str | None = None
+    resource: str | None = None
+    resource_id: str | None = None
+    # UNSET, not None: the slow path refuses "topics": null.
+    topics: list[str] | msgspec.UnsetType = msgspec.UNSET
+    event_id: str | None = None
+
+
+class _Batch(msgspec.Struct, forbid_unknown_fields=True):
+    events: list[_Event]
+
+
+_ONE = msgspec.json.Decoder(_Event)
+_MANY = msgspec.json.Decoder(_Batch)
+#: ``data`` is read once more, in C, for two things: its ``id`` (the default
+#: resource_id), and its numbers: one Python's json would refuse (out of a
+#: float's range, past Python's limit on digits) makes this refuse it too.
+_DATA = msgspec.json.Decoder()
+
+
+@dataclass(slots=True)
+class Source:
+    """What check_scope reads of a posted event: its customer, agent and extra topics."""
+
+    customer_id: Any
+    agent_id: Any
+    topics: Any
+
+
+def validate_body(body: bytes, max_batch: int) -> tuple[list[Event], list[Source]]:
+    """Decode and check an ingest body in one pass: the events, and what check_scope reads.
+
+    Raises:
+        NotFast: anything but a valid body of at most max_batch events (nothing
+            is refused here: the slow path says why).
+    """
+    try:
+        if body[:1] == b"{" and b'"events"' in body:
+            try:
+                raws = _MANY.decode(body).events
+            except msgspec.ValidationError:
+                raws = [_ONE.decode(body)]  # "events" was inside an event
+        else:
+            raws = [_ONE.decode(body)]
+    except (msgspec.DecodeError, RecursionError):
+        raise NotFast from None
+    if not raws or len(raws) > max_batch:
+        raise NotFast
+    published_at = now_rfc3339()
+    events: list[Event] = []
+    sources: list[Source] = []
+    ids = new_event_ids(sum(1 for r in raws if r.event_id is None))
+    seen_ids: set[str] = set()
+    for raw in raws:
+        try:
+            event = _fast_one(raw, published_at, ids)
+        except (TopicError, msgspec.DecodeError, RecursionError):
+            raise NotFast from None
+        if event.event_id in seen_ids:
+            raise NotFast
+        seen_ids.add(event.event_id)
+        events.append(event)
+        sources.append(Source(raw.customer_id, raw.agent_id,
+                              () if raw.topics is msgspec.UNSET else raw.topics))
+    return events, sources
+
+
+def _fast_one(raw: _Event, published_at: str, ids: list[str]) -> Event:
+    etype = raw.type
+    if not _TYPE.match(etype) or etype in CONTROL_TYPES:
+        raise NotFast
+    data = bytes(raw.data)
+    if data[:1] != b"{":
+        raise NotFast
+    try:
+        data_json = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise NotFast from None
+    data_id = _DATA.decode(data).get("id")
+    customer, agent, event_id = raw.customer_id, raw.agent_id, raw.event_id
+    if ((customer is not None and not is_uuid(customer))
+            or (agent is not None and not is_uuid(agent))
+            or (event_id is not None and not is_uuid(event_id))):
+        raise NotFast
+    topics: list[Topic] = []
+    seen: set[str] = set()
+    extra = raw.topics
+    if extra is not msgspec.UNSET:
+        if len(extra) > MAX_EXTRA_TOPICS:
+            raise NotFast
+        for text in extra:
+            if text not in seen:
+                seen.add(text)
+                topics.append(parse_topic(text, wildcard=False))
+    if customer is not None or agent is not None:
+        resource = raw.resource
+        if resource is None:
+            resource = etype.rsplit("_", 1)[0]
+        resource_id = raw.resource_id
+        if resource_id is None and type(data_id) is str:
+            resource_id = data_id
+        for scope, scope_id in (("customer_id", customer), ("agent_id", agent)):
+            if scope_id is not None:
+                text = f"{scope}:{scope_id}:{resource}"
+                if resource_id is not None:
+                    text = f"{text}:{resource_id}"
+                if text not in seen:
+                    seen.add(text)
+                    topics.append(parse_topic(text, wildcard=False))
+    if not topics:
+        raise NotFast
+    return Event(etype, data_json, tuple(topics), event_id or ids.pop(), published_at)
+
+
+def new_event_ids(n: int) -> list[str]:
+    """n random (version 4) UUIDs as text, from one read of the OS's random source."""
+    if n == 0:
+        return []
+    h = os.urandom(16 * n).hex()
+    # As uuid.uuid4: the version nibble is 4, the variant bits are 10.
+    return [f"{h[i:i + 8]}-{h[i + 8:i + 12]}-4{h[i + 13:i + 16]}-"
+            f"{_VARIANT[h[i + 16]]}{h[i + 17:i + 20]}-{h[i + 20:i + 32]}"
+            for i in range(0, 32 * n, 32)]
+
+
+_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}

@@ -35,7 +35,16 @@ from wsgate import errors
 from wsgate.broker import BrokerUnavailable
 from wsgate.config import IngestConfig
 from wsgate.errors import HTTPFailure
-from wsgate.events import Event, InvalidEvents, decode_json, parse_body, validate_events
+from wsgate.events import (
+    Event,
+    InvalidEvents,
+    NotFast,
+    Source,
+    decode_json,
+    parse_body,
+    validate_body,
+    validate_events,
+)
 from wsgate.gateway import Gateway
 
 MAX_IDEMPOTENCY_KEY = 200
@@ -376,6 +385,27 @@ class IngestService:
         if self.gateway.draining:
             raise HTTPFailure(503, errors.SHUTTING_DOWN, "the server is shutting down; retry")
         try:
+            events, sources = validate_body(body, self.config.max_batch)
+        except NotFast:
+            events, sources = self._validate_slowly(body)
+        customers = self.scopes.get(kid)
+        if customers is not None:
+            check_scope(sources, events, customers)
+        hashes = [hashlib.sha256(e.data_json.encode()).hexdigest() for e in events]
+        try:
+            await self.gateway.publish(events, kid, hashes)
+        except BrokerUnavailable as exc:
+            raise HTTPFailure(503, errors.BROKER_UNAVAILABLE,
+                              f"events cannot be published now ({exc}); retry") from None
+        return {"accepted": len(events), "event_ids": [e.event_id for e in events]}
+
+    def _validate_slowly(self, body: bytes) -> tuple[list[Event], list[Source]]:
+        """The events of a body the fast path gave up on, or the answer that says why not.
+
+        Raises:
+            HTTPFailure: 400, 413 or 422, naming every problem found.
+        """
+        try:
             parsed = decode_json(body)
         except ValueError as exc:
             raise HTTPFailure(400, errors.BAD_JSON, f"the body is not valid JSON: {exc}") from None
@@ -388,19 +418,11 @@ class IngestService:
             raise HTTPFailure(422, errors.INVALID_EVENT,
                               f"{len(exc.details)} problem(s); nothing was published",
                               details=exc.details) from None
-        customers = self.scopes.get(kid)
-        if customers is not None:
-            check_scope(raw_events, events, customers)
-        hashes = [hashlib.sha256(e.data_json.encode()).hexdigest() for e in events]
-        try:
-            await self.gateway.publish(events, kid, hashes)
-        except BrokerUnavailable as exc:
-            raise HTTPFailure(503, errors.BROKER_UNAVAILABLE,
-                              f"events cannot be published now ({exc}); retry") from None
-        return {"accepted": len(events), "event_ids": [e.event_id for e in events]}
+        return events, [Source(raw.get("customer_id"), raw.get("agent_id"),
+                               raw.get("topics", ())) for raw in raw_events]
 
 
-def check_scope(raw_events: list[Any], events: list[Event], customers: frozenset[str]) -> None:
+def check_scope(sources: list[Source], events: list[Event], customers: frozenset[str]) -> None:
     """Hold valid events posted with a key scoped to ``customers`` to that scope (SPEC §3).
 
     Each event must carry a ``customer_id`` of the scope and each extra topic
@@ -413,14 +435,14 @@ def check_scope(raw_events: list[Any], events: list[Event], customers: frozenset
         HTTPFailure: 403 ``forbidden`` with details as for 422; nothing is published.
     """
     details: list[dict[str, Any]] = []
-    for index, (raw, event) in enumerate(zip(raw_events, events, strict=True)):
-        customer = raw.get("customer_id")
+    for index, (source, event) in enumerate(zip(sources, events, strict=True)):
+        customer = source.customer_id
         if customer not in customers:
             details.append({"index": index, "field": "customer_id",
                             "message": "this key may post only for its customers; give "
                                        "customer_id of one of them"})
-        agent = raw.get("agent_id")
-        for topic in raw.get("topics", ()):
+        agent = source.agent_id
+        for topic in source.topics:
             segments = topic.split(":")
             if len(segments) >= 2 and (
                     (segments[0] == "customer_id" and segments[1] in customers)
