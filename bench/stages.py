@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -159,7 +160,7 @@ def run(batch: int, seconds: float) -> dict[str, float]:
         return fast_ingest.response(202, answers[i % len(answers)], False)
     out["202 answer bytes"] = timed(answer, seconds)[0]
 
-    stream = open(os.devnull, "w")
+    stream = tempfile.TemporaryFile("w")  # a file, as when stderr is redirected
     setup_logging(LoggingConfig())
     handler = logging.getLogger().handlers[0]
     assert isinstance(handler, logging.StreamHandler)

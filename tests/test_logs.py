@@ -148,3 +148,58 @@ def test_text_values_with_spaces_are_quoted(log_output):
     output = log_output("INFO", "text")
     logging.getLogger("wsgate.test").info("hello", extra={"who": "a b", "none": None})
     assert output.getvalue().rstrip().endswith('hello who="a b" none=-')
+
+
+class _CountingStream(io.StringIO):
+    """A stream that counts its writes (one write is one system call on a real stderr)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+@pytest.mark.gen_test
+async def test_lines_of_one_loop_iteration_are_written_together(log_output):
+    import asyncio
+    import threading
+
+    log_output("INFO", "text")
+    handler = logging.getLogger().handlers[0]
+    stream = _CountingStream()
+    handler.setStream(stream)
+    log = logging.getLogger("wsgate.test")
+    for n in range(5):
+        log.info("line %d", n)
+    assert stream.getvalue() == "", "written at the end of the loop iteration"
+    await asyncio.sleep(0)
+    assert stream.writes == 1
+    assert [line.split(": ", 1)[1] for line in stream.getvalue().splitlines()] == [
+        f"line {n}" for n in range(5)]
+    # Another thread's line is written at once, after any line still waiting.
+    log.info("waiting")
+    other = threading.Thread(target=log.warning, args=("from a thread",))
+    other.start()
+    other.join()
+    assert stream.getvalue().splitlines()[-2:][0].endswith("waiting")
+    assert stream.getvalue().rstrip().endswith("from a thread")
+    # logging.shutdown() at exit flushes what waits.
+    log.info("last")
+    handler.flush()
+    assert stream.getvalue().rstrip().endswith("last")
+
+
+def test_text_time_and_fields_are_the_standard_formatters(log_output):
+    """The cached time part is what logging.Formatter writes, across a second's edge."""
+    log_output("INFO", "text")
+    handler = logging.getLogger().handlers[0]
+    reference = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for created in (1765080000.999, 1765080001.0, 1765080001.5, 1765166401.25):
+        record = logging.getLogger("wsgate.t").makeRecord(
+            "wsgate.t", logging.INFO, __file__, 1, "m %s", ("x",), None,
+            extra={"a": 1, "b": "c d", "empty": ""})
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        assert handler.format(record) == reference.format(record) + ' a=1 b="c d" empty=""'
