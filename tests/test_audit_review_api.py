@@ -116,7 +116,10 @@ async def overview_log(backend: Backend) -> None:
         rec(topic("q", customer=OTHER_CUSTOMER), outcome=REJECTED, code="limit_exceeded",
             at=minutes(129), conn=key1),
         rec(topic("r", customer=OTHER_CUSTOMER), at=minutes(130), conn=key1),
-    ]), ("end", [end(topic("a"), at=minutes(3), conn=alice)])], signed=False)
+    ]), ("end", [end(topic("a"), at=minutes(3), conn=alice),
+                 # Not a refused subscribe: counted in no chart.
+                 end(topic("v"), outcome=REJECTED, code="not_subscribed", at=minutes(4),
+                     conn=alice)])], signed=False)
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -125,7 +128,7 @@ async def test_summary_counts_hours_principals_and_codes(backend: Backend, serve
     api = serve()
     status, body = await api.get("/v1.0/audit/summary")
     assert status == 200, body
-    assert (body["rows"], body["subscribes"], body["refusals"]) == (12, 4, 7)
+    assert (body["rows"], body["subscribes"], body["refusals"]) == (13, 4, 7)
     assert [(h["hour"], h["subscribes"], h["refusals"]) for h in body["hours"]] == [
         ("2024-05-01T12:00:00Z", 2, 3), ("2024-05-01T13:00:00Z", 0, 0),
         ("2024-05-01T14:00:00Z", 2, 4)]
@@ -194,7 +197,7 @@ async def test_a_scoped_key_summary_counts_only_its_customers(backend: Backend,
     api = serve()
     status, body = await api.get("/v1.0/audit/summary", key=ACME_KEY)
     assert status == 200, body
-    assert (body["rows"], body["subscribes"], body["refusals"]) == (8, 3, 4)
+    assert (body["rows"], body["subscribes"], body["refusals"]) == (9, 3, 4)
     assert [p["subject"] for p in body["top_refused"]] == ["bob", "alice"]
     assert body["refusals_by_code"] == [{"code": "forbidden", "refusals": 3},
                                         {"code": "invalid_topic", "refusals": 1}]
@@ -374,7 +377,8 @@ async def test_rows_filter_by_action_and_code(backend: Backend, serve: Any) -> N
     await overview_log(backend)
     api = serve()
     rows = await all_rows(api, action="unsubscribe")
-    assert [(r["action"], r["code"]) for r in rows] == [("unsubscribe", "client")]
+    assert [(r["action"], r["code"]) for r in rows] == [("unsubscribe", "client"),
+                                                        ("unsubscribe", "not_subscribed")]
     rows = await all_rows(api, code="invalid_topic")
     assert [r["subject"] for r in rows] == ["bob"]
     status, body = await api.get("/v1.0/audit", action="delete")
