@@ -234,7 +234,7 @@
 
   // An id, shortened when long: the full value is its title and what Copy copies.
   // A connection id links to that connection's timeline.
-  function idCell(value, link) {
+  function idCell(value, link, whole) {
     const wrap = document.createElement("span");
     wrap.className = "id";
     const label = link ? document.createElement("a") : document.createElement("span");
@@ -242,7 +242,7 @@
     label.className = "id-text";
     label.title = value;
     label.dataset.full = value;
-    label.textContent = value.length > SHORT ? `${value.slice(0, 8)}…` : value;
+    label.textContent = value.length > SHORT && !whole ? `${value.slice(0, 8)}…` : value;
     wrap.append(label, copyButton(value));
     return wrap;
   }
@@ -517,7 +517,7 @@
     const slot = Math.max(8, Math.min(48, Math.floor(900 / hours.length)));
     const barWidth = Math.max(3, Math.floor((slot - 2) / 2));
     const left = 36, top = 8, height = 140, bottom = 34;
-    const width = left + slot * hours.length + 8;
+    const width = left + slot * hours.length + 70;
     const scale = (n) => Math.round((n / most) * height);
     const chart = svg("svg", {
       width, height: top + height + bottom, viewBox: `0 0 ${width} ${top + height + bottom}`,
@@ -672,7 +672,7 @@
 
   async function showTimeline(connectionId) {
     timelineId = connectionId;
-    $("timeline-id").replaceChildren(idCell(connectionId, false));
+    $("timeline-id").replaceChildren(idCell(connectionId, false, true));
     $("timeline-info").replaceChildren();
     $("timeline").replaceChildren();
     $("timeline-more").hidden = true;
