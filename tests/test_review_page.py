@@ -3,8 +3,9 @@
 Needs the ``playwright`` package (``pip install -e '.[test]'``) and a Chromium
 binary: ``WSGATE_TEST_CHROMIUM``, else ``chromium`` on PATH (Debian:
 ``apt-get install chromium``). Without them the test skips, except under
-``CI=true`` where it fails. ``WSGATE_REVIEW_SCREENSHOT=docs/review-page.png``
-saves the screenshot the README shows.
+``CI=true`` where it fails. ``WSGATE_REVIEW_SCREENSHOTS=docs`` saves the
+screenshots docs/operations.md and the README show (review-page.png,
+review-timeline.png, review-recipients.png, review-overview.png) into that folder.
 """
 
 import csv
@@ -167,9 +168,6 @@ async def test_review_page_in_chromium(make_server, tmp_path):
             await expect(rows).to_have_count(total - 25)
             await expect(page.locator("tr.rejected")).to_have_count(2)
             await expect(result).to_contain_text("The audit log is whole")
-            shot = os.environ.get("WSGATE_REVIEW_SCREENSHOT")
-            if shot:
-                await page.screenshot(path=shot, full_page=True)
 
             # The key never travelled in a URL, and the page kept it to this tab.
             assert urls and not [u for u in urls if REVIEW_KEY in u]

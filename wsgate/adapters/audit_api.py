@@ -17,11 +17,20 @@ Every parameter is taken at most once and checked before the store is asked
 ``GET /v1.0/audit/verify`` answers the verify result as JSON (``ok``,
 ``first``, ``problems``...), status 200 either way.
 
+The review page's views (docs/audit.md, "HTTP API"): ``GET
+/v1.0/audit/summary`` (the rows filters; counts per hour, top principals by
+refusals, refusals by code), ``GET /v1.0/audit/connections/<id>`` (one
+connection's timeline) and ``GET /v1.0/audit/recipients/<event_id>`` (who
+could see a recorded event).
+
 A scoped key (``{key = ..., customers = [...]}``, SPEC §6 "Scoped review
 keys") sees only rows whose ``customer_id`` is one of its customers: the
 filter is forced on every page and on the CSV export; a ``customer`` filter
 outside its list is 403 ``forbidden`` (naming no row), and verify, which
 reports on the whole log (other customers' rows included), is 403 for it.
+The summary counts only its customers' rows; a timeline or an event with
+nothing of its customers is 404, exactly as if unknown; an event's other
+customers' topics and recipients are left out.
 """
 
 from __future__ import annotations
