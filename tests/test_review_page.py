@@ -301,10 +301,27 @@ async def test_a_scoped_review_key_sees_only_its_customers_rows_in_chromium(
     server = await make_server(audit={"api_keys": [
         REVIEW_KEY, {"key": acme_key, "customers": [CUSTOMER]}]})
     ours = await audit_history(server)  # all of CUSTOMER
-    root = await server.connect("super-token")  # a principal of OTHER_CUSTOMER
+    root, root_id = await connected(server, "super-token")  # a principal of OTHER_CUSTOMER
     secret = f"customer_id:{OTHER_CUSTOMER}:call:other-customers-call"
     assert (await root.subscribe(secret))["topics"] == [secret]
-    await server_rows(server, expect=ours + 1)
+    reply = await root.subscribe("-x")
+    assert [r["code"] for r in reply["rejected"]] == ["invalid_topic"]
+    await server_rows(server, expect=ours + 2)
+    # An event of the other customer only, and the only connection that got it.
+    status, body = await server.post(event(customer_id=OTHER_CUSTOMER, event_id=EVENT_ID,
+                                           data={"id": "other-customers-call"}))
+    assert status in (200, 202), body
+    assert (await root.recv())["event_id"] == EVENT_ID
+    http = tornado.httpclient.AsyncHTTPClient()
+
+    async def recorded():
+        response = await http.fetch(f"{server.base}/v1.0/audit/recipients/{EVENT_ID}",
+                                    headers={"Authorization": f"Bearer {REVIEW_KEY}"},
+                                    raise_error=False)
+        return response.code == 200 and json.loads(response.body)
+
+    everyone = await wait_for(recorded, 10, interval=0.05, message="event not recorded")
+    assert [r["connection_id"] for r in everyone["recipients"]] == [root_id]
 
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
@@ -343,6 +360,32 @@ async def test_a_scoped_review_key_sees_only_its_customers_rows_in_chromium(
             await page.click("#verify")
             await expect(page.locator("#verify-result")).to_contain_text(
                 "needs an audit API key without customers")
+
+            # The overview counts only its customers' rows: no root, no invalid_topic.
+            await page.click("#tab-overview")
+            codes = page.locator("#chart-codes a.bar-link")
+            await expect(codes).to_have_count(1)
+            await expect(codes).to_have_attribute("aria-label", "forbidden: 2")
+            labels = await page.locator("#chart-principals a.bar-link").evaluate_all(
+                "(links) => links.map((a) => a.getAttribute('aria-label'))")
+            assert sorted(labels) == [f"alice · {CUSTOMER[:8]}…: 1",
+                                      f"bob · {CUSTOMER[:8]}…: 1"], labels
+            # Another customer's connection and event: "not found", nothing shown.
+            await page.evaluate("(h) => { location.hash = h; }", f"#connection/{root_id}")
+            await expect(page.locator("#status")).to_contain_text(
+                "no audit row of this connection is recorded that this key may read")
+            await expect(page.locator("#timeline li")).to_have_count(0)
+            await page.evaluate("(h) => { location.hash = h; }", f"#recipients/{EVENT_ID}")
+            await expect(page.locator("#status")).to_contain_text(
+                "no event with this id is recorded that this key may read")
+            await expect(page.locator("#recipients tbody tr")).to_have_count(0)
+            # Nothing of theirs anywhere on the page (the id typed into the address is
+            # only echoed in the timeline's heading and its link).
+            assert "other-customers-call" not in await page.content()
+            shown = await page.evaluate(
+                "() => ['timeline-info', 'timeline', 'event-info', 'recipients', 'rows']"
+                ".map((id) => document.getElementById(id).textContent).join(' ')")
+            assert root_id not in shown and "root" not in shown
             await context.close()
         finally:
             await browser.close()
