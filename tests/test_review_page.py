@@ -3,8 +3,9 @@
 Needs the ``playwright`` package (``pip install -e '.[test]'``) and a Chromium
 binary: ``WSGATE_TEST_CHROMIUM``, else ``chromium`` on PATH (Debian:
 ``apt-get install chromium``). Without them the test skips, except under
-``CI=true`` where it fails. ``WSGATE_REVIEW_SCREENSHOT=docs/review-page.png``
-saves the screenshot the README shows.
+``CI=true`` where it fails. ``WSGATE_REVIEW_SCREENSHOTS=docs`` saves the
+screenshots docs/operations.md and the README show (review-page.png,
+review-timeline.png, review-recipients.png, review-overview.png) into that folder.
 """
 
 import csv
@@ -16,7 +17,14 @@ import shutil
 import pytest
 import tornado.httpclient
 
-from tests.conftest import CUSTOMER, OTHER_CUSTOMER, service_missing, wait_for
+from tests.conftest import (
+    CUSTOMER,
+    OTHER_AGENT,
+    OTHER_CUSTOMER,
+    event,
+    service_missing,
+    wait_for,
+)
 from wsgate.audit.query import FIELDS
 
 pytestmark = pytest.mark.browser
@@ -160,9 +168,6 @@ async def test_review_page_in_chromium(make_server, tmp_path):
             await expect(rows).to_have_count(total - 25)
             await expect(page.locator("tr.rejected")).to_have_count(2)
             await expect(result).to_contain_text("The audit log is whole")
-            shot = os.environ.get("WSGATE_REVIEW_SCREENSHOT")
-            if shot:
-                await page.screenshot(path=shot, full_page=True)
 
             # The key never travelled in a URL, and the page kept it to this tab.
             assert urls and not [u for u in urls if REVIEW_KEY in u]
@@ -296,10 +301,27 @@ async def test_a_scoped_review_key_sees_only_its_customers_rows_in_chromium(
     server = await make_server(audit={"api_keys": [
         REVIEW_KEY, {"key": acme_key, "customers": [CUSTOMER]}]})
     ours = await audit_history(server)  # all of CUSTOMER
-    root = await server.connect("super-token")  # a principal of OTHER_CUSTOMER
+    root, root_id = await connected(server, "super-token")  # a principal of OTHER_CUSTOMER
     secret = f"customer_id:{OTHER_CUSTOMER}:call:other-customers-call"
     assert (await root.subscribe(secret))["topics"] == [secret]
-    await server_rows(server, expect=ours + 1)
+    reply = await root.subscribe("-x")
+    assert [r["code"] for r in reply["rejected"]] == ["invalid_topic"]
+    await server_rows(server, expect=ours + 2)
+    # An event of the other customer only, and the only connection that got it.
+    status, body = await server.post(event(customer_id=OTHER_CUSTOMER, event_id=EVENT_ID,
+                                           data={"id": "other-customers-call"}))
+    assert status in (200, 202), body
+    assert (await root.recv())["event_id"] == EVENT_ID
+    http = tornado.httpclient.AsyncHTTPClient()
+
+    async def recorded():
+        response = await http.fetch(f"{server.base}/v1.0/audit/recipients/{EVENT_ID}",
+                                    headers={"Authorization": f"Bearer {REVIEW_KEY}"},
+                                    raise_error=False)
+        return response.code == 200 and json.loads(response.body)
+
+    everyone = await wait_for(recorded, 10, interval=0.05, message="event not recorded")
+    assert [r["connection_id"] for r in everyone["recipients"]] == [root_id]
 
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
@@ -313,8 +335,9 @@ async def test_a_scoped_review_key_sees_only_its_customers_rows_in_chromium(
             await page.click("#sign-in-button")
             await page.select_option("select[name=limit]", "100")
             await expect(rows).to_have_count(ours)
-            customers = await page.locator("td[data-column=customer_id]").all_text_contents()
-            assert set(customers) == {CUSTOMER}
+            customers = await page.locator("td[data-column=customer_id] .id-text"
+                                           ).evaluate_all("(ids) => ids.map((i) => i.title)")
+            assert len(customers) == ours and set(customers) == {CUSTOMER}
             assert "other-customers-call" not in await page.content()
 
             # Filtering another customer is refused, in words, with no row shown.
@@ -337,6 +360,253 @@ async def test_a_scoped_review_key_sees_only_its_customers_rows_in_chromium(
             await page.click("#verify")
             await expect(page.locator("#verify-result")).to_contain_text(
                 "needs an audit API key without customers")
+
+            # The overview counts only its customers' rows: no root, no invalid_topic.
+            await page.click("#tab-overview")
+            codes = page.locator("#chart-codes a.bar-link")
+            await expect(codes).to_have_count(1)
+            await expect(codes).to_have_attribute("aria-label", "forbidden: 2")
+            labels = await page.locator("#chart-principals a.bar-link").evaluate_all(
+                "(links) => links.map((a) => a.getAttribute('aria-label'))")
+            assert sorted(labels) == [f"alice · {CUSTOMER[:8]}…: 1",
+                                      f"bob · {CUSTOMER[:8]}…: 1"], labels
+            # Another customer's connection and event: "not found", nothing shown.
+            await page.evaluate("(h) => { location.hash = h; }", f"#connection/{root_id}")
+            await expect(page.locator("#status")).to_contain_text(
+                "no audit row of this connection is recorded that this key may read")
+            await expect(page.locator("#timeline li")).to_have_count(0)
+            await page.evaluate("(h) => { location.hash = h; }", f"#recipients/{EVENT_ID}")
+            await expect(page.locator("#status")).to_contain_text(
+                "no event with this id is recorded that this key may read")
+            await expect(page.locator("#recipients tbody tr")).to_have_count(0)
+            # Nothing of theirs anywhere on the page (the id typed into the address is
+            # only echoed in the timeline's heading and its link).
+            assert "other-customers-call" not in await page.content()
+            shown = await page.evaluate(
+                "() => ['timeline-info', 'timeline', 'event-info', 'recipients', 'rows']"
+                ".map((id) => document.getElementById(id).textContent).join(' ')")
+            assert root_id not in shown and "root" not in shown
+            await context.close()
+        finally:
+            await browser.close()
+
+
+# --- issue 19: recipients, connection timeline, overview, a table that fits ------------
+
+EVENT_ID = "7d1c2a9e-da9b-11ee-b3a6-5f2b4c1d2e3f"
+#: The screenshots of docs/operations.md, written when WSGATE_REVIEW_SCREENSHOTS names a folder.
+SHOTS = ("review-page.png", "review-timeline.png", "review-recipients.png",
+         "review-overview.png")
+
+FITS = """() => {
+  const doc = document.documentElement;
+  const boxes = [...document.querySelectorAll('.table-wrap, .chart, #timeline, .facts')]
+    .filter((e) => e.offsetParent !== null);
+  const heads = [...document.querySelectorAll('table:not([hidden]) th')]
+    .filter((e) => e.offsetParent !== null);
+  return {page: [doc.scrollWidth, doc.clientWidth],
+          boxes: boxes.map((e) => [e.id || e.className, e.scrollWidth, e.clientWidth]),
+          columns: heads.map((e) => [e.textContent, Math.round(e.getBoundingClientRect().width)])};
+}"""
+
+
+async def connected(server, token):
+    """A client and its connection id (from its connected frame)."""
+    client = await server.connect(token, expect_connected=False)
+    hello = await client.recv()
+    assert hello["type"] == "connected", hello
+    return client, hello["connection_id"]
+
+
+async def assert_fits(page, inner_too):
+    """Nothing scrolls the page sideways; with inner_too, no table or chart box either
+    (every column, the Customer one included, is on screen)."""
+    fit = await page.evaluate(FITS)
+    assert fit["page"][0] <= fit["page"][1], fit
+    if inner_too:
+        assert all(scroll <= client for _, scroll, client in fit["boxes"]), fit
+
+
+async def shot(page, name):
+    folder = os.environ.get("WSGATE_REVIEW_SCREENSHOTS")
+    if folder:
+        assert name in SHOTS
+        await page.screenshot(path=os.path.join(folder, name), full_page=True)
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_recipients_timeline_and_overview_in_chromium(make_server):
+    chromium = chromium_or_skip()
+    from playwright.async_api import async_playwright, expect
+
+    server = await make_server(audit={"api_keys": [REVIEW_KEY]})
+    call = f"customer_id:{CUSTOMER}:call"
+    alice, alice_id = await connected(server, "admin-token")
+    reply = await alice.subscribe(*CALLS[:5], FOREIGN)
+    assert len(reply["topics"]) == 5 and [r["code"] for r in reply["rejected"]] == ["forbidden"]
+    manager, manager_id = await connected(server, "manager-token")
+    assert (await manager.subscribe(call))["topics"] == [call]
+    key, _ = await connected(server, "accesskey-token")
+    assert (await key.subscribe(CALLS[4]))["topics"] == [CALLS[4]]
+    direct, direct_id = await connected(server, "direct-token")
+    assert (await direct.subscribe(CALLS[3]))["topics"] == [CALLS[3]]
+    bob, bob_id = await connected(server, "agent-token")
+    reply = await bob.subscribe(f"customer_id:{CUSTOMER}", FOREIGN, "-1+2")
+    assert [r["code"] for r in reply["rejected"]] == ["forbidden", "forbidden", "invalid_topic"]
+    carol, _ = await connected(server, "other-agent-token")
+    reply = await carol.subscribe(f"agent_id:{OTHER_AGENT}", CALLS[3])
+    assert reply["topics"] == [f"agent_id:{OTHER_AGENT}"]
+    assert [r["code"] for r in reply["rejected"]] == ["forbidden"]
+    gone, gone_id = await connected(server, "admin-token")
+    assert (await gone.subscribe(CALLS[3]))["topics"] == [CALLS[3]]
+    gone.ws.close(1000)
+    total = 16
+    await server_rows(server, expect=total)
+
+    # A real event on call c03: exactly alice, the manager and the direct token get it.
+    status, body = await server.post(event(event_id=EVENT_ID, data={"id": "c03"}))
+    assert status in (200, 202), body
+    got = {}
+    for name, client in [("alice", alice), ("manager", manager), ("direct", direct)]:
+        frame = await client.recv()
+        assert frame.get("event_id") == EVENT_ID, (name, frame)
+        got[name] = frame
+    for client in (key, bob, carol):
+        await client.no_frame()
+    receivers = {alice_id, manager_id, direct_id}
+    http = tornado.httpclient.AsyncHTTPClient()
+
+    async def recorded():
+        response = await http.fetch(f"{server.base}/v1.0/audit/recipients/{EVENT_ID}",
+                                    headers={"Authorization": f"Bearer {REVIEW_KEY}"},
+                                    raise_error=False)
+        return response.code == 200 and json.loads(response.body)
+
+    api_answer = await wait_for(recorded, 10, interval=0.05,
+                                message="the event was not recorded")
+    assert {r["connection_id"] for r in api_answer["recipients"]} == receivers
+
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            context = await browser.new_context(viewport={"width": 1280, "height": 900})
+            page = await context.new_page()
+            errors = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            # Not the answers the page shows in words (a 400 below), only its own failures.
+            page.on("console", lambda msg: msg.type == "error" and not msg.text.startswith(
+                "Failed to load resource") and errors.append(msg.text))
+            rows = page.locator("#rows tbody tr")
+            await page.goto(server.base + "/audit/")
+            await page.fill("#key", REVIEW_KEY)
+            await page.click("#sign-in-button")
+            await expect(rows).to_have_count(total)
+
+            # 4. The table fits at 1280 px: long ids shortened, full value on hover and copy.
+            await assert_fits(page, inner_too=True)
+            customer = page.locator("#rows th", has_text="Customer")
+            box = await customer.bounding_box()
+            assert box and box["x"] + box["width"] <= 1280
+            first_customer = rows.first.locator("td[data-column=customer_id] .id-text")
+            await expect(first_customer).to_have_text(CUSTOMER[:8] + "…")
+            await expect(first_customer).to_have_attribute("title", CUSTOMER)
+            copy = rows.first.locator("td[data-column=customer_id] button.copy")
+            await expect(copy).to_have_attribute("data-copy", CUSTOMER)
+            await context.grant_permissions(["clipboard-read", "clipboard-write"])
+            await copy.click()
+            await expect(copy).to_have_attribute("title", "Copied")
+            assert await page.evaluate("navigator.clipboard.readText()") == CUSTOMER
+            await shot(page, "review-page.png")
+
+            # 2. Any connection id opens that connection's timeline; Back returns.
+            link = page.locator(f"#rows td[data-column=connection_id] a[title='{alice_id}']")
+            await link.first.click()
+            await expect(page.locator("#view-timeline")).to_be_visible()
+            assert page.url.endswith(f"#connection/{alice_id}")
+            info = page.locator("#timeline-info")
+            await expect(info).to_contain_text("alice (agent)")
+            await expect(info).to_contain_text("no end recorded")
+            items = page.locator("#timeline li")
+            await expect(items).to_have_count(6)
+            await expect(page.locator("#timeline li.rejected")).to_have_count(1)
+            await expect(page.locator("#timeline li.rejected")).to_contain_text(
+                "subscribe rejected (forbidden)")
+            await assert_fits(page, inner_too=True)
+            await page.go_back()
+            await expect(page.locator("#view-rows")).to_be_visible()
+            await expect(rows).to_have_count(total)
+            # A closed connection's timeline ends with the reason its rows give.
+            await page.locator(
+                f"#rows td[data-column=connection_id] a[title='{gone_id}']").first.click()
+            await expect(info).to_contain_text("closed: disconnect")
+            await expect(items).to_have_count(2)
+            await shot(page, "review-timeline.png")
+
+            # 1. Recipients of the posted event: exactly the connections that got the frame.
+            await page.click("#tab-recipients")
+            await page.fill("#event-id", EVENT_ID)
+            await page.click("#find-recipients")
+            listed = page.locator("#recipients td[data-column=connection_id] .id-text")
+            await expect(listed).to_have_count(len(receivers))
+            assert set(await listed.evaluate_all("(ids) => ids.map((a) => a.title)")) == receivers
+            await expect(page.locator("#event-info")).to_contain_text("call_created")
+            await expect(page.locator("#event-info")).to_contain_text(f"{call}:c03")
+            await expect(page.locator("#recipients-count")).to_contain_text("3 connections")
+            assert page.url.endswith(f"#recipients/{EVENT_ID}")
+            await assert_fits(page, inner_too=True)
+            await shot(page, "review-recipients.png")
+            await page.locator(f"#recipients a[title='{direct_id}']").click()
+            await expect(info).to_contain_text("direct-1 (direct)")
+            await page.go_back()
+            await expect(listed).to_have_count(len(receivers))
+            # An id that is not one: the API's 400 in words.
+            await page.fill("#event-id", "not-an-event")
+            await page.click("#find-recipients")
+            await expect(page.locator("#status")).to_contain_text("event id: must be the UUID")
+
+            # 3. The overview: every bar's number is the count of the rows its link shows.
+            await page.click("#tab-overview")
+            bars = page.locator("#view-overview a.bar-link")
+            await expect(page.locator("#chart-codes a.bar-link")).to_have_count(2)
+            await assert_fits(page, inner_too=True)
+            await shot(page, "review-overview.png")
+            found = await bars.evaluate_all(
+                "(links) => links.map((a) => [a.dataset.kind, Number(a.dataset.count),"
+                " a.getAttribute('href')])")
+            kinds = {}
+            for kind, count, _ in found:
+                kinds[kind] = kinds.get(kind, 0) + count
+            # Known from the clients above: 10 accepted subscribes, 5 refused ones
+            # (alice 1, bob 3, carol 1), 4 of them forbidden and 1 invalid_topic.
+            assert kinds == {"subscribes": 10, "refusals": 5, "principal": 5, "code": 5}, found
+            principals = await page.locator("#chart-principals a.bar-link").evaluate_all(
+                "(links) => links.map((a) => [a.getAttribute('aria-label'),"
+                " Number(a.dataset.count)])")
+            assert principals[0] == [f"bob · {CUSTOMER[:8]}…: 3", 3], principals
+            for index, (kind, count, href) in enumerate(found):
+                await bars.nth(index).click()
+                await expect(page.locator("#view-rows")).to_be_visible()
+                assert page.url.endswith(href)
+                await expect(rows).to_have_count(count)
+                outcomes = set(await page.locator(
+                    "#rows td[data-column=outcome]").all_text_contents())
+                assert outcomes == ({"accepted"} if kind == "subscribes" else {"rejected"})
+                await page.go_back()
+                await expect(page.locator("#view-overview")).to_be_visible()
+                await expect(bars).to_have_count(len(found))
+
+            # A narrow screen: rows become cards, nothing scrolls sideways.
+            await page.set_viewport_size({"width": 400, "height": 900})
+            for view in ("#rows", "#overview", f"#recipients/{EVENT_ID}",
+                         f"#connection/{alice_id}"):
+                await page.evaluate("(h) => { location.hash = h; }", view)
+                await page.wait_for_function("() => !document.getElementById('status')"
+                                             ".textContent.startsWith('Loading')")
+                await assert_fits(page, inner_too=False)
+            await page.evaluate("(h) => { location.hash = h; }", "#rows")
+            await expect(rows).to_have_count(total)
+            await assert_fits(page, inner_too=True)
+            assert not errors, errors
             await context.close()
         finally:
             await browser.close()

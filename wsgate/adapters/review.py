@@ -3,7 +3,8 @@
 The page is static HTML, CSS and JavaScript from ``wsgate/static``: it holds
 no data and no secret. It asks the reviewer for a key of ``[audit]
 api_keys``, keeps it in the tab's sessionStorage, and calls the JSON API of
-:mod:`wsgate.adapters.audit_api` (rows, verify) and the export below with
+:mod:`wsgate.adapters.audit_api` (rows, verify, summary, connection timeline,
+recipients) and the export below with
 ``Authorization: Bearer``; the key never appears in a URL.
 
 ``GET /v1.0/audit/export.csv`` takes the same filters as ``GET /v1.0/audit``

@@ -14,19 +14,27 @@ import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import IO, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from sqlalchemy import Engine, and_, exists, or_, select
+from sqlalchemy import Engine, and_, case, exists, func, or_, select
 from sqlalchemy.orm import aliased
 from sqlalchemy.sql.elements import ColumnElement
 
 from wsgate.audit import chain, store
 from wsgate.audit.orm import EVENTS, ROWS, AuditRow
-from wsgate.audit.records import ACCEPTED, REJECTED, SUBSCRIBE, UNSUBSCRIBE
+from wsgate.audit.records import ACCEPTED, REJECTED, RENEW, SUBSCRIBE, UNSUBSCRIBE
 from wsgate.audit.witness import read_witness, redact_url
 from wsgate.config import AuditConfig
+from wsgate.errors import (
+    END_DISCONNECT,
+    END_EXPIRED,
+    END_REVOKED,
+    END_SHUTDOWN,
+    END_SLOW_CONSUMER,
+    END_UNCLEAN_SHUTDOWN,
+)
 from wsgate.topics import matches
 
 #: The fields of a row as the CLI and the HTTP API show them, in this order (SPEC §7).
@@ -37,8 +45,16 @@ FIELDS: tuple[str, ...] = (
 )
 FORMATS = ("table", "csv", "jsonl")
 OUTCOMES = (ACCEPTED, REJECTED)
+ACTIONS = (SUBSCRIBE, UNSUBSCRIBE, RENEW)
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
+#: The most hours one overview covers (the latest ones: twelve weeks).
+MAX_HOURS = 2016
+#: How many principals the overview ranks by refusals.
+TOP_REFUSED = 10
+#: The codes of an accepted unsubscribe that say the connection itself ended (SPEC §5).
+CONNECTION_ENDS = frozenset({END_DISCONNECT, END_EXPIRED, END_REVOKED, END_SLOW_CONSUMER,
+                             END_SHUTDOWN, END_UNCLEAN_SHUTDOWN})
 
 
 class FilterError(ValueError):
@@ -102,7 +118,7 @@ def parse_count(value: str, name: str, low: int, high: int) -> int:
     return int(value)
 
 
-def _check_text(name: str, value: str) -> None:
+def check_text(name: str, value: str) -> None:
     """A text filter must be something a stored value can equal.
 
     Stored text never holds NUL (``chain.clean_text``) nor is longer than
@@ -129,6 +145,7 @@ class AuditFilter:
     ``topic_prefix`` matches by whole segments: ``customer_id:C:call``
     matches ``customer_id:C:call`` and ``customer_id:C:call:X``, not
     ``customer_id:C:callback``. ``since`` is inclusive, ``until`` exclusive.
+    ``action`` and ``code`` match exactly (the overview's bars link to them).
     """
 
     customer: str | None = None
@@ -141,30 +158,37 @@ class AuditFilter:
     until: datetime | None = None
     #: Rows of these customers only (a scoped review key's), on top of the rest.
     customers: frozenset[str] | None = None
+    action: str | None = None
+    code: str | None = None
 
     @classmethod
     def parse(cls, customer: str | None = None, agent: str | None = None,
               subject: str | None = None, topic_prefix: str | None = None,
               connection: str | None = None, outcome: str | None = None,
-              since: str | None = None, until: str | None = None) -> AuditFilter:
+              since: str | None = None, until: str | None = None,
+              action: str | None = None, code: str | None = None) -> AuditFilter:
         """Build a filter from text (command-line flags, query parameters).
 
         Raises:
-            FilterError: a bad outcome or time; the message names the filter.
+            FilterError: a bad outcome, action or time; the message names the filter.
         """
         texts = {"customer": customer, "agent": agent, "subject": subject,
-                 "topic_prefix": topic_prefix, "connection": connection}
+                 "topic_prefix": topic_prefix, "connection": connection, "code": code}
         for name, value in texts.items():
             if value:
-                _check_text(name, value)
+                check_text(name, value)
         if outcome is not None and outcome not in OUTCOMES:
             raise FilterError(f"outcome: must be accepted or rejected, not {_shown(outcome)}")
+        if action is not None and action not in ACTIONS:
+            raise FilterError(f"action: must be one of {', '.join(ACTIONS)}, not "
+                              f"{_shown(action)}")
         start = parse_time(since, "since") if since else None
         end = parse_time(until, "until") if until else None
         if start and end and end <= start:
             raise FilterError("until must be later than since")
         return cls(customer or None, agent or None, subject or None, topic_prefix or None,
-                   connection or None, outcome, start, end)
+                   connection or None, outcome, start, end, action=action or None,
+                   code=code or None)
 
     def where(self) -> list[ColumnElement[bool]]:
         """The SQL conditions of this filter on audit_rows."""
@@ -182,6 +206,10 @@ class AuditFilter:
             out.append(t.connection_id == self.connection)
         if self.outcome:
             out.append(t.outcome == self.outcome)
+        if self.action:
+            out.append(t.action == self.action)
+        if self.code:
+            out.append(t.code == self.code)
         if self.topic_prefix:
             prefix = self.topic_prefix.rstrip(":")
             out.append(or_(t.topic == prefix, t.topic.startswith(prefix + ":", autoescape=True)))
@@ -222,6 +250,12 @@ class EventInfo:
     topics: tuple[str, ...]
     published_at: str
     node_id: str
+    payload_sha256: str = ""
+
+    def customers(self) -> frozenset[str]:
+        """The customers whose ``customer_id:<C>`` topics the event was published on."""
+        return frozenset(t.split(":")[1] for t in self.topics
+                         if t.startswith("customer_id:") and t.count(":") >= 1)
 
 
 def _cursor_encode(occurred_at: str, row_id: int) -> str:
@@ -361,7 +395,7 @@ class AuditReader:
         if r is None:
             return None
         return EventInfo(r.event_id, r.type, tuple(json.loads(r.topics)), r.published_at,
-                         r.node_id)
+                         r.node_id, r.payload_sha256)
 
     def recipients(self, ev: EventInfo) -> list[Recipient]:
         """Who could see this event: every connection, on any node, whose accepted
@@ -398,6 +432,139 @@ class AuditReader:
                         r.node_id, r.connection_id, r.topic, hit, r.seq, r.occurred_at, r.kind,
                         r.subject, r.customer_id, r.agent_id, r.authenticator, r.remote_addr)
         return list(found.values())
+
+    # --- review page: overview and connection timeline --------------------------------
+
+    def summary(self, flt: AuditFilter) -> dict[str, Any]:
+        """Counts of the rows matching ``flt`` for the review page's overview, each
+        computed in SQL (GROUP BY), on SQLite and PostgreSQL alike.
+
+        A *subscribe* is an accepted subscribe row, a *refusal* a rejected
+        subscribe row. Answers ``{"rows", "subscribes", "refusals", "hours",
+        "hours_truncated", "top_refused", "refusals_by_code"}``: ``hours`` runs
+        from the first to the last hour (UTC) with a matching row, gaps as
+        zeros, at most :data:`MAX_HOURS` (the latest; then ``hours_truncated``),
+        each with the ``since``/``until`` that select its rows (the hour,
+        clipped to the filter's own range); ``top_refused`` holds the
+        :data:`TOP_REFUSED` principals (subject and customer) with the most
+        refusals, most first; ``refusals_by_code`` every code, most first.
+        """
+        t = ROWS.c
+        conds = flt.where()
+        hour = func.substr(t.occurred_at, 1, 13)
+        subscribed = and_(t.action == SUBSCRIBE, t.outcome == ACCEPTED)
+        refused = and_(t.action == SUBSCRIBE, t.outcome == REJECTED)
+
+        def tally(cond: ColumnElement[bool]) -> Any:
+            return func.coalesce(func.sum(case((cond, 1), else_=0)), 0)
+
+        with self.engine.connect() as conn:
+            total, subs, refs = conn.execute(
+                select(func.count(), tally(subscribed), tally(refused)).where(*conds)).one()
+            by_hour = conn.execute(
+                select(hour, tally(subscribed), tally(refused)).where(*conds)
+                .group_by(hour).order_by(hour.desc()).limit(MAX_HOURS + 1)).all()
+            count = func.count().label("refusals")
+            principals = conn.execute(
+                select(t.subject, t.customer_id, count).where(*conds, refused)
+                .group_by(t.subject, t.customer_id)
+                .order_by(count.desc(), t.subject, t.customer_id).limit(TOP_REFUSED)).all()
+            count = func.count().label("refusals")
+            codes = conn.execute(
+                select(t.code, count).where(*conds, refused)
+                .group_by(t.code).order_by(count.desc(), t.code)).all()
+        counted = {h: (int(s), int(r)) for h, s, r in by_hour}
+        hours: list[dict[str, Any]] = []
+        if counted:
+            last = datetime.fromisoformat(max(counted) + ":00:00+00:00")
+            first = datetime.fromisoformat(min(counted) + ":00:00+00:00")
+            first = max(first, last - timedelta(hours=MAX_HOURS - 1))
+            at = first
+            while at <= last:
+                key = at.strftime("%Y-%m-%dT%H")
+                s, r = counted.get(key, (0, 0))
+                start = max(at, flt.since) if flt.since else at
+                stop = at + timedelta(hours=1)
+                stop = min(stop, flt.until) if flt.until else stop
+                hours.append({"hour": key + ":00:00Z", "since": chain.format_time(start),
+                              "until": chain.format_time(stop), "subscribes": s,
+                              "refusals": r})
+                at += timedelta(hours=1)
+        return {
+            "rows": int(total), "subscribes": int(subs), "refusals": int(refs),
+            "hours": hours,
+            "hours_truncated": len(by_hour) > MAX_HOURS or (
+                bool(counted) and min(counted) + ":00:00Z" < hours[0]["hour"]),
+            "top_refused": [{"subject": subj, "customer_id": cust or None, "refusals": int(n)}
+                            for subj, cust, n in principals],
+            "refusals_by_code": [{"code": code or None, "refusals": int(n)}
+                                 for code, n in codes],
+        }
+
+    async def asummary(self, flt: AuditFilter) -> dict[str, Any]:
+        """:meth:`summary` in a worker thread."""
+        return await asyncio.to_thread(self.summary, flt)
+
+    def timeline(self, connection_id: str, customers: frozenset[str] | None = None,
+                 cursor: str | None = None, limit: int = MAX_PAGE) -> dict[str, Any] | None:
+        """One connection from its first row to its last, or None when no row of it
+        (of ``customers``, when given) is recorded.
+
+        Answers ``{"connection_id", "nodes", "principal", "remote_addr",
+        "origin", "user_agent", "first_at", "last_at", "counts", "end",
+        "rows", "next_cursor"}``: ``principal`` (kind, subject, customer_id,
+        agent_id, authenticator), address, origin and user agent are those of its
+        first row; ``counts`` the rows by action and outcome; ``end`` the
+        ``{"at", "code"}`` of the row that closed it (an accepted unsubscribe
+        with a connection end reason, or a renew refused as ``revoked``), or
+        None: still open, or closed while holding no subscription (nothing is
+        recorded then). ``rows`` is one page of its rows, oldest first, as
+        :meth:`page` gives them.
+        """
+        flt = AuditFilter(connection=connection_id, customers=customers)
+        t = ROWS.c
+        conds = flt.where()
+        order = (t.occurred_at, t.id)
+        with self.engine.connect() as conn:
+            first = conn.execute(select(ROWS).where(*conds).order_by(*order).limit(1)).first()
+            if first is None:
+                return None
+            last = conn.execute(select(ROWS).where(*conds)
+                                .order_by(t.occurred_at.desc(), t.id.desc()).limit(1)).one()
+            counts = conn.execute(select(t.action, t.outcome, func.count()).where(*conds)
+                                  .group_by(t.action, t.outcome)).all()
+            nodes = conn.execute(select(t.node_id).where(*conds).distinct()
+                                 .order_by(t.node_id)).scalars().all()
+        ended = (last.action == UNSUBSCRIBE and last.outcome == ACCEPTED
+                 and last.code in CONNECTION_ENDS) or (
+            last.action == RENEW and last.outcome == REJECTED and last.code == END_REVOKED)
+        head = public_row(first._asdict())
+        return {
+            "connection_id": first.connection_id,
+            "nodes": list(nodes),
+            "principal": {k: head[k] for k in ("kind", "subject", "customer_id", "agent_id",
+                                               "authenticator")},
+            "remote_addr": head["remote_addr"], "origin": head["origin"],
+            "user_agent": head["user_agent"],
+            "first_at": first.occurred_at, "last_at": last.occurred_at,
+            "counts": [{"action": a, "outcome": o, "rows": int(n)}
+                       for a, o, n in sorted(counts)],
+            "end": {"at": last.occurred_at, "code": last.code} if ended else None,
+            **self.page(flt, cursor, limit),
+        }
+
+    async def atimeline(self, connection_id: str, customers: frozenset[str] | None = None,
+                        cursor: str | None = None,
+                        limit: int = MAX_PAGE) -> dict[str, Any] | None:
+        """:meth:`timeline` in a worker thread."""
+        return await asyncio.to_thread(self.timeline, connection_id, customers, cursor, limit)
+
+    async def arecipients(self, event_id: str) -> tuple[EventInfo, list[Recipient]] | None:
+        """:meth:`event` and its :meth:`recipients` in a worker thread; None: no such event."""
+        def both() -> tuple[EventInfo, list[Recipient]] | None:
+            ev = self.event(event_id)
+            return None if ev is None else (ev, self.recipients(ev))
+        return await asyncio.to_thread(both)
 
 
 def public_row(row: dict[str, Any], fields: tuple[str, ...] = FIELDS) -> dict[str, Any]:
