@@ -89,7 +89,7 @@ def build_gateway(config: Config, audit: AuditSink | None = None,
 #: ``refresh_interval``, ``shutdown_timeout``, ``[auth]``, ``[permissions]``,
 #: ``[ingest]`` (but its ``max_body_bytes``) and ``[audit] record_events``.
 RESTART_KEYS = (
-    "server.host", "server.port", "server.node_id", "server.ping_interval",
+    "server.host", "server.port", "server.node_id", "server.event_loop", "server.ping_interval",
     "server.ping_timeout", "server.idle_connection_timeout", "server.body_timeout",
     "ingest.max_body_bytes", "audit.url", "audit.signing_key", "audit.signing_key_file",
     "audit.verify_key_file", "audit.checkpoint_every", "audit.checkpoint_interval",
@@ -260,9 +260,10 @@ async def _serve_locked(config: Config, sockets: list[socket.socket],
     gc.collect()
     gc.freeze()
     where = ", ".join("{}:{}".format(*s.getsockname()[:2]) for s in sockets)
-    log.info("wsgate serving on %s (node %s, auth %s, permissions %s, audit %s, broker %s)",
-             where, gateway.node_id, config.auth.plugin, config.permissions.plugin,
-             _safe_url(config.audit.url), _safe_url(config.broker.url))
+    log.info("wsgate serving on %s (node %s, auth %s, permissions %s, audit %s, broker %s, "
+             "event loop %s)", where, gateway.node_id, config.auth.plugin,
+             config.permissions.plugin, _safe_url(config.audit.url),
+             _safe_url(config.broker.url), loop_name())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -279,6 +280,12 @@ async def _serve_locked(config: Config, sockets: list[socket.socket],
         log.error("shutdown took longer than %.0f s", gateway.config.server.shutdown_timeout)
     await server.close_all_connections()
     log.info("stopped")
+
+
+def loop_name() -> str:
+    """``uvloop`` or ``asyncio``: the event loop this coroutine runs on."""
+    module = type(asyncio.get_running_loop()).__module__
+    return "uvloop" if module.startswith("uvloop") else "asyncio"
 
 
 def _safe_url(url: str) -> str:

@@ -96,6 +96,9 @@ class ServerConfig:
     shutdown_timeout: float = 10.0
     #: Seconds between re-checks of connected principals (authenticator.refresh); 0 = never.
     refresh_interval: float = 300.0
+    #: The event loop: "uvloop" (libuv; the standard loop where uvloop is not
+    #: installed, with a warning) or "asyncio" (the standard library's).
+    event_loop: str = "uvloop"
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,9 @@ class PluginConfig:
     plugin: str = ""
     options: Mapping[str, Any] = field(default_factory=dict)
 
+
+#: The values of ``[server] event_loop``.
+EVENT_LOOPS = ("uvloop", "asyncio")
 
 #: The least ``[ingest] idempotency_max_bytes`` may give each ingest key: more
 #: than the answer to a full batch (1000 event ids as JSON are about 39 KB).
@@ -377,6 +383,9 @@ def _check(cfg: Config) -> None:
                       f"{origin!r} is not an origin like https://app.example.com")
     if s.max_token_bytes < 1:
         raise bad("server", "max_token_bytes", "must be at least 1")
+    if s.event_loop not in EVENT_LOOPS:
+        raise bad("server", "event_loop",
+                  f"must be one of {', '.join(EVENT_LOOPS)}, not {s.event_loop!r}")
     if not cfg.auth.plugin:
         raise bad("auth", "plugin", "must name an authenticator")
     if not cfg.permissions.plugin:

@@ -29,6 +29,7 @@ import asyncio
 import logging
 import os
 from collections import deque
+from typing import cast
 
 from wsgate import errors
 from wsgate.adapters.wsframes import Close, FrameParser, Ping, Pong
@@ -106,8 +107,8 @@ class WebSocketConnection(asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport: asyncio's, or uvloop's (which does not subclass it).
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             self.fd = sock.fileno()
