@@ -203,3 +203,52 @@ def test_text_time_and_fields_are_the_standard_formatters(log_output):
             extra={"a": 1, "b": "c d", "empty": ""})
         record.created, record.msecs = created, (created - int(created)) * 1000
         assert handler.format(record) == reference.format(record) + ' a=1 b="c d" empty=""'
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+@pytest.mark.parametrize("status", [202, 401, 500])
+def test_access_lines_made_directly_equal_those_made_from_a_record(log_output, monkeypatch, fmt,
+                                                                   status):
+    """log_access writes its line without a LogRecord while only setup_logging's handler
+    would see it: the line is the one the record would have made, byte for byte."""
+    from wsgate import logs
+
+    output = log_output("DEBUG", fmt)
+    handler = logging.getLogger().handlers[0]
+    own = {"events_accepted": 3, "key_id": "key 0", "key_scope": None, "odd": 'a="b"',
+           "status": "shadowed"}
+    for now in (1765080000.0, 1765080000.9996, 1765080001.25):
+        monkeypatch.setattr(time, "time", lambda now=now: now)
+        assert logs._direct_handler(logging.INFO) is handler
+        logs.log_access(status, "GET", "/v1.0/ws?token=secret&x=1", "10.0.0.1", 0.01234, own)
+        direct = output.getvalue()
+        output.seek(0)
+        output.truncate()
+        # A filter anywhere on the way makes the usual record (and sees it).
+        seen: list[logging.LogRecord] = []
+        logs.access_log.addFilter(lambda record, seen=seen: seen.append(record) or True)
+        try:
+            assert logs._direct_handler(logging.INFO) is None
+            logs.log_access(status, "GET", "/v1.0/ws?token=secret&x=1", "10.0.0.1", 0.01234, own)
+        finally:
+            logs.access_log.filters.clear()
+        handler.flush()
+        assert len(seen) == 1
+        assert direct == output.getvalue() and "secret" not in direct, (direct, output.getvalue())
+        output.seek(0)
+        output.truncate()
+
+
+def test_a_log_capture_still_sees_access_records(log_output):
+    from wsgate.logs import log_access
+
+    output = log_output("INFO", "text")
+    records: list[logging.LogRecord] = []
+    capture = logging.Handler()
+    capture.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger().addHandler(capture)
+    log_access(202, "POST", "/v1.0/events", "127.0.0.1", 0.001, {"events_accepted": 1})
+    logging.getLogger().handlers[0].flush()
+    assert [r.getMessage() for r in records] == ["202 POST /v1.0/events"]
+    assert records[0].events_accepted == 1
+    assert "202 POST /v1.0/events remote_addr=127.0.0.1" in output.getvalue()

@@ -20,7 +20,7 @@ import logging
 import re
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote_plus
 
 from wsgate.config import LoggingConfig
@@ -50,6 +50,22 @@ def extra_fields(record: logging.LogRecord) -> dict[str, Any]:
 class JSONFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, the extra fields
     (and exception)."""
+
+    def line(self, created: float, levelname: str, name: str, message: str,
+             fields: dict[str, Any]) -> str:
+        """What format() writes for a record with these values and ``extra=fields``
+        (and no exception), made without the record (the access log's fast path)."""
+        out: dict[str, Any] = {
+            "time": datetime.fromtimestamp(created, UTC).isoformat(
+                timespec="milliseconds").replace("+00:00", "Z"),
+            "level": levelname,
+            "logger": name,
+            "message": message,
+        }
+        for key, value in fields.items():
+            if key != IN_MESSAGE:
+                out.setdefault(key, value)
+        return json.dumps(out, default=str)
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -82,6 +98,21 @@ class TextFormatter(logging.Formatter):
             self._stamp = time.strftime(self.default_time_format, self.converter(second))
             self._second = second
         return f"{self._stamp},{int(record.msecs):03d}"  # default_msec_format
+
+    def line(self, created: float, levelname: str, name: str, message: str,
+             fields: dict[str, Any]) -> str:
+        """What format() writes for a record with these values and ``extra=fields``
+        (and no exception), made without the record (the access log's fast path)."""
+        second = int(created)
+        if second != self._second:
+            self._stamp = time.strftime(self.default_time_format, self.converter(second))
+            self._second = second
+        # msecs as LogRecord computes them.
+        head = f"{self._stamp},{int((created - second) * 1000):03d} {levelname} {name}: {message}"
+        shown = fields.get(IN_MESSAGE, ())
+        pairs = [f"{k}={_text(v)}" for k, v in fields.items()
+                 if k != IN_MESSAGE and k not in shown]
+        return head + " " + " ".join(pairs) if pairs else head
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         line = super().formatMessage(record)
@@ -120,6 +151,10 @@ class LoopBatchingHandler(logging.StreamHandler):
         except Exception:
             self.handleError(record)
             return
+        self.emit_line(line)
+
+    def emit_line(self, line: str) -> None:
+        """Write a whole formatted line (terminator included) as emit() does."""
         try:
             loop = asyncio.get_running_loop()  # this thread's loop, if one is running
         except RuntimeError:
@@ -146,6 +181,46 @@ class LoopBatchingHandler(logging.StreamHandler):
             self.release()
 
 
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+#: The handler setup_logging installed: the access log writes its lines to it
+#: directly while nothing else would see the record (see _direct_handler).
+_direct: LoopBatchingHandler | None = None
+
+
+def _direct_handler(level: int) -> LoopBatchingHandler | None:
+    """setup_logging's handler, when an access record would reach it and nothing else.
+
+    That is: the root logger has only that handler, no logger on the way
+    (``wsgate.access``, ``wsgate``, root) has a filter or handler of its own,
+    nor does the handler, its formatter is the one setup_logging gave it, and
+    records are made by the token-masking factory (so nobody changed how they
+    are made). A test's log capture, say, adds a handler: then records are
+    made and handled as usual.
+    """
+    handler = _direct
+    if handler is None:
+        return None
+    root = logging.root
+    parent = access_log.parent
+    if (len(root.handlers) != 1 or root.handlers[0] is not handler or root.filters
+            or access_log.handlers or access_log.filters or not access_log.propagate
+            or handler.filters or level < handler.level
+            or not getattr(logging.getLogRecordFactory(), "masks_tokens", False)):
+        return None
+    while parent is not None and parent is not root:
+        if parent.handlers or parent.filters or not parent.propagate:
+            return None
+        parent = parent.parent
+    formatter = handler.formatter
+    if type(formatter) is TextFormatter and formatter._fmt == TEXT_FORMAT \
+            and formatter.datefmt is None:
+        return handler
+    if type(formatter) is JSONFormatter:
+        return handler
+    return None
+
+
 def setup_logging(config: LoggingConfig) -> None:
     """Send every log line to stderr in the configured format, at the configured level."""
     # Nothing wsgate writes shows where a call was made, nor its thread or
@@ -155,12 +230,14 @@ def setup_logging(config: LoggingConfig) -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
+    global _direct
     handler = LoopBatchingHandler()
     if config.format == "json":
         handler.setFormatter(JSONFormatter())
     else:
-        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter(TEXT_FORMAT))
     mask_tokens()
+    _direct = handler
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.level)
@@ -189,6 +266,13 @@ def log_access(status: int, method: str, uri: str, remote: str, seconds: float,
         IN_MESSAGE: ("status", "method", "path")}
     if own:
         fields.update(own)
+    handler = _direct_handler(level)
+    if handler is not None:
+        # The line the record would have made, without making the record.
+        formatter = cast(TextFormatter | JSONFormatter, handler.formatter)
+        handler.emit_line(formatter.line(time.time(), logging.getLevelName(level), access_log.name,
+                                         f"{status} {method} {path}", fields) + handler.terminator)
+        return
     access_log.log(level, "%d %s %s", status, method, path, extra=fields)
 
 
