@@ -137,21 +137,55 @@ class _RowMaker:
         return _row_of(rec, hit[1])
 
 
-def event_row(ev: EventRecord) -> dict[str, Any]:
+_EVENT_ID_WIDTH = _EVENT_LIMITS["event_id"]
+_TYPE_WIDTH = _EVENT_LIMITS["type"]
+_KEY_ID_WIDTH = _EVENT_LIMITS["ingest_key_id"]
+_SHA_WIDTH = _EVENT_LIMITS["payload_sha256"]
+
+
+def event_row(ev: EventRecord, published_at: str | None = None) -> dict[str, Any]:
     """The stored fields of an EventRecord (before chaining).
 
+    ``published_at``: ``chain.format_time(ev.published_at)`` when the caller has it
+    (the events of one ingest request share their time).
+
     Raises:
-        ValueError: ``published_at`` is naive.
+        ValueError: ``published_at`` is not given and ``ev.published_at`` is naive.
     """
-    row: dict[str, Any] = {
-        "event_id": ev.event_id, "type": ev.type, "ingest_key_id": ev.ingest_key_id,
-        "payload_sha256": ev.payload_sha256,
+    eid, kind, kid, sha = ev.event_id, ev.type, ev.ingest_key_id, ev.payload_sha256
+    # clean_text leaves short plain ASCII text as it is: checked here for the four
+    # fields at once (this runs for every event).
+    try:
+        joined = eid + kind + kid + sha
+        plain = (len(eid) <= _EVENT_ID_WIDTH and len(kind) <= _TYPE_WIDTH
+                 and len(kid) <= _KEY_ID_WIDTH and len(sha) <= _SHA_WIDTH
+                 and joined.isascii() and "\x00" not in joined)
+    except TypeError:  # a field that is not a str
+        plain = False
+    if not plain:
+        clean = chain.clean_text
+        eid, kind = clean(eid, _EVENT_ID_WIDTH), clean(kind, _TYPE_WIDTH)
+        kid, sha = clean(kid, _KEY_ID_WIDTH), clean(sha, _SHA_WIDTH)
+    return {
+        "event_id": eid, "type": kind, "ingest_key_id": kid, "payload_sha256": sha,
         "topics": chain.encode_topics([chain.clean_text(t) or "" for t in ev.topics]),
-        "published_at": chain.format_time(ev.published_at),
+        "published_at": (chain.format_time(ev.published_at) if published_at is None
+                         else published_at),
     }
-    for name, limit in _EVENT_LIMITS.items():
-        row[name] = chain.clean_text(row[name], limit)
-    return row
+
+
+def _event_entries(events: Sequence[EventRecord]) -> list[Entry]:
+    """The entries of events; each distinct time is formatted once."""
+    out: list[Entry] = []
+    last: datetime | None = None
+    text = ""
+    for ev in events:
+        when = ev.published_at
+        if when is not last:
+            text = chain.format_time(when)
+            last = when
+        out.append((chain.CHAIN_EVENTS, event_row(ev, text)))
+    return out
 
 
 Done = Callable[["Exception | None"], None]
@@ -179,8 +213,10 @@ class _Job:
         kind = self.kind
         if kind is None:
             return self.items  # type: ignore[return-value]
-        convert: Any = make_row if kind == chain.CHAIN_ROWS else event_row
-        out: list[Entry] = [(kind, convert(item)) for item in self.items]
+        if kind == chain.CHAIN_ROWS:
+            out: list[Entry] = [(kind, make_row(item)) for item in self.items]  # type: ignore[arg-type]
+        else:
+            out = _event_entries(self.items)  # type: ignore[arg-type]
         self.items, self.kind = out, None
         return out
 
@@ -229,6 +265,7 @@ class AuditWriter:
         self._policy = chain.Policy(config.checkpoint_every, config.checkpoint_interval)
         self._make_row = _RowMaker()
         self._templates: dict[tuple[Any, ...], chain.RowTemplate] = {}
+        self._event_template = chain.EventTemplate(node_id)
         self._journal_pending = False
         self._retry_at = 0.0
         self._healthy = False
@@ -556,6 +593,7 @@ class AuditWriter:
         heads = dict(self._heads)
         out: dict[str, list[dict[str, Any]]] = {name: [] for name in CHAIN_TABLES}
         templates = self._templates
+        event_template = self._event_template
         node_id = self.node_id
         for name, fields in entries:
             seq, prev = heads[name]
@@ -573,8 +611,8 @@ class AuditWriter:
                     template = templates[key] = chain.RowTemplate(
                         name, dict(zip(_FIXED_FIELDS, key, strict=True)))
                 row["row_hash"] = digest = template.hash(row)
-            else:
-                row["row_hash"] = digest = chain.row_hash(name, row)
+            else:  # the events chain: its template holds this node's id
+                row["row_hash"] = digest = event_template.hash(row)
             heads[name] = (seq, digest)
             out[name].append(row)
         return out, heads
