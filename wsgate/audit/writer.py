@@ -162,16 +162,17 @@ def event_row(ev: EventRecord, published_at: str | None = None) -> dict[str, Any
                  and joined.isascii() and "\x00" not in joined)
     except TypeError:  # a field that is not a str
         plain = False
-    if not plain:
-        clean = chain.clean_text
-        eid, kind = clean(eid, _EVENT_ID_WIDTH), clean(kind, _TYPE_WIDTH)
-        kid, sha = clean(kid, _KEY_ID_WIDTH), clean(sha, _SHA_WIDTH)
-    return {
-        "event_id": eid, "type": kind, "ingest_key_id": kid, "payload_sha256": sha,
-        "topics": chain.encode_topics([chain.clean_text(t) or "" for t in ev.topics]),
-        "published_at": (chain.format_time(ev.published_at) if published_at is None
-                         else published_at),
-    }
+    topics = chain.encode_topics([chain.clean_text(t) or "" for t in ev.topics])
+    if published_at is None:
+        published_at = chain.format_time(ev.published_at)
+    if plain:
+        return {"event_id": eid, "type": kind, "ingest_key_id": kid, "payload_sha256": sha,
+                "topics": topics, "published_at": published_at}
+    clean = chain.clean_text
+    return {"event_id": clean(eid, _EVENT_ID_WIDTH), "type": clean(kind, _TYPE_WIDTH),
+            "ingest_key_id": clean(kid, _KEY_ID_WIDTH),
+            "payload_sha256": clean(sha, _SHA_WIDTH), "topics": topics,
+            "published_at": published_at}
 
 
 def _event_entries(events: Sequence[EventRecord]) -> list[Entry]:
