@@ -13,8 +13,11 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
-from wsgate.audit import chain
+from tests import audit_helpers
+from tests.audit_helpers import Backend, awrite_log
+from wsgate.audit import chain, store
 from wsgate.audit.records import EventRecord
 from wsgate.audit.writer import _EVENT_LIMITS, _event_entries, event_row
 
@@ -42,10 +45,10 @@ def records() -> list[EventRecord]:
     out = [EventRecord("0c4b4cf2-da9b-11ee-b3a6-5f2b4c1d2e3f", "call_created",
                        ("agent_id:8107ec3c-da9a-11ee-9a0c-5b1c1a1f4f3e:call:1",),
                        "bearer:5f2b4c1d", "a" * 64, T0)]
-    for i, text in enumerate(TRICKY):
-        out.append(EventRecord(text, text, (text,) * (i % 3), text, text,
+    for i, odd in enumerate(TRICKY):
+        out.append(EventRecord(odd, odd, (odd,) * (i % 3), odd, odd,
                                T0 + timedelta(microseconds=i)))
-        out.append(EventRecord(f"id-{i}", "call_created", ("a", text, "b"), "key", "0" * 64,
+        out.append(EventRecord(f"id-{i}", "call_created", ("a", odd, "b"), "key", "0" * 64,
                                T0.astimezone(timezone(timedelta(hours=-7)))))
     return out
 
@@ -99,3 +102,20 @@ def test_event_template_hashes_values_that_are_not_text_as_row_hash_does() -> No
                    {"prev_hash": None}, {"type": 7}):
         changed = row | change
         assert template.hash(changed) == chain.row_hash(chain.CHAIN_EVENTS, changed), change
+
+
+backend = audit_helpers.backend  # the fixture: SQLite, and PostgreSQL when configured
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_written_events_verify_and_hash_as_stored(backend: Backend) -> None:
+    evs = records()
+    await awrite_log(backend, [("event", evs[:7]), ("event", evs[7:])], node_id='n"%s')
+    with backend.engine().connect() as conn:
+        stored = [dict(r._mapping) for r in conn.execute(
+            text("SELECT * FROM audit_events ORDER BY seq"))]
+    fields = list(reference_row(evs[0]))
+    assert [{f: r[f] for f in fields} for r in stored] == [reference_row(ev) for ev in evs]
+    assert all(r["row_hash"] == chain.row_hash(chain.CHAIN_EVENTS, r) for r in stored)
+    result = store.verify(backend.engine(), backend.key.public_key())
+    assert result.ok, result.problems
