@@ -10,6 +10,7 @@ ms) so that a record written after the answer would be caught missing.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,17 @@ async def test_with_the_store_down_an_event_is_journaled_before_its_202(
     assert stored_event_ids(backend) == EVENT_IDS
     result = store.verify(backend.engine(), None)
     assert result.ok, result.problems
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_record_events_turned_on_by_a_reload_records_the_next_event(
+        backend: Backend, make_server):
+    """``[audit] record_events`` applies live (SIGHUP): the writer, made at start
+    with it off, records what the gateway hands it once it is on."""
+    server = await make_server(audit={"url": backend.url, "record_events": False})
+    assert (await server.post(event(event_id=EVENT_IDS[0])))[0] == 202
+    gateway = server.gateway
+    on = replace(gateway.config, audit=replace(gateway.config.audit, record_events=True))
+    gateway.reconfigure(on, gateway.authenticator, gateway.authorizer)
+    assert (await server.post(event(event_id=EVENT_IDS[1])))[0] == 202
+    assert stored_event_ids(backend) == EVENT_IDS[1:]

@@ -338,8 +338,13 @@ class AuditWriter:
             await self._submit(records, strict=False, kind=chain.CHAIN_ROWS)
 
     async def write_events(self, events: Sequence[EventRecord]) -> None:
-        """Record ingested events (when ``record_events`` is on); same rule as write_ends."""
-        if events and self.config.record_events:
+        """Record ingested events; same rule as write_ends.
+
+        Whether events are recorded is the caller's to decide: ``[audit]
+        record_events`` applies live (SIGHUP), and the gateway reads it from its
+        current config, not from the one this writer was started with.
+        """
+        if events:
             await self._submit(events, strict=False, kind=chain.CHAIN_EVENTS)
 
     def healthy(self) -> bool:
