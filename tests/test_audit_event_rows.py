@@ -19,7 +19,7 @@ from tests import audit_helpers
 from tests.audit_helpers import Backend, awrite_log
 from wsgate.audit import chain, store
 from wsgate.audit.records import EventRecord
-from wsgate.audit.writer import _EVENT_LIMITS, _event_entries, event_row
+from wsgate.audit.writer import _EVENT_LIMITS, AuditWriter, _event_entries, event_row
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
 TRICKY = ["plain", "", 'quote"d', "back\\slash", "tab\tnew\nline\x01\x1f", "é ü 漢字 🎉",
@@ -119,3 +119,28 @@ async def test_written_events_verify_and_hash_as_stored(backend: Backend) -> Non
     assert all(r["row_hash"] == chain.row_hash(chain.CHAIN_EVENTS, r) for r in stored)
     result = store.verify(backend.engine(), backend.key.public_key())
     assert result.ok, result.problems
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_an_insert_the_store_refuses_journals_the_events_as_a_store_error(
+        backend: Backend, caplog: pytest.LogCaptureFixture) -> None:
+    """On PostgreSQL events go in with COPY: its failure is a store error like an
+    INSERT's (the events are journaled, nothing is logged as unexpected)."""
+    evs = records()
+    await awrite_log(backend, [("event", evs[:1])])
+    w = AuditWriter(backend.config(retry_interval=60), "node-a")
+    await w.start()
+    try:
+        # Another process writes the next seq of this node: the writer's insert clashes.
+        backend.execute("INSERT INTO audit_events (node_id, seq, event_id, type, topics, "
+                        "ingest_key_id, payload_sha256, published_at, prev_hash, row_hash) "
+                        "VALUES ('node-a', 2, 'x', 't', '[]', 'k', 's', 'p', 'h', 'h')")
+        await w.write_events(evs[1:3])
+        assert not w.healthy()
+        journal = (backend.tmp / "audit.journal").read_text().splitlines()
+        assert [json.loads(line)["row"]["event_id"] for line in journal] == [
+            ev.event_id for ev in evs[1:3]]
+    finally:
+        await w.close()
+    assert "audit store write failed" in caplog.text
+    assert "unexpected error" not in caplog.text

@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from sqlalchemy import Connection, Engine, String, Table, and_, exists, insert, select
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import aliased
 
 from wsgate.audit import chain, store
@@ -825,6 +825,9 @@ def _insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
     positional parameters (sqlite3, psycopg) take a prepared text statement.
     """
     cols = [c.name for c in table.c if c.name != "id"]
+    if table is EVENTS and conn.dialect.driver == "psycopg":
+        _copy(conn, table.name, cols, rows)
+        return
     style = conn.dialect.paramstyle
     mark = "?" if style == "qmark" else "%s" if style in ("format", "pyformat") else None
     if mark is None:
@@ -834,6 +837,35 @@ def _insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
            f"VALUES ({', '.join(mark for _ in cols)})")
     values = operator.itemgetter(*cols)
     conn.exec_driver_sql(sql, [values(r) for r in rows])
+
+
+def _copy(conn: Connection, name: str, cols: list[str], rows: list[dict[str, Any]]) -> None:
+    """Insert rows with PostgreSQL's COPY, in conn's transaction (psycopg).
+
+    A quarter of the client's work of executemany, which binds and executes
+    each row on its own: the writer inserts every ingested event. The values
+    and the transaction are the same; a driver error is raised as SQLAlchemy's
+    (a lost connection is invalidated), as from an executed statement.
+    """
+    sql = f"COPY {name} ({', '.join(cols)}) FROM STDIN"
+    values = operator.itemgetter(*cols)
+    dialect = conn.dialect
+    dbapi_conn = conn.connection.dbapi_connection
+    assert dbapi_conn is not None
+    cursor = dbapi_conn.cursor()
+    try:
+        with cursor.copy(sql) as copy:
+            for row in rows:
+                copy.write_row(values(row))
+    except dialect.loaded_dbapi.Error as exc:
+        lost = dialect.is_disconnect(exc, dbapi_conn, cursor)
+        if lost:
+            conn.invalidate(exc)
+        raise DBAPIError.instance(sql, None, exc, dialect.loaded_dbapi.Error,
+                                  hide_parameters=True, dialect=dialect,
+                                  connection_invalidated=lost) from exc
+    finally:
+        cursor.close()
 
 
 def _settle(items: _Settlement) -> None:
