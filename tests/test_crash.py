@@ -135,22 +135,34 @@ async def test_event_loop_serves_pings_and_events_while_the_writer_is_stuck(make
         loop = asyncio.get_running_loop()
         start = loop.time()
         rounds = []
+        posts: list[asyncio.Future[Any]] = []
         while loop.time() - start < 1.5:
             rounds.append(await ping_time(pinger))
-            assert (await server.post(event()))[0] == 202
-            assert (await watcher.recv(timeout=1.0))["type"] == "call_created"
+            if len(posts) < 5:  # fewer than the HTTP client's connections
+                posts.append(asyncio.ensure_future(server.post(event())))
+                # Delivered at once, though its 202 waits for the event's record.
+                assert (await watcher.recv(timeout=1.0))["type"] == "call_created"
         assert max(rounds) < 0.5, rounds
         assert len(rounds) >= 5
-        # The subscribe is still waiting for its commit: not acknowledged.
+        # The subscribe is still waiting for its commit: not acknowledged; nor are
+        # the events, whose records wait behind it.
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(stuck.ws.read_message(), 0.05)
+        assert len(posts) == 5 and not any(p.done() for p in posts)
         blocker.execute("ROLLBACK")
     finally:
         blocker.close()
     # Released within the busy timeout: committed, then acknowledged.
     reply = await stuck.recv(timeout=10)
     assert reply["id"] == "s" and reply["topics"] == [f"{ALL}:stuck"]
+    assert [status for status, _ in await asyncio.gather(*posts)] == [202] * 5
     assert [r["topic"] for r in db_rows(server.config.audit.url)] == [ALL, f"{ALL}:stuck"]
+    engine = sa.create_engine(server.config.audit.url)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM audit_events")).scalar() == 5
+    finally:
+        engine.dispose()
 
 
 # -- PostgreSQL unreachable ----------------------------------------------------------------

@@ -195,6 +195,54 @@ class RowTemplate:
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+# The events chain's fields in the order their canonical text has them (sorted);
+# EventTemplate writes that text by hand, so it checks the order at import.
+_EVENT_TEXT_ORDER = ("event_id", "ingest_key_id", "node_id", "payload_sha256", "prev_hash",
+                     "published_at", "seq", "topics", "type")
+if tuple(name for name, _ in _SORTED[CHAIN_EVENTS]) != _EVENT_TEXT_ORDER:
+    raise RuntimeError("EventTemplate is out of step with EVENT_FIELDS")
+
+
+class EventTemplate:
+    """The canonical text of one node's events rows, as a template (cf. RowTemplate).
+
+    The writer hashes every ingested event. Its rows hold ``topics`` as the stored
+    JSON text, which :func:`encode_topics` makes canonical, so the text goes into
+    the hashed document as it is (row_hash decodes and re-encodes it).
+    ``template.hash(row)`` equals ``row_hash(CHAIN_EVENTS, row)`` for every row of
+    this node whose ``topics`` is ``encode_topics`` of its list (a test checks it).
+
+    Args:
+        node_id: the node whose rows this template hashes.
+    """
+
+    __slots__ = ("_text",)
+
+    def __init__(self, node_id: str) -> None:
+        parts = []
+        for name, prefix in _SORTED[CHAIN_EVENTS]:
+            if name == "node_id":
+                parts.append((prefix + _json_text(node_id)).replace("%", "%%"))
+            else:
+                parts.append(prefix.replace("%", "%%") + "%s")
+        self._text = "".join(parts) + "}"
+
+    def hash(self, row: Mapping[str, Any]) -> str:
+        """The row's hex SHA-256, as row_hash computes it."""
+        enc = _encode_str
+        seq, topics = row["seq"], row["topics"]
+        try:
+            if type(seq) is not int or type(topics) is not str:
+                raise TypeError
+            text = self._text % (
+                enc(row["event_id"]), enc(row["ingest_key_id"]), enc(row["payload_sha256"]),
+                enc(row["prev_hash"]), enc(row["published_at"]), seq, topics,
+                enc(row["type"]))
+        except TypeError:  # a value that is not text (None): the general encoder
+            return row_hash(CHAIN_EVENTS, row)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def row_hash(chain: str, row: Mapping[str, Any]) -> str:
     """The hex SHA-256 of a row of ``chain`` (its fields include prev_hash).
 
@@ -206,8 +254,15 @@ def row_hash(chain: str, row: Mapping[str, Any]) -> str:
 
 
 def encode_topics(topics: Sequence[str]) -> str:
-    """The stored JSON text of an event's topic list (canonical, so it hashes the same)."""
-    return json.dumps(list(topics), separators=(",", ":"), ensure_ascii=False)
+    """The stored JSON text of an event's topic list (canonical, so it hashes the same).
+
+    Exactly ``json.dumps(list(topics), separators=(",", ":"), ensure_ascii=False)``,
+    written directly for a list of str (a test checks it): this runs for every event.
+    """
+    try:
+        return "[" + ",".join([_encode_str(t) for t in topics]) + "]"
+    except TypeError:  # an item that is not a str
+        return json.dumps(list(topics), separators=(",", ":"), ensure_ascii=False)
 
 
 # --- signing -------------------------------------------------------------------------

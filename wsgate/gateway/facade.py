@@ -315,16 +315,24 @@ class Gateway:
                       payload_hashes: Sequence[str]) -> None:
         """Publish validated events through the broker, then record them in the audit log.
 
+        Returns once the events are recorded (``[audit] record_events``): committed
+        to the store, or journaled while it is down (never refused), so the
+        ingest's 202 follows its record and a crash after the answer loses none.
+        Delivery goes first and does not wait for the commit; an event the broker
+        refused is not recorded.
+
         Raises:
-            wsgate.broker.BrokerUnavailable: nothing was published.
+            wsgate.broker.BrokerUnavailable: nothing was published (nor recorded).
         """
         await self.broker.publish(events)
         if self.config.audit.record_events:
             moment = utcnow()
-            self._spawn(self.audit.write_events([
+            # Awaited in the caller's task (no task of its own): a shutdown drains
+            # the writer's queue before it closes, so this returns even then.
+            await self.audit.write_events([
                 EventRecord(e.event_id, e.type, tuple(t.text for t in e.topics), ingest_key_id,
                             h, moment)
-                for e, h in zip(events, payload_hashes, strict=True)]))
+                for e, h in zip(events, payload_hashes, strict=True)])
 
     def deliver(self, events: Sequence[Event]) -> None:
         """Send events to the matching local connections (see :meth:`Delivery.deliver`)."""
