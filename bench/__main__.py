@@ -277,6 +277,10 @@ def run_storm_generators(spec: dict[str, Any], server: Server, args: argparse.Na
             raise RuntimeError(f"the generator failed (exit {proc.returncode}): {out[-500:]}")
         results.append(json.loads(out.strip().splitlines()[-1]))
     rate = sum(r["subscribes_per_s"] for r in results)
+    # Each Node process's foreign CPU counts the other generator processes: not them.
+    foreign = [r["foreign_cpu_pct"] - 100 * (sum(o["generator_cpu"] for o in results)
+                                             - r["generator_cpu"])
+               for r in results if "foreign_cpu_pct" in r]
     server_cpu = statistics.mean(r["server_cpu"] for r in results)
     gen_cpu = sum(r["generator_cpu"] for r in results)
     return {"generator": args.storm_gen, "processes": procs, "connections": n,
@@ -288,6 +292,7 @@ def run_storm_generators(spec: dict[str, Any], server: Server, args: argparse.Na
             "generator_cpu": round(gen_cpu, 3), "generator_saturated": gen_cpu > 0.8,
             "server_cpu": round(server_cpu, 3),
             "server_cpu_us_per_subscribe": round(1e6 * server_cpu / max(1.0, rate), 2),
+            "foreign_cpu_pct": round(statistics.mean(foreign), 1) if foreign else None,
             "each": results}
 
 
@@ -357,7 +362,10 @@ def rows_for(name: str, r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         for key in ("wsgate_sqlite", "wsgate_postgres"):
             if key in r:
                 w = r[key]["subscribes_per_s"]
-                rows.append((f"subscribes/s, durable audit ({key[7:]})", f"{w:,.0f}",
+                gen = f"{r.get('generator', 'python')} x{r.get('processes', 1)}"
+                rows.append((f"subscribes/s, durable audit ({key[7:]}), {gen} generator",
+                             f"{w:,.0f} ({r[key]['server_cpu_us_per_subscribe']:.0f} us, "
+                             f"generator {r[key]['generator_cpu']:.0%})",
                              f"{v:,.0f} (no audit)", ratio(w, v)))
     elif name == "index":
         # One event matched over and over (the index's own cost), then random held
@@ -381,6 +389,9 @@ def warnings_for(name: str, r: dict[str, Any]) -> list[str]:
         for field in ("lost", "dupes", "out_of_order"):
             if val.get(field):
                 notes.append(f"{name}/{key}: {field} = {val[field]}")
+        if (val.get("foreign_cpu_pct") or 0) > 10:
+            notes.append(f"{name}/{key}: other processes used {val['foreign_cpu_pct']}% of a "
+                         "CPU during the window: the rate is disturbed")
         if val.get("server_closes"):
             notes.append(f"{name}/{key}: server closed connections: {val['server_closes']}")
         if val.get("post_errors"):

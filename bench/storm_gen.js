@@ -28,6 +28,19 @@ function cpuOf(pid) {
     return 0;
   }
 }
+// Busy jiffies of each CPU (all but idle and iowait), from /proc/stat.
+function busyJiffies() {
+  const out = {};
+  try {
+    for (const line of fs.readFileSync('/proc/stat', 'utf8').split('\n')) {
+      const m = /^(cpu\d+)\s+(.*)$/.exec(line);
+      if (!m) continue;
+      const v = m[2].split(/\s+/).slice(0, 8).map(Number);
+      out[m[1]] = [v.reduce((a, b) => a + b, 0) - v[3] - v[4], v.reduce((a, b) => a + b, 0)];
+    }
+  } catch (e) {}
+  return out;
+}
 const selfCpu = () => {
   const u = process.cpuUsage();
   return (u.user + u.system) / 1e6;
@@ -225,6 +238,7 @@ async function main() {
   await new Promise((r) => setTimeout(r, Math.max(500, startAt - Date.now())));
   const usage0 = selfCpu();
   const server0 = cpuOf(spec.server_pid);
+  const busy0 = busyJiffies();
   const t0 = process.hrtime.bigint();
   measuring = true;
   await new Promise((r) => setTimeout(r, spec.duration * 1000));
@@ -232,6 +246,7 @@ async function main() {
   const t1 = process.hrtime.bigint();
   const usage1 = selfCpu();
   const server1 = cpuOf(spec.server_pid);
+  const busy1 = busyJiffies();
   const acc = accepted;
   const snt = sent;
   stopping = true;
@@ -240,6 +255,12 @@ async function main() {
   for (const c of conns) c.sock.destroy();
   const wall = Number(t1 - t0) / 1e9;
   const cpu = usage1 - usage0;
+  // Percent of a CPU used by anything but the server and this process over the
+  // window, summed over the CPUs (as the peers harness's foreign_cpu_pct).
+  let busyPct = 0;
+  for (const k of Object.keys(busy1)) {
+    if (busy0[k]) busyPct += (100 * (busy1[k][0] - busy0[k][0])) / Math.max(1, busy1[k][1] - busy0[k][1]);
+  }
   const out = {
     generator: 'node',
     connections: connected,
@@ -253,6 +274,7 @@ async function main() {
     generator_cpu: +(cpu / wall).toFixed(3),
     generator_saturated: cpu / wall > 0.8,
     server_cpu: +((server1 - server0) / wall).toFixed(3),
+    foreign_cpu_pct: +(busyPct - (100 * (server1 - server0)) / wall - (100 * cpu) / wall).toFixed(1),
     server_cpu_us_per_subscribe: +((1e6 * (server1 - server0)) / Math.max(1, acc)).toFixed(2),
   };
   process.stdout.write(JSON.stringify(out) + '\n');
