@@ -250,7 +250,8 @@ def run_storm_generators(spec: dict[str, Any], server: Server, args: argparse.Na
                          timeout: float) -> dict[str, Any]:
     """The storm from args.storm_procs generator processes (Python or Node, all on
     core 1), each with its share of the connections and topics of its own,
-    measuring one window (start_at); their figures summed."""
+    measuring one window (each says ready once connected; all start together,
+    then 1 s of warm-up); their figures summed."""
     procs = max(1, args.storm_procs)
     if args.storm_gen == "python" and procs == 1:
         return run_generator(spec, server, timeout)
@@ -258,14 +259,27 @@ def run_storm_generators(spec: dict[str, Any], server: Server, args: argparse.Na
         raise RuntimeError("--storm-gen node: node is not installed")
     argv = NODE_STORM if args.storm_gen == "node" else None
     n = spec["connections"]
-    start_at = time.time() + 2.0 + n / 400
     running = []
     for p in range(procs):
         share = n // procs + (p < n % procs)
         one = dict(spec, connections=share, topics_of=[[] for _ in range(share)],
-                   tag=f"p{p}-", start_at=start_at, host="127.0.0.1", port=server.port,
-                   token=TOKEN, server_pid=server.pid)
+                   tag=f"p{p}-", barrier=True, warmup=1.0, host="127.0.0.1",
+                   port=server.port, token=TOKEN, server_pid=server.pid)
         running.append(generator(one, timeout, argv))
+    try:
+        for proc in running:
+            assert proc.stdout is not None
+            ready = json.loads(proc.stdout.readline() or "{}")
+            if "ready" not in ready:
+                raise RuntimeError(f"a storm generator did not connect: {ready}")
+        for proc in running:
+            assert proc.stdin is not None
+            proc.stdin.write("GO\n")
+            proc.stdin.flush()
+    except BaseException:
+        for proc in running:
+            proc.kill()
+        raise
     results = []
     for proc in running:
         try:

@@ -584,7 +584,8 @@ async def run_storm(spec: dict[str, Any]) -> dict[str, Any]:
         c.fast = False  # replies are parsed
     per_msg = spec.get("topics_per_message", 1)
     customer = spec["customer_id"]
-    # Several generator processes: topics of their own (tag), one window (start_at).
+    # Several generator processes: topics of their own (tag), one window (barrier:
+    # say ready once connected, start on a line from stdin).
     tag = spec.get("tag", "")
     accepted = 0
     offered = 0
@@ -620,8 +621,11 @@ async def run_storm(spec: dict[str, Any]) -> dict[str, Any]:
                 continue
             send_one()
 
+    if spec.get("barrier"):
+        print(json.dumps({"ready": len(clients)}), flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     tasks = [asyncio.ensure_future(drive(i, c)) for i, c in enumerate(clients)]
-    await asyncio.sleep(max(0.0, spec.get("start_at", 0.0) - time.time()))
+    await asyncio.sleep(spec.get("warmup", 0.0))
     usage0 = resource.getrusage(resource.RUSAGE_SELF)
     server0 = proc_cpu(server_pid)
     t0 = time.monotonic()

@@ -8,10 +8,12 @@
 // A minimal RFC 6455 client on `net` (no npm package): each of spec.connections
 // connections opens `GET /v1.0/ws?token=...`, waits for `connected`, then keeps
 // spec.in_flight `subscribe` messages (one new topic each) outstanding: a new one
-// is sent as soon as a `subscribed` reply arrives. After spec.start_at (epoch
-// seconds, if given: several generator processes measure the same window) it
-// counts accepted topics and sent subscribes for spec.duration seconds, and
-// reads its own CPU and the server's (/proc/<server_pid>/stat).
+// is sent as soon as a `subscribed` reply arrives. With spec.barrier (several
+// generator processes), it prints {"ready": n} once connected and starts only
+// when a line `GO` arrives on stdin, so the processes measure one window. After
+// spec.warmup seconds (default 1) it counts accepted topics and sent subscribes
+// for spec.duration seconds, and reads its own CPU and the server's
+// (/proc/<server_pid>/stat) and the machine's (/proc/stat).
 const net = require('net');
 const fs = require('fs');
 const crypto = require('crypto');
@@ -149,8 +151,23 @@ function percentiles(v) {
 }
 
 async function main() {
-  const input = fs.readFileSync(0, 'utf8').split('\n')[0];
-  const spec = JSON.parse(input);
+  // stdin: the spec's line, then (barrier) `GO`
+  const lines = [];
+  const waiters = [];
+  let pending = '';
+  process.stdin.setEncoding('utf8');
+  process.stdin.on('data', (d) => {
+    pending += d;
+    let nl;
+    while ((nl = pending.indexOf('\n')) >= 0) {
+      const line = pending.slice(0, nl);
+      pending = pending.slice(nl + 1);
+      if (waiters.length) waiters.shift()(line);
+      else lines.push(line);
+    }
+  });
+  const nextLine = () => (lines.length ? Promise.resolve(lines.shift()) : new Promise((r) => waiters.push(r)));
+  const spec = JSON.parse(await nextLine());
   const n = spec.connections;
   const inFlight = spec.in_flight || 1;
   const perMsg = spec.topics_per_message || 1;
@@ -232,14 +249,18 @@ async function main() {
     process.stdout.write(JSON.stringify({ connections: connected, error: errors[0], errors }) + '\n');
     process.exit(1);
   }
+  if (spec.barrier) {
+    process.stdout.write(JSON.stringify({ ready: connected }) + '\n');
+    await nextLine();
+  }
+  process.stdin.pause();
   for (const c of conns) for (let q = 0; q < inFlight; q++) sendOne(c);
-  // warm up until start_at (several processes: one window), at least 0.5 s
-  const startAt = spec.start_at ? spec.start_at * 1000 : 0;
-  await new Promise((r) => setTimeout(r, Math.max(500, startAt - Date.now())));
+  await new Promise((r) => setTimeout(r, 1000 * (spec.warmup === undefined ? 1 : spec.warmup)));
   const usage0 = selfCpu();
   const server0 = cpuOf(spec.server_pid);
   const busy0 = busyJiffies();
   const t0 = process.hrtime.bigint();
+  const windowStart = Date.now() / 1000;
   measuring = true;
   await new Promise((r) => setTimeout(r, spec.duration * 1000));
   measuring = false;
@@ -269,6 +290,7 @@ async function main() {
     offered_per_s: snt / wall,
     accepted: acc,
     wall_s: +wall.toFixed(3),
+    window_start: windowStart,
     errors: errors.slice(0, 3),
     reply_latency_ms: percentiles(lat),
     generator_cpu: +(cpu / wall).toFixed(3),
