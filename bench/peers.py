@@ -211,7 +211,7 @@ def figures(kind: str, r: dict[str, Any]) -> dict[str, float | None]:
     server = r.get("server") or {}
     if kind == "idle":
         kib = server.get("rss_per_conn_after_hold_kb", server.get("rss_per_conn_kb"))
-        return {"main": kib, "cpu_us_per_event": None, "missing": None}
+        return {"main": kib, "cpu_us_per_event": None, "missing": None, "foreign": None}
     events = r.get("publish_ev_per_s") or 0.0
     cpu = server.get("cpu_pct_window")
     return {
@@ -219,6 +219,7 @@ def figures(kind: str, r: dict[str, Any]) -> dict[str, float | None]:
         "cpu_us_per_event": round(cpu / 100 / events * 1e6, 1) if cpu is not None and events
         else None,
         "missing": r.get("messages_missing"),
+        "foreign": r.get("foreign_cpu_pct"),
     }
 
 
@@ -255,15 +256,16 @@ def table_rows(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[tup
                          for s in SYSTEMS)
         missing = " / ".join(fmt(max((f["missing"] or 0 for f in per[s]), default=None))
                              if kind != "idle" else "-" for s in SYSTEMS)
+        foreign = " / ".join(fmt(median([f["foreign"] for f in per[s]])) for s in SYSTEMS)
         each = " / ".join(",".join(fmt(f["main"], digits) for f in per[s]) for s in SYSTEMS)
         n = quick_n if args.quick else full_n
         rows.append((f"{LABELS[scenario]} ({n:,} conns)", fmt(sio, digits), fmt(ws, digits),
-                     ratio, cpu, missing, each))
+                     ratio, cpu, missing, foreign, each))
     return rows
 
 
 HEADER = ("scenario", "socket.io", "wsgate", "wsgate/socket.io", "server CPU us/event (sio / ws)",
-          "missing (sio / ws)", "each run (sio / ws)")
+          "missing (sio / ws)", "foreign CPU % (sio / ws)", "each run (sio / ws)")
 
 
 def warnings_of(runs: list[dict[str, Any]]) -> list[str]:
