@@ -403,6 +403,10 @@ def warnings_for(name: str, r: dict[str, Any]) -> list[str]:
         for field in ("lost", "dupes", "out_of_order"):
             if val.get(field):
                 notes.append(f"{name}/{key}: {field} = {val[field]}")
+        if name == "storm" and val.get("server_cpu", 1.0) < 0.8:
+            notes.append(f"{name}/{key}: the server used {val['server_cpu']:.0%} of its core: "
+                         "the rate is bound elsewhere (other processes on core 0, or waiting "
+                         "on the store's commits)")
         if (val.get("foreign_cpu_pct") or 0) > 10:
             notes.append(f"{name}/{key}: other processes used {val['foreign_cpu_pct']}% of a "
                          "CPU during the window: the rate is disturbed")
