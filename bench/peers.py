@@ -116,7 +116,7 @@ def prepare(src: Path, build: Path = BUILD) -> Path:
 # -- wsgate for the harness ----------------------------------------------------
 
 
-def wsgate_config(port: int, workdir: Path) -> str:
+def wsgate_config(port: int, workdir: Path, record_events: bool = True) -> str:
     """wsgate as a user runs it (defaults kept: record_events, INFO logging), with
     the harness's token and ingest key, and bench/common.py's limits off."""
     return f"""
@@ -151,6 +151,7 @@ keys = ["{INGEST_KEY}"]
 [audit]
 url = "sqlite:///{workdir}/audit.db"
 journal_path = "{workdir}/audit.journal"
+{"" if record_events else "record_events = false  # not the default (--no-record-events)"}
 
 [logging]
 level = "INFO"
@@ -174,7 +175,7 @@ def run_once(build: Path, system: str, scenario: str, args: argparse.Namespace,
         if system == "wsgate":
             port = free_port()
             cfg = Path(tmp) / "wsgate.toml"
-            cfg.write_text(wsgate_config(port, Path(tmp)))
+            cfg.write_text(wsgate_config(port, Path(tmp), not args.no_record_events))
             prefix = args.server_cmd_prefix
             env.update(SERVER_CMD=f"{prefix} {shlex.quote(WSGATE)} serve --config "
                                   f"{shlex.quote(str(cfg))}".strip(),
@@ -309,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-cmd-prefix", default=os.environ.get(PREFIX_ENV, ""),
                         help="put in front of `wsgate serve ...`, e.g. 'env PYTHONPATH=/tmp/snap' "
                              f"to run another tree's wsgate (default: ${PREFIX_ENV})")
+    parser.add_argument("--no-record-events", action="store_true",
+                        help="wsgate with record_events = false (not the default): "
+                             "how much of its cost is the audit row of each event")
     args = parser.parse_args(argv)
     args.scenario = args.scenario or list(SCENARIOS)
     if args.repeat < 1:
