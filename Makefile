@@ -10,7 +10,7 @@ RUN_STAMP := $(VENV)/.installed-run
 STAMP     := $(VENV)/.installed
 PIP       := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install run test lint typecheck unit bench soak conformance clean
+.PHONY: install run test lint typecheck unit bench bench-peers soak conformance clean
 
 # The venv is made without pip: where $(PYTHON) has a pip that can install into
 # another interpreter (--python, pip >= 22.3), that pip installs wsgate
@@ -62,6 +62,13 @@ test: lint typecheck unit
 
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# wsgate beside socket.io 4.8 on the shared harness (docs/performance.md, "Side by
+# side with socket.io"): needs node and npm; the harness is copied to build/peers.
+# PEERS_ARGS="--quick --scenario fanout --repeat 1" narrows a run.
+PEERS ?= ../shared/peers
+bench-peers: $(STAMP)
+	$(BIN)/python -m bench.peers --peers $(PEERS) $(PEERS_ARGS)
 
 # Larger hardening runs (more property examples, bigger storms); see docs/security.md.
 soak: $(STAMP)

@@ -17,6 +17,7 @@ import resource
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -126,9 +127,15 @@ class Server:
             self.proc.wait()
 
 
-def generator(spec: dict[str, Any], timeout: float) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(pinned(1, [PYTHON, "-m", "bench.loadgen"]), stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, cwd=ROOT, preexec_fn=raise_nofile)
+#: The Node storm generator (bench/storm_gen.js: no npm package needed).
+NODE_STORM = [shutil.which("node") or "node", str(ROOT / "bench" / "storm_gen.js")]
+
+
+def generator(spec: dict[str, Any], timeout: float,
+              argv: list[str] | None = None) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(pinned(1, argv or [PYTHON, "-m", "bench.loadgen"]),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                            preexec_fn=raise_nofile)
     assert proc.stdin is not None
     proc.stdin.write(json.dumps(spec) + "\n")
     proc.stdin.flush()
@@ -239,12 +246,77 @@ def pg_bench_url() -> str | None:
     return PG_URL.rsplit("/", 1)[0] + "/wsgate_bench"
 
 
+def run_storm_generators(spec: dict[str, Any], server: Server, args: argparse.Namespace,
+                         timeout: float) -> dict[str, Any]:
+    """The storm from args.storm_procs generator processes (Python or Node, all on
+    core 1), each with its share of the connections and topics of its own,
+    measuring one window (each says ready once connected; all start together,
+    then 1 s of warm-up); their figures summed."""
+    procs = max(1, args.storm_procs)
+    if args.storm_gen == "python" and procs == 1:
+        return run_generator(spec, server, timeout)
+    if args.storm_gen == "node" and shutil.which("node") is None:
+        raise RuntimeError("--storm-gen node: node is not installed")
+    argv = NODE_STORM if args.storm_gen == "node" else None
+    n = spec["connections"]
+    running = []
+    for p in range(procs):
+        share = n // procs + (p < n % procs)
+        one = dict(spec, connections=share, topics_of=[[] for _ in range(share)],
+                   tag=f"p{p}-", barrier=True, warmup=1.0, host="127.0.0.1",
+                   port=server.port, token=TOKEN, server_pid=server.pid)
+        running.append(generator(one, timeout, argv))
+    try:
+        for proc in running:
+            assert proc.stdout is not None
+            ready = json.loads(proc.stdout.readline() or "{}")
+            if "ready" not in ready:
+                raise RuntimeError(f"a storm generator did not connect: {ready}")
+        for proc in running:
+            assert proc.stdin is not None
+            proc.stdin.write("GO\n")
+            proc.stdin.flush()
+    except BaseException:
+        for proc in running:
+            proc.kill()
+        raise
+    results = []
+    for proc in running:
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise RuntimeError(f"the generator took over {timeout:.0f} s") from None
+        if proc.returncode != 0:
+            raise RuntimeError(f"the generator failed (exit {proc.returncode}): {out[-500:]}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    rate = sum(r["subscribes_per_s"] for r in results)
+    # Each Node process's foreign CPU counts the other generator processes: not them.
+    foreign = [r["foreign_cpu_pct"] - 100 * (sum(o["generator_cpu"] for o in results)
+                                             - r["generator_cpu"])
+               for r in results if "foreign_cpu_pct" in r]
+    server_cpu = statistics.mean(r["server_cpu"] for r in results)
+    gen_cpu = sum(r["generator_cpu"] for r in results)
+    return {"generator": args.storm_gen, "processes": procs, "connections": n,
+            "subscribes_per_s": rate,
+            "offered_per_s": sum(r.get("offered_per_s", 0.0) for r in results),
+            "accepted": sum(r["accepted"] for r in results),
+            "errors": [e for r in results for e in r["errors"]][:3],
+            "reply_latency_ms": results[0]["reply_latency_ms"],
+            "generator_cpu": round(gen_cpu, 3), "generator_saturated": gen_cpu > 0.8,
+            "server_cpu": round(server_cpu, 3),
+            "server_cpu_us_per_subscribe": round(1e6 * server_cpu / max(1.0, rate), 2),
+            "foreign_cpu_pct": round(statistics.mean(foreign), 1) if foreign else None,
+            "each": results}
+
+
 def storm(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     n = args.connections or scale(args, 200, 50)
     duration = args.duration or scale(args, 5, 2)
     spec = {"mode": "storm", "connections": n, "duration": duration, "in_flight": 1,
             "customer_id": CUSTOMER, "topics_of": [[] for _ in range(n)]}
-    out: dict[str, Any] = {"connections": n, "duration_s": duration}
+    out: dict[str, Any] = {"connections": n, "duration_s": duration,
+                           "generator": args.storm_gen, "processes": args.storm_procs}
     targets: list[tuple[str, str, str | None]] = [("wsgate_sqlite", "wsgate", None)]
     pg = pg_bench_url()
     if pg is not None:
@@ -252,7 +324,7 @@ def storm(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     targets.append(("naive", "naive", None))
     for name, kind, url in targets:
         with Server(kind, work, audit_url=url, max_subscriptions=1_000_000) as srv:
-            out[name] = run_generator(spec, srv, duration + 120)
+            out[name] = run_storm_generators(spec, srv, args, duration + 120)
     return out
 
 
@@ -304,7 +376,10 @@ def rows_for(name: str, r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         for key in ("wsgate_sqlite", "wsgate_postgres"):
             if key in r:
                 w = r[key]["subscribes_per_s"]
-                rows.append((f"subscribes/s, durable audit ({key[7:]})", f"{w:,.0f}",
+                gen = f"{r.get('generator', 'python')} x{r.get('processes', 1)}"
+                rows.append((f"subscribes/s, durable audit ({key[7:]}), {gen} generator",
+                             f"{w:,.0f} ({r[key]['server_cpu_us_per_subscribe']:.0f} us, "
+                             f"generator {r[key]['generator_cpu']:.0%})",
                              f"{v:,.0f} (no audit)", ratio(w, v)))
     elif name == "index":
         # One event matched over and over (the index's own cost), then random held
@@ -328,6 +403,13 @@ def warnings_for(name: str, r: dict[str, Any]) -> list[str]:
         for field in ("lost", "dupes", "out_of_order"):
             if val.get(field):
                 notes.append(f"{name}/{key}: {field} = {val[field]}")
+        if name == "storm" and val.get("server_cpu", 1.0) < 0.8:
+            notes.append(f"{name}/{key}: the server used {val['server_cpu']:.0%} of its core: "
+                         "the rate is bound elsewhere (other processes on core 0, or waiting "
+                         "on the store's commits)")
+        if (val.get("foreign_cpu_pct") or 0) > 10:
+            notes.append(f"{name}/{key}: other processes used {val['foreign_cpu_pct']}% of a "
+                         "CPU during the window: the rate is disturbed")
         if val.get("server_closes"):
             notes.append(f"{name}/{key}: server closed connections: {val['server_closes']}")
         if val.get("post_errors"):
@@ -355,6 +437,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, help="override the connection count")
     parser.add_argument("--duration", type=float, help="override seconds of load")
     parser.add_argument("--repeat", type=int, default=1, help="run each scenario this often")
+    parser.add_argument("--storm-gen", choices=("python", "node"), default="python",
+                        help="storm: the Python generator (bench/loadgen.py) or the Node one "
+                             "(bench/storm_gen.js, cheaper per message)")
+    parser.add_argument("--storm-procs", type=int, default=1,
+                        help="storm: generator processes (all on core 1), default 1")
     args = parser.parse_args(argv)
     raise_nofile()
     RESULTS.mkdir(parents=True, exist_ok=True)

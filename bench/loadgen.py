@@ -584,13 +584,13 @@ async def run_storm(spec: dict[str, Any]) -> dict[str, Any]:
         c.fast = False  # replies are parsed
     per_msg = spec.get("topics_per_message", 1)
     customer = spec["customer_id"]
+    # Several generator processes: topics of their own (tag), one window (barrier:
+    # say ready once connected, start on a line from stdin).
+    tag = spec.get("tag", "")
     accepted = 0
+    offered = 0
     stop = False
     server_pid = spec.get("server_pid")
-    usage0 = resource.getrusage(resource.RUSAGE_SELF)
-    server0 = proc_cpu(server_pid)
-    t0 = time.monotonic()
-    window_accepted = 0
     lat: list[float] = []
 
     async def drive(i: int, c: Client) -> None:
@@ -600,10 +600,11 @@ async def run_storm(spec: dict[str, Any]) -> dict[str, Any]:
         sent: dict[int, float] = {}
 
         def send_one() -> None:
-            nonlocal k
-            topics = [f"customer_id:{customer}:storm:{i}-{k}-{j}" for j in range(per_msg)]
+            nonlocal k, offered
+            topics = [f"customer_id:{customer}:storm:{tag}{i}-{k}-{j}" for j in range(per_msg)]
             sent[k] = time.monotonic()
             c.send({"type": "subscribe", "topics": topics, "id": k})
+            offered += 1
             k += 1
 
         for _ in range(in_flight):
@@ -620,9 +621,19 @@ async def run_storm(spec: dict[str, Any]) -> dict[str, Any]:
                 continue
             send_one()
 
+    if spec.get("barrier"):
+        print(json.dumps({"ready": len(clients)}), flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     tasks = [asyncio.ensure_future(drive(i, c)) for i, c in enumerate(clients)]
+    await asyncio.sleep(spec.get("warmup", 0.0))
+    usage0 = resource.getrusage(resource.RUSAGE_SELF)
+    server0 = proc_cpu(server_pid)
+    t0 = time.monotonic()
+    accepted0, offered0, lat0 = accepted, offered, len(lat)
     await asyncio.sleep(spec["duration"])
-    window_accepted = accepted
+    window_accepted = accepted - accepted0
+    window_offered = offered - offered0
+    window_lat = lat[lat0:]
     t1 = time.monotonic()
     usage1 = resource.getrusage(resource.RUSAGE_SELF)
     server1 = proc_cpu(server_pid)
@@ -637,8 +648,9 @@ async def run_storm(spec: dict[str, Any]) -> dict[str, Any]:
     wall = t1 - t0
     cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
     return {"connections": len(clients), "subscribes_per_s": window_accepted / wall,
+            "offered_per_s": window_offered * per_msg / wall,
             "accepted": window_accepted, "wall_s": round(wall, 3), "errors": errors[:3],
-            "reply_latency_ms": percentiles(sorted(lat)),
+            "reply_latency_ms": percentiles(sorted(window_lat)),
             "generator_cpu": round(cpu / wall, 3), "generator_saturated": cpu / wall > 0.8,
             "server_cpu": round((server1 - server0) / wall, 3),
             "server_cpu_us_per_subscribe": round(
