@@ -5,7 +5,7 @@ WAL mode with synchronous=FULL, or a fresh PostgreSQL schema) records
 ``--events`` ingested events, posted as ``--per-job`` events per
 ``write_events`` call (one call per POST in the gateway) with ``--inflight``
 calls outstanding at a time, as concurrent POSTs would. The events look like
-real ones: a uuid4 id, type ``call_created``, one topic
+real ones: an id as the server makes one (time-ordered), type ``call_created``, one topic
 ``agent_id:<uuid>:call:<uuid>``, a key id, a SHA-256 hex and an aware time.
 
 Reported per event: the writer thread's CPU (its own clock,
@@ -42,6 +42,7 @@ import wsgate
 from wsgate.audit.records import EventRecord
 from wsgate.audit.writer import AuditWriter
 from wsgate.config import AuditConfig
+from wsgate.events import new_event_ids
 
 DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
@@ -50,7 +51,7 @@ def make_inputs(n: int) -> list[tuple[str, str, str]]:
     """(event id, topic, payload sha256) of n events, made before the clock starts."""
     out = []
     for _ in range(n):
-        ev = str(uuid.uuid4())
+        ev = new_event_ids(1)[0]  # as the server makes them when a backend gives none
         topic = f"agent_id:{uuid.uuid4()}:call:{uuid.uuid4()}"
         out.append((ev, topic, hashlib.sha256(ev.encode()).hexdigest()))
     return out

@@ -9,6 +9,7 @@ of, it refuses with NotFast, and the slow path gives the answer it always gave.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from typing import Any
 
@@ -49,7 +50,8 @@ def same(fast: list[Any], reference: list[Any], body: bytes) -> None:
         if given_id is not None:
             assert f.event_id == r.event_id == given_id
         else:
-            assert uuid.UUID(f.event_id).version == 4
+            assert uuid.UUID(f.event_id).version == 7
+            assert uuid.UUID(r.event_id).version == 7
 
 
 def _given_ids(body: bytes) -> list[str | None]:
@@ -133,16 +135,21 @@ def test_data_is_kept_as_posted() -> None:
     assert event.data_json == '{"b" : 1,  "a": "\\u00e9t\u00e9"}'
 
 
-def test_new_event_ids_are_random_version_4_uuids() -> None:
+def test_new_event_ids_are_time_ordered_version_7_uuids() -> None:
+    before = time.time_ns() // 1_000_000
     ids = new_event_ids(2000)
+    after = time.time_ns() // 1_000_000
     assert len(set(ids)) == 2000
     for text in ids:
         parsed = uuid.UUID(text)
-        assert str(parsed) == text and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+        assert str(parsed) == text and parsed.version == 7 and parsed.variant == uuid.RFC_4122
+        assert before <= parsed.int >> 80 <= after  # the first 48 bits: Unix time in ms
+    time.sleep(0.002)
+    later = new_event_ids(10)
+    assert min(later) > max(ids), "ids made later sort later"
     assert new_event_ids(0) == []
 
 
-# Mostly good values, so that many generated bodies are valid.
 _segment = st.sampled_from(["call", "queue", "x.y", "a-b", "call", "queue", "", "*", "Q", "é"])
 _uuidish = st.sampled_from([C, A, C, A, C, A, C.upper(), "00000000-0000-0000-0000-000000000000",
                             "x", None])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -203,7 +202,7 @@ def _validate_one(raw: Any, published_at: str,
     except ValueError as exc:  # e.g. NaN smuggled in by a lenient encoder upstream
         problems.append(("data", f"cannot be encoded: {exc}"))
         return None
-    event_id = ids["event_id"] or str(uuid.uuid4())
+    event_id = ids["event_id"] or new_event_ids(1)[0]
     return Event(etype, data_json, tuple(topics), event_id, published_at)
 
 
@@ -355,14 +354,21 @@ def _fast_one(raw: _Event, published_at: str, ids: list[str]) -> Event:
 
 
 def new_event_ids(n: int) -> list[str]:
-    """n random (version 4) UUIDs as text, from one read of the OS's random source."""
+    """n new event ids: time-ordered UUIDs (version 7, RFC 9562), from one read of
+    the OS's random source.
+
+    The first 48 bits are the Unix time in milliseconds, the other 74 free bits
+    random. Ids made later sort later, so the audit log's event-id index grows
+    at its end, and a commit of many events writes a few index pages, not one
+    page per event (as random version 4 ids did).
+    """
     if n == 0:
         return []
-    h = os.urandom(16 * n).hex()
-    # As uuid.uuid4: the version nibble is 4, the variant bits are 10.
-    return [f"{h[i:i + 8]}-{h[i + 8:i + 12]}-4{h[i + 13:i + 16]}-"
-            f"{_VARIANT[h[i + 16]]}{h[i + 17:i + 20]}-{h[i + 20:i + 32]}"
-            for i in range(0, 32 * n, 32)]
+    stamp = f"{time.time_ns() // 1_000_000:012x}"
+    stamp = f"{stamp[:8]}-{stamp[8:12]}-7"
+    h = os.urandom(10 * n).hex()
+    return [f"{stamp}{h[i:i + 3]}-{_VARIANT[h[i + 3]]}{h[i + 4:i + 7]}-{h[i + 7:i + 19]}"
+            for i in range(0, 20 * n, 20)]
 
 
 _VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
