@@ -142,20 +142,26 @@ def generator(spec: dict[str, Any], timeout: float,
     return proc
 
 
-def run_generator(spec: dict[str, Any], server: Server, timeout: float) -> dict[str, Any]:
-    spec = dict(spec, host="127.0.0.1", port=server.port, token=TOKEN, ingest_key=INGEST_KEY,
-                server_pid=server.pid)
-    cpu0 = cpu_seconds(server.pid)
-    t0 = time.monotonic()
-    proc = generator(spec, timeout)
+def generator_result(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
+    """The JSON result a generator process prints last; RuntimeError when it fails."""
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         raise RuntimeError(f"the generator took over {timeout:.0f} s") from None
     if proc.returncode != 0:
-        raise RuntimeError(f"the generator failed (exit {proc.returncode})")
+        raise RuntimeError(f"the generator failed (exit {proc.returncode}): {out[-500:]}")
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def run_generator(spec: dict[str, Any], server: Server, timeout: float) -> dict[str, Any]:
+    spec = dict(spec, host="127.0.0.1", port=server.port, token=TOKEN, ingest_key=INGEST_KEY,
+                server_pid=server.pid)
+    cpu0 = cpu_seconds(server.pid)
+    t0 = time.monotonic()
+    proc = generator(spec, timeout)
+    result = generator_result(proc, timeout)
     result["server_cpu_incl_setup"] = round((cpu_seconds(server.pid) - cpu0) /
                                             (time.monotonic() - t0), 3)
     return result
@@ -282,14 +288,7 @@ def run_storm_generators(spec: dict[str, Any], server: Server, args: argparse.Na
         raise
     results = []
     for proc in running:
-        try:
-            out, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise RuntimeError(f"the generator took over {timeout:.0f} s") from None
-        if proc.returncode != 0:
-            raise RuntimeError(f"the generator failed (exit {proc.returncode}): {out[-500:]}")
-        results.append(json.loads(out.strip().splitlines()[-1]))
+        results.append(generator_result(proc, timeout))
     rate = sum(r["subscribes_per_s"] for r in results)
     # Each Node process's foreign CPU counts the other generator processes: not them.
     foreign = [r["foreign_cpu_pct"] - 100 * (sum(o["generator_cpu"] for o in results)

@@ -92,8 +92,9 @@ def sqlite_store(tmp: Path, label: str) -> tuple[str, Any]:
     return f"sqlite:///{path}", lambda: None
 
 
-def pg_store(base: str) -> tuple[str, Any]:
-    schema = f"audit_bench_{uuid.uuid4().hex[:10]}"
+def pg_store(base: str, prefix: str = "audit_bench") -> tuple[str, Any]:
+    """A fresh schema on the PostgreSQL server at base: its URL and a function that drops it."""
+    schema = f"{prefix}_{uuid.uuid4().hex[:10]}"
     admin = create_engine(base)
     with admin.begin() as conn:
         conn.execute(text(f'CREATE SCHEMA "{schema}"'))

@@ -35,10 +35,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import event
 
 import wsgate
+from bench import audit_bench
 from wsgate.audit.records import EventRecord
 from wsgate.audit.writer import AuditWriter
 from wsgate.config import AuditConfig
@@ -132,18 +132,7 @@ def sqlite_store(tmp: Path, label: str) -> tuple[str, Callable[[], None]]:
 
 
 def pg_store(base: str) -> tuple[str, Callable[[], None]]:
-    schema = f"event_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(base)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    url = make_url(base).update_query_dict({"options": f"-csearch_path={schema}"})
-
-    def drop() -> None:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
-
-    return url.render_as_string(hide_password=False), drop
+    return audit_bench.pg_store(base, prefix="event_bench")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,11 +37,13 @@ class API:
         return resp.code, json.loads(resp.body)
 
 
-@pytest.fixture
-def serve(io_loop: Any, backend: Backend) -> Iterator[Any]:
+def audit_api_servers(io_loop: Any, backend: Backend,
+                      default_keys: tuple[Any, ...] = (API_KEY,)) -> Iterator[Any]:
+    """The body of a ``serve`` fixture: yields ``start(keys, witnesses) -> API``, a real
+    server of the audit API over backend's store; stops every server it started."""
     servers: list[tornado.httpserver.HTTPServer] = []
 
-    def start(keys: tuple[str, ...] = (API_KEY,), witnesses: tuple[str, ...] = ()) -> API:
+    def start(keys: tuple[Any, ...] = default_keys, witnesses: tuple[str, ...] = ()) -> API:
         reader = AuditReader(backend.engine(), backend.key.public_key(), witnesses)
         app = tornado.web.Application(audit_routes(reader, keys))
         sock, port = tornado.testing.bind_unused_port()
@@ -54,6 +56,11 @@ def serve(io_loop: Any, backend: Backend) -> Iterator[Any]:
     for s in servers:
         s.stop()
         io_loop.run_sync(s.close_all_connections)
+
+
+@pytest.fixture
+def serve(io_loop: Any, backend: Backend) -> Iterator[Any]:
+    yield from audit_api_servers(io_loop, backend)
 
 
 @pytest.mark.gen_test(timeout=30)

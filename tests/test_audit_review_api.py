@@ -12,7 +12,6 @@ import json
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
-from urllib.parse import urlencode
 
 import pytest
 import tornado.httpclient
@@ -34,10 +33,9 @@ from tests.audit_helpers import (
     rec,
     topic,
 )
-from wsgate.adapters.audit_api import audit_routes
-from wsgate.audit.query import AuditReader
+from tests.test_audit_api import API, audit_api_servers
+from tests.test_scoped_review_keys import scoped
 from wsgate.audit.records import REJECTED, RENEW, EventRecord
-from wsgate.config import ScopedSecret
 from wsgate.plugins import Principal
 
 backend = audit_helpers.backend  # the fixture: SQLite, and PostgreSQL when configured
@@ -49,42 +47,10 @@ FOREIGN_EVENT = "1d5c5d03-da9b-11ee-b3a6-5f2b4c1d2e3f"
 BOB = Principal(kind="agent", subject="bob", customer_id=CUSTOMER)
 
 
-def scoped(key: str, *customers: str) -> ScopedSecret:
-    secret = ScopedSecret(key)
-    secret.customers = frozenset(customers)
-    return secret
-
-
-class API:
-    def __init__(self, port: int) -> None:
-        self.base = f"http://127.0.0.1:{port}"
-        self.client = tornado.httpclient.AsyncHTTPClient()
-
-    async def get(self, path: str, key: str = API_KEY, **params: Any) -> tuple[int, Any]:
-        url = f"{self.base}{path}" + (f"?{urlencode(params)}" if params else "")
-        resp = await self.client.fetch(url, headers={"Authorization": f"Bearer {key}"},
-                                       raise_error=False)
-        return resp.code, json.loads(resp.body)
-
-
 @pytest.fixture
 def serve(io_loop: Any, backend: Backend) -> Iterator[Any]:
-    servers: list[tornado.httpserver.HTTPServer] = []
-
-    def start() -> API:
-        reader = AuditReader(backend.engine(), backend.key.public_key())
-        keys = (API_KEY, scoped(ACME_KEY, CUSTOMER))
-        app = tornado.web.Application(audit_routes(reader, keys))
-        sock, port = tornado.testing.bind_unused_port()
-        server = tornado.httpserver.HTTPServer(app)
-        server.add_sockets([sock])
-        servers.append(server)
-        return API(port)
-
-    yield start
-    for s in servers:
-        s.stop()
-        io_loop.run_sync(s.close_all_connections)
+    """start() -> API: the audit API with API_KEY and ACME_KEY (scoped to CUSTOMER)."""
+    yield from audit_api_servers(io_loop, backend, (API_KEY, scoped(ACME_KEY, CUSTOMER)))
 
 
 async def all_rows(api: API, key: str = API_KEY, **flt: Any) -> list[dict[str, Any]]:

@@ -186,6 +186,8 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: The handler setup_logging installed: the access log writes its lines to it
 #: directly while nothing else would see the record (see _direct_handler).
 _direct: LoopBatchingHandler | None = None
+#: The formatter setup_logging gave it (a TextFormatter of TEXT_FORMAT, or a JSONFormatter).
+_direct_formatter: logging.Formatter | None = None
 
 
 def _direct_handler(level: int) -> LoopBatchingHandler | None:
@@ -212,13 +214,9 @@ def _direct_handler(level: int) -> LoopBatchingHandler | None:
         if parent.handlers or parent.filters or not parent.propagate:
             return None
         parent = parent.parent
-    formatter = handler.formatter
-    if type(formatter) is TextFormatter and formatter._fmt == TEXT_FORMAT \
-            and formatter.datefmt is None:
-        return handler
-    if type(formatter) is JSONFormatter:
-        return handler
-    return None
+    if handler.formatter is not _direct_formatter:
+        return None
+    return handler
 
 
 def setup_logging(config: LoggingConfig) -> None:
@@ -230,14 +228,12 @@ def setup_logging(config: LoggingConfig) -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    global _direct
+    global _direct, _direct_formatter
     handler = LoopBatchingHandler()
-    if config.format == "json":
-        handler.setFormatter(JSONFormatter())
-    else:
-        handler.setFormatter(TextFormatter(TEXT_FORMAT))
+    formatter = JSONFormatter() if config.format == "json" else TextFormatter(TEXT_FORMAT)
+    handler.setFormatter(formatter)
     mask_tokens()
-    _direct = handler
+    _direct, _direct_formatter = handler, formatter
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.level)
