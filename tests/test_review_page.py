@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shutil
+from typing import Any
 
 import pytest
 import tornado.httpclient
@@ -63,6 +64,21 @@ async def audit_history(server):
     # The disconnect rows of the access key are written in the background.
     await server_rows(server, expect=36)
     return 36
+
+
+async def recipients_answer(server: Any, event_id: str) -> Any:
+    """GET /v1.0/audit/recipients/<event_id> with the full review key, once it answers 200
+    (the 202 of the POST already follows the event's record; this only allows for a
+    slow machine)."""
+    http = tornado.httpclient.AsyncHTTPClient()
+
+    async def recorded() -> Any:
+        response = await http.fetch(f"{server.base}/v1.0/audit/recipients/{event_id}",
+                                    headers={"Authorization": f"Bearer {REVIEW_KEY}"},
+                                    raise_error=False)
+        return response.code == 200 and json.loads(response.body)
+
+    return await wait_for(recorded, 10, interval=0.05, message="the event was not recorded")
 
 
 async def server_rows(server, expect, timeout=10.0):
@@ -312,15 +328,7 @@ async def test_a_scoped_review_key_sees_only_its_customers_rows_in_chromium(
                                            data={"id": "other-customers-call"}))
     assert status in (200, 202), body
     assert (await root.recv())["event_id"] == EVENT_ID
-    http = tornado.httpclient.AsyncHTTPClient()
-
-    async def recorded():
-        response = await http.fetch(f"{server.base}/v1.0/audit/recipients/{EVENT_ID}",
-                                    headers={"Authorization": f"Bearer {REVIEW_KEY}"},
-                                    raise_error=False)
-        return response.code == 200 and json.loads(response.body)
-
-    everyone = await wait_for(recorded, 10, interval=0.05, message="event not recorded")
+    everyone = await recipients_answer(server, EVENT_ID)
     assert [r["connection_id"] for r in everyone["recipients"]] == [root_id]
 
     async with async_playwright() as pw:
@@ -474,16 +482,7 @@ async def test_recipients_timeline_and_overview_in_chromium(make_server):
     for client in (key, bob, carol):
         await client.no_frame()
     receivers = {alice_id, manager_id, direct_id}
-    http = tornado.httpclient.AsyncHTTPClient()
-
-    async def recorded():
-        response = await http.fetch(f"{server.base}/v1.0/audit/recipients/{EVENT_ID}",
-                                    headers={"Authorization": f"Bearer {REVIEW_KEY}"},
-                                    raise_error=False)
-        return response.code == 200 and json.loads(response.body)
-
-    api_answer = await wait_for(recorded, 10, interval=0.05,
-                                message="the event was not recorded")
+    api_answer = await recipients_answer(server, EVENT_ID)
     assert {r["connection_id"] for r in api_answer["recipients"]} == receivers
 
     async with async_playwright() as pw:
