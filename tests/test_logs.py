@@ -252,3 +252,35 @@ def test_a_log_capture_still_sees_access_records(log_output):
     assert [r.getMessage() for r in records] == ["202 POST /v1.0/events"]
     assert records[0].events_accepted == 1
     assert "202 POST /v1.0/events remote_addr=127.0.0.1" in output.getvalue()
+
+
+def test_lines_left_by_a_loop_that_ended_go_out_with_the_next_loops(log_output):
+    import asyncio
+
+    log_output("INFO", "text")
+    handler = logging.getLogger().handlers[0]
+    stream = _CountingStream()
+    handler.setStream(stream)
+    log = logging.getLogger("wsgate.test")
+
+    first = asyncio.new_event_loop()
+
+    def last_callback() -> None:
+        log.info("from the first loop")
+        first.stop()  # this iteration is the last: the flush it scheduled never runs
+
+    first.call_soon(last_callback)
+    first.run_forever()
+    first.close()
+    assert stream.getvalue() == ""
+    second = asyncio.new_event_loop()
+
+    async def then() -> None:
+        log.info("from the second loop")
+        await asyncio.sleep(0)
+
+    second.run_until_complete(then())
+    second.close()
+    lines = stream.getvalue().splitlines()
+    assert [line.split(": ", 1)[1] for line in lines] == ["from the first loop",
+                                                          "from the second loop"]

@@ -144,6 +144,8 @@ class LoopBatchingHandler(logging.StreamHandler):
     def __init__(self) -> None:
         super().__init__()
         self._waiting: list[str] = []
+        #: The loop a flush is scheduled on, if any.
+        self._scheduled: asyncio.AbstractEventLoop | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -161,13 +163,16 @@ class LoopBatchingHandler(logging.StreamHandler):
             self._waiting.append(line)
             self.flush()
             return
-        if not self._waiting:
+        if self._scheduled is not loop:
+            # Also after a loop that ended with lines waiting: this one writes them.
             loop.call_soon(self.flush)
+            self._scheduled = loop
         self._waiting.append(line)
 
     def flush(self) -> None:
         self.acquire()
         try:
+            self._scheduled = None
             waiting = self._waiting
             if waiting:
                 self._waiting = []
