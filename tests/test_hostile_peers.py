@@ -198,11 +198,13 @@ async def attack(server: Serve, chunks: Callable[[], bytes], max_bytes: int,
         assert (await good.recv_json(skip_pings=True))["topics"] == [EVERYTHING]
         hostile_id = (await hostile.recv_json(skip_pings=True))["connection_id"]
         received: list[int] = []
-        posted = 0
+        posted = 0  # answered 202
+        sending = 0  # POSTs begun: one more than posted while a POST waits for its 202
 
         async def keep_delivering() -> None:
-            nonlocal posted
+            nonlocal posted, sending
             while True:
+                sending = posted + 1
                 await server.post(posted)
                 posted += 1
                 await asyncio.sleep(0.05)
@@ -256,7 +258,9 @@ async def attack(server: Serve, chunks: Callable[[], bytes], max_bytes: int,
         print("\nattack:", json.dumps(figures))
         assert (logged, told) == (expected, expected), figures
         assert growth < RSS_GROWTH_LIMIT, figures
-        assert received == list(range(posted)), (posted, received)
+        # Delivery does not wait for the 202 (which follows the event's audit
+        # record): the POST cancelled in flight may have been delivered too.
+        assert received in (list(range(posted)), list(range(sending))), (posted, received)
         # The server is still fine for the good client.
         await good.send(frame(1, b'{"type":"ping","id":"after"}'))
         assert await good.recv_json(skip_pings=True) == {"type": "pong", "id": "after"}
