@@ -24,11 +24,13 @@ $(RUN_STAMP): $(BIN)/python setup.cfg pyproject.toml
 	@echo "installing wsgate (what serving needs) into $(VENV)"
 	@# --no-compile: the server compiles only the modules it imports, once, at its
 	@# first start, instead of pip compiling every file of every dependency.
+	@# -qq: errors only (a machine's own pip settings, say an index folder that
+	@# lacks a package, would otherwise print a warning per package).
 	@if $(PYTHON) -m pip --python $(BIN)/python --version >/dev/null 2>&1; then \
-	  $(PYTHON) -m pip --python $(BIN)/python install --quiet --disable-pip-version-check \
+	  $(PYTHON) -m pip --python $(BIN)/python install -qq --disable-pip-version-check \
 	    --no-compile -e .; \
 	else \
-	  $(BIN)/python -m ensurepip --default-pip >/dev/null && $(PIP) --no-compile -e .; \
+	  $(BIN)/python -m ensurepip --default-pip >/dev/null && $(PIP) -q --no-compile -e .; \
 	fi
 	touch $(RUN_STAMP)
 
