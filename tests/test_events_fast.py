@@ -251,3 +251,16 @@ def _valid_event(draw: st.DrawFn) -> dict[str, Any]:
 def test_valid_bodies_always_take_the_fast_path(body: dict[str, Any], spaced: bool) -> None:
     text = json.dumps(body, indent=1 if spaced else None, ensure_ascii=not spaced)
     assert check(text.encode()), text
+
+
+def test_a_repeated_key_means_the_same_on_both_paths() -> None:
+    """JSON with a key given twice: the last one counts, on both paths."""
+    body = (b'{"type": "call_created", "type": "call_ended", "customer_id": "' + C.encode()
+            + b'", "data": {"id": "a"}, "data": {"id": "b"}}')
+    assert check(body)
+    [event], _ = validate_body(body, 10)
+    assert (event.type, event.data_json) == ("call_ended", '{"id": "b"}')
+    batch = (b'{"events": [{"type": "call_created", "customer_id": "' + C.encode()
+             + b'", "data": {}}], "events": [{"type": "call_ended", "customer_id": "'
+             + C.encode() + b'", "data": {}}]}')
+    assert check(batch)
