@@ -25,13 +25,12 @@ from urllib.parse import unquote_plus
 
 from wsgate.config import LoggingConfig
 
+_BLANK = vars(logging.LogRecord("", 0, "", 0, "", (), None))
 #: Attributes every LogRecord has; anything else on a record came from ``extra=``.
-_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
-    "message", "asctime", "taskName"}
+_STANDARD = frozenset(_BLANK) | {"message", "asctime", "taskName"}
 #: How many attributes LogRecord's constructor sets: a record's ``extra=``
 #: fields come after them (makeRecord adds them next).
-_MADE = len(vars(logging.LogRecord("", 0, "", 0, "", (), None)))
-
+_MADE = len(_BLANK)
 
 access_log = logging.getLogger("wsgate.access")
 
@@ -55,32 +54,30 @@ class JSONFormatter(logging.Formatter):
              fields: dict[str, Any]) -> str:
         """What format() writes for a record with these values and ``extra=fields``
         (and no exception), made without the record (the access log's fast path)."""
-        out: dict[str, Any] = {
-            "time": datetime.fromtimestamp(created, UTC).isoformat(
-                timespec="milliseconds").replace("+00:00", "Z"),
-            "level": levelname,
-            "logger": name,
-            "message": message,
-        }
-        for key, value in fields.items():
-            if key != IN_MESSAGE:
-                out.setdefault(key, value)
-        return json.dumps(out, default=str)
+        return json.dumps(_json_object(created, levelname, name, message, fields), default=str)
 
     def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(
-                timespec="milliseconds").replace("+00:00", "Z"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        for key, value in extra_fields(record).items():
-            out.setdefault(key, value)
+        out = _json_object(record.created, record.levelname, record.name, record.getMessage(),
+                           extra_fields(record))
         if record.exc_info:
             # exc_text, when set, is the traceback with its tokens masked.
             out["exception"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(out, default=str)
+
+
+def _json_object(created: float, levelname: str, name: str, message: str,
+                 fields: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "time": datetime.fromtimestamp(created, UTC).isoformat(
+            timespec="milliseconds").replace("+00:00", "Z"),
+        "level": levelname,
+        "logger": name,
+        "message": message,
+    }
+    for key, value in fields.items():
+        if key != IN_MESSAGE:
+            out.setdefault(key, value)
+    return out
 
 
 class TextFormatter(logging.Formatter):
@@ -93,34 +90,33 @@ class TextFormatter(logging.Formatter):
         """As logging.Formatter formats it, with the part up to the second made once a second."""
         if datefmt is not None:
             return super().formatTime(record, datefmt)
-        second = int(record.created)
+        return self._time(record.created, int(record.msecs))
+
+    def _time(self, created: float, msecs: int) -> str:
+        second = int(created)
         if second != self._second:
             self._stamp = time.strftime(self.default_time_format, self.converter(second))
             self._second = second
-        return f"{self._stamp},{int(record.msecs):03d}"  # default_msec_format
+        return f"{self._stamp},{msecs:03d}"  # default_msec_format
 
     def line(self, created: float, levelname: str, name: str, message: str,
              fields: dict[str, Any]) -> str:
         """What format() writes for a record with these values and ``extra=fields``
         (and no exception), made without the record (the access log's fast path)."""
-        second = int(created)
-        if second != self._second:
-            self._stamp = time.strftime(self.default_time_format, self.converter(second))
-            self._second = second
         # msecs as LogRecord computes them.
-        head = f"{self._stamp},{int((created - second) * 1000):03d} {levelname} {name}: {message}"
-        shown = fields.get(IN_MESSAGE, ())
-        pairs = [f"{k}={_text(v)}" for k, v in fields.items()
-                 if k != IN_MESSAGE and k not in shown]
-        return head + " " + " ".join(pairs) if pairs else head
+        stamp = self._time(created, int((created - int(created)) * 1000))
+        return (f"{stamp} {levelname} {name}: {message}"
+                + _pairs(fields, fields.get(IN_MESSAGE, ())))
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        line = super().formatMessage(record)
-        shown = getattr(record, IN_MESSAGE, ())
-        fields = {k: v for k, v in extra_fields(record).items() if k not in shown}
-        if not fields:
-            return line
-        return line + " " + " ".join(f"{k}={_text(v)}" for k, v in fields.items())
+        return super().formatMessage(record) + _pairs(extra_fields(record),
+                                                      getattr(record, IN_MESSAGE, ()))
+
+
+def _pairs(fields: dict[str, Any], shown: Any) -> str:
+    """`` key=value ...`` of the fields the message does not show, or nothing."""
+    pairs = [f"{k}={_text(v)}" for k, v in fields.items() if k != IN_MESSAGE and k not in shown]
+    return " " + " ".join(pairs) if pairs else ""
 
 
 def _text(value: Any) -> str:
