@@ -175,12 +175,9 @@ def _validate_one(raw: Any, published_at: str,
     else:
         texts.extend(("topics", t) for t in extra)
     if resource is not None:
-        for scope in ("customer_id", "agent_id"):
-            scope_id = ids[scope]
-            if scope_id:
-                text = f"{scope}:{scope_id}:{resource}"
-                texts.append(("resource" if resource_id is None else "resource_id",
-                              text if resource_id is None else f"{text}:{resource_id}"))
+        blamed = "resource" if resource_id is None else "resource_id"
+        texts.extend((blamed, text) for text in own_topics(
+            ids["customer_id"], ids["agent_id"], resource, resource_id))
     topics: list[Topic] = []
     seen: set[str] = set()
     for fname, text in texts:
@@ -204,6 +201,18 @@ def _validate_one(raw: Any, published_at: str,
         return None
     event_id = ids["event_id"] or new_event_ids(1)[0]
     return Event(etype, data_json, tuple(topics), event_id, published_at)
+
+
+def own_topics(customer_id: str | None, agent_id: str | None, resource: str,
+               resource_id: str | None) -> list[str]:
+    """The topics an event gets from its ids (SPEC §3), unchecked: ``customer_id:<id>:
+    <resource>[:<resource_id>]`` and the same under ``agent_id``, for each id given."""
+    texts = []
+    for scope, scope_id in (("customer_id", customer_id), ("agent_id", agent_id)):
+        if scope_id:
+            text = f"{scope}:{scope_id}:{resource}"
+            texts.append(text if resource_id is None else f"{text}:{resource_id}")
+    return texts
 
 
 def decode_json(body: bytes) -> Any:
@@ -340,14 +349,10 @@ def _fast_one(raw: _Event, published_at: str, ids: list[str]) -> Event:
         resource_id = raw.resource_id
         if resource_id is None and type(data_id) is str:
             resource_id = data_id
-        for scope, scope_id in (("customer_id", customer), ("agent_id", agent)):
-            if scope_id is not None:
-                text = f"{scope}:{scope_id}:{resource}"
-                if resource_id is not None:
-                    text = f"{text}:{resource_id}"
-                if text not in seen:
-                    seen.add(text)
-                    topics.append(parse_topic(text, wildcard=False))
+        for text in own_topics(customer, agent, resource, resource_id):
+            if text not in seen:
+                seen.add(text)
+                topics.append(parse_topic(text, wildcard=False))
     if not topics:
         raise NotFast
     return Event(etype, data_json, tuple(topics), event_id or ids.pop(), published_at)
