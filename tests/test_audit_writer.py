@@ -483,3 +483,51 @@ async def test_text_longer_than_its_column_is_cut_and_still_committed(backend: B
     for name, limit in _EVENT_LIMITS.items():
         assert stored[name] == name[0] * (limit - 3) + "...", name
     assert store.verify(backend.engine(), backend.key.public_key()).ok
+
+
+def _commits(w: AuditWriter) -> list[float]:
+    """The monotonic time of each commit on the writer's engine, appended as they happen."""
+    import time
+
+    times: list[float] = []
+    event.listen(w.engine, "commit", lambda conn: times.append(time.monotonic()))
+    return times
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_lone_write_does_not_wait_out_the_group_window(backend: Backend) -> None:
+    # Window 8 s, so a quiet slice is 2 s: the lone row is committed after one
+    # quiet slice, not after the window (the old writer waited the whole 8 s).
+    w = AuditWriter(backend.config(group_commit_ms=8000.0, signing_key=None), "node-a")
+    await w.start()
+    commits = _commits(w)
+    try:
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        await w.write_subscribes([rec(topic("call"))])
+        took = loop.time() - began
+    finally:
+        await w.close()
+    assert len(rows(backend)) == 1
+    assert len(commits) >= 1
+    assert 1.9 <= took < 6.0, took
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_rows_that_keep_arriving_share_one_commit(backend: Backend) -> None:
+    # Window 8 s, quiet slice 2 s; six writes 0.2 s apart keep the group open,
+    # so they share one commit however early the first one came.
+    w = AuditWriter(backend.config(group_commit_ms=8000.0, signing_key=None), "node-a")
+    await w.start()
+    commits = _commits(w)
+    try:
+        pending = []
+        for i in range(6):
+            pending.append(asyncio.ensure_future(
+                w.write_subscribes([rec(topic("call", str(i)))])))
+            await asyncio.sleep(0.2)
+        await asyncio.gather(*pending)
+    finally:
+        await w.close()
+    assert len(rows(backend)) == 6
+    assert len(commits) == 1, commits

@@ -3,7 +3,8 @@
 All database work runs on one dedicated thread with a synchronous engine, so
 the event loop never blocks on the store. The thread group-commits: it takes
 the first queued write, waits up to ``group_commit_ms`` for more (at most
-``group_commit_max_rows`` rows), chains them in order, inserts them in one
+``group_commit_max_rows`` rows; it stops early once a quarter of that passes
+with no new row), chains them in order, inserts them in one
 transaction, commits, then settles every caller's future through
 ``loop.call_soon_threadsafe``.
 
@@ -53,6 +54,9 @@ from wsgate.config import AuditConfig
 from wsgate.errors import END_UNCLEAN_SHUTDOWN
 
 log = logging.getLogger("wsgate.audit")
+
+#: A group stops gathering after ``group_commit_ms / QUIET_SLICES`` with no new row.
+QUIET_SLICES = 4
 
 
 def _width(table: Table, name: str) -> int:
@@ -495,12 +499,7 @@ class AuditWriter:
                     self._cond.wait(wait)
                 if self._queue:
                     if window > 0 and not self._stopping:
-                        deadline = time.monotonic() + window
-                        while self._queued_rows < max_rows and not self._stopping:
-                            remaining = deadline - time.monotonic()
-                            if remaining <= 0:
-                                break
-                            self._cond.wait(remaining)
+                        self._gather(window, max_rows)
                     taken = 0
                     while self._queue and (not jobs or taken + len(self._queue[0].items)
                                            <= max_rows):
@@ -522,6 +521,30 @@ class AuditWriter:
                     self._seal(store.CHECKPOINT_INTERVAL)
                 except Exception as exc:  # retried once the store is back
                     log.error("audit: the interval checkpoint could not be written: %s", exc)
+
+    def _gather(self, window: float, max_rows: int) -> None:
+        """Wait (holding ``_cond``) for more rows to share this commit: up to
+        ``window`` seconds after the first, but no longer than a quiet slice
+        (a quarter of the window) in which no row arrived.
+
+        Rows that keep arriving (a subscribe storm) fill the whole window, so a
+        commit still carries a burst; a lone write, or the last of a few
+        concurrent ones, is committed a slice after it came instead of waiting
+        out the window (a backend posting one event at a time waits for its
+        202 on this). ``_enqueue`` does not notify while rows are queued, so
+        each slice is one timed wait, not a wake-up per row.
+        """
+        deadline = time.monotonic() + window
+        quiet = window / QUIET_SLICES
+        seen = self._queued_rows
+        while self._queued_rows < max_rows and not self._stopping:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._cond.wait(min(remaining, quiet))
+            if self._queued_rows == seen:
+                return
+            seen = self._queued_rows
 
     def _probe(self) -> None:
         """Try the store while it is marked unhealthy and nothing is queued, so
