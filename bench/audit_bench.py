@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event, text
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from wsgate.audit import chain
@@ -47,13 +47,6 @@ async def run_one(url: str, journal: str, window_ms: float, rows: int, concurren
                       signing_key=Secret(key_pem) if key_pem else None, checkpoint_every=1000)
     writer = AuditWriter(cfg, "bench-node")
     await writer.start()
-    commits = 0
-
-    def count(_conn: Any) -> None:
-        nonlocal commits
-        commits += 1
-
-    event.listen(writer.engine, "commit", count)
     principal = Principal(kind="agent", subject="bench", customer_id=CUSTOMER)
     conns = [ConnectionInfo(f"conn-{i}", principal, "static", "10.0.0.1",
                             "https://app.example.com", "bench/1.0") for i in range(concurrency)]
@@ -76,6 +69,7 @@ async def run_one(url: str, journal: str, window_ms: float, rows: int, concurren
     start = time.perf_counter()
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
     elapsed = time.perf_counter() - start
+    commits = writer.commits
     await writer.close()
     latencies.sort()
     return {

@@ -35,8 +35,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
-
 import wsgate
 from bench import audit_bench
 from wsgate.audit.records import EventRecord
@@ -76,13 +74,6 @@ async def run_one(url: str, journal: str, events: int, per_job: int, inflight: i
     thread = writer._thread
     assert thread is not None and thread.ident is not None
     clock = time.pthread_getcpuclockid(thread.ident)
-    commits = 0
-
-    def count(_conn: Any) -> None:
-        nonlocal commits
-        commits += 1
-
-    event.listen(writer.engine, "commit", count)
     inputs = make_inputs(events)
     jobs = [inputs[i:i + per_job] for i in range(0, events, per_job)]
     key_id = "bearer:5f2b4c1d"
@@ -104,7 +95,7 @@ async def run_one(url: str, journal: str, events: int, per_job: int, inflight: i
     loop_cpu = time.thread_time() - l0
     writer_cpu = time.clock_gettime(clock) - w0
     u1, s1 = _ticks(stat)
-    n_commits = commits
+    n_commits = writer.commits
     await writer.close()
     if prof is not None and profile:
         prof.dump_stats(profile)

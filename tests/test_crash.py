@@ -82,6 +82,7 @@ async def test_disk_full_refuses_subscribes_journals_ends_and_recovers(make_serv
     limit = DiskLimit(writer.engine)
     try:
         limit.full = True
+        writer.recycle_connection()  # the writer keeps its connection: cap it too
         many = [f"{ALL}:full{i}:{'x' * 100}" for i in range(100)]  # needs new pages
         reply = await client.subscribe(*many)
         assert reply["topics"] == []

@@ -261,6 +261,8 @@ class AuditWriter:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._engine: Engine | None = None
+        #: The connection group commits go through (see GroupConnection).
+        self._group: GroupConnection | None = None
         # Owned by the writer thread once started.
         self._heads: dict[str, tuple[int, str]] = {}
         #: Per chain: the seq the last chained checkpoint signed, and its hash.
@@ -355,6 +357,22 @@ class AuditWriter:
         """True when the last attempt to write reached the store."""
         return self._healthy
 
+    @property
+    def commits(self) -> int:
+        """Group commits so far (for tests and benchmarks)."""
+        return self._group.commits if self._group is not None else 0
+
+    @property
+    def largest_group(self) -> int:
+        """The most rows one group commit inserted (for tests and benchmarks)."""
+        return self._group.largest if self._group is not None else 0
+
+    def recycle_connection(self) -> None:
+        """Make the next group commit take a fresh connection from the pool, so
+        settings applied at checkout reach it (tests that cap a SQLite file)."""
+        if self._group is not None:
+            self._group.stale = True
+
     async def close(self) -> None:
         """Write everything queued (store or journal), sign a final checkpoint when a
         key is configured, and release the store; then give the witnesses up to
@@ -435,6 +453,7 @@ class AuditWriter:
     def _open(self) -> None:
         self._engine = engine = store.make_engine(self.config.url, writer=True,
                                                   busy_timeout_ms=self._busy_timeout_ms)
+        self._group = GroupConnection(engine)
         store.migrate(engine)
         with engine.connect() as conn:
             for name in CHAIN_TABLES:
@@ -650,14 +669,10 @@ class AuditWriter:
         """Chain and insert entries in one transaction; advance the heads only on commit."""
         rows, heads = self._chain(entries)
         checkpoints = self._plan(rows)
-        assert self._engine is not None
+        assert self._group is not None
         try:
-            with self._engine.begin() as conn:
-                for name, table in CHAIN_TABLES.items():
-                    if rows[name]:
-                        _insert(conn, table, rows[name])
-                if checkpoints:
-                    conn.execute(insert(CHECKPOINTS), checkpoints)
+            self._group.write([(table, rows[name]) for name, table in CHAIN_TABLES.items()]
+                              + [(CHECKPOINTS, checkpoints)])
         except Exception as exc:
             self._failed(exc)
             raise
@@ -836,8 +851,153 @@ class AuditWriter:
         except SQLAlchemyError as exc:
             log.error("audit: the closing checkpoint could not be written: %s", exc)
         finally:
+            if self._group is not None:
+                self._group.close()
             if self._engine is not None:
                 self._engine.dispose()
+
+
+class GroupConnection:
+    """The writer's own DB-API connection, kept for its group commits.
+
+    ``Engine.begin()`` costs ~120 us of CPU per transaction beyond the driver's
+    own (pool checkout and return with its rollback, events, PostgreSQL's
+    pre-ping): at one event per POST a group holds a few rows, and that was
+    most of the writer's work (bench/txn_cost.py). This connection is taken
+    from the engine's pool once (with its connect settings: SQLite's pragmas)
+    and kept. Any error discards it (invalidated: a dead PostgreSQL
+    connection is never reused) and the next group takes a fresh one; one
+    idle for more than PING_AFTER seconds is pinged first, as the pool's
+    pre-ping did, so a database restarted while the node was quiet does not
+    cost a refused subscribe. Drivers whose parameters are not positional go
+    through ``Engine.begin()`` as before.
+    """
+
+    PING_AFTER = 1.0
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        dialect = engine.dialect
+        self._dialect = dialect
+        self._error: type[Exception] = dialect.loaded_dbapi.Error
+        self._sqlite = dialect.name == "sqlite"
+        self._ping = not self._sqlite
+        self._copy = dialect.driver == "psycopg"
+        style = dialect.paramstyle
+        self._mark = "?" if style == "qmark" else "%s" if style in ("format", "pyformat") else None
+        self._raw: Any = None
+        self._used = 0.0
+        self._statements: dict[tuple[str, tuple[str, ...]], str] = {}
+        #: Set from any thread: the next write takes a fresh connection.
+        self.stale = False
+        #: Transactions committed through this connection (for tests and benchmarks).
+        self.commits = 0
+        #: The most rows one transaction inserted (for tests and benchmarks).
+        self.largest = 0
+
+    def write(self, inserts: list[tuple[Table, list[dict[str, Any]]]]) -> None:
+        """Insert each table's rows, all in one transaction, and commit.
+
+        Raises:
+            SQLAlchemyError: nothing was committed (a driver error, wrapped as
+                SQLAlchemy wraps it); the connection was discarded.
+        """
+        inserts = [(t, r) for t, r in inserts if r]
+        if not inserts:
+            return
+        if self._mark is None:
+            with self.engine.begin() as conn:
+                for table, rows in inserts:
+                    _insert(conn, table, rows)
+        else:
+            self._write_raw(inserts)
+        self.commits += 1
+        self.largest = max(self.largest, sum(len(r) for _, r in inserts))
+
+    def _write_raw(self, inserts: list[tuple[Table, list[dict[str, Any]]]]) -> None:
+        raw = self._connection()
+        try:
+            cursor = raw.cursor()
+            try:
+                if self._sqlite:
+                    # The engine's "begin" hook is not called here: say it ourselves.
+                    cursor.execute("BEGIN IMMEDIATE")
+                for table, rows in inserts:
+                    cols = [c.name for c in table.c if c.name != "id"]
+                    if table is EVENTS and self._copy:
+                        _copy_rows(cursor, table.name, cols, rows)
+                        continue
+                    values = operator.itemgetter(*cols)
+                    cursor.executemany(self._statement(table.name, cols),
+                                       [values(r) for r in rows])
+                raw.commit()
+            finally:
+                cursor.close()
+        except BaseException as exc:
+            self.discard()
+            if isinstance(exc, self._error):
+                raise DBAPIError.instance(None, None, exc, self._error, hide_parameters=True,
+                                          dialect=self._dialect,
+                                          connection_invalidated=True) from exc
+            raise
+        self._used = time.monotonic()
+
+    def _statement(self, table: str, cols: list[str]) -> str:
+        key = (table, tuple(cols))
+        sql = self._statements.get(key)
+        if sql is None:
+            sql = self._statements[key] = (
+                f"INSERT INTO {table} ({', '.join(cols)}) "
+                f"VALUES ({', '.join(self._mark or '?' for _ in cols)})")
+        return sql
+
+    def _connection(self) -> Any:
+        if self.stale:
+            self.stale = False
+            self.discard()
+        raw = self._raw
+        if raw is not None and self._ping and time.monotonic() - self._used > self.PING_AFTER:
+            try:
+                self._dialect.do_ping(raw.dbapi_connection)
+            except Exception:  # any failure: take a fresh connection
+                self.discard()
+                raw = None
+        if raw is None:
+            raw = self._raw = self.engine.raw_connection()
+        return raw
+
+    def discard(self) -> None:
+        """Drop the kept connection (rolled back, closed); the next write takes a new one."""
+        raw, self._raw = self._raw, None
+        if raw is None:
+            return
+        try:
+            raw.rollback()
+        except Exception:  # a dead connection: invalidating it is all that is left
+            pass
+        try:
+            raw.invalidate()
+        except Exception:
+            pass
+
+    def close(self) -> None:
+        """Give the kept connection back to the pool (the writer is closing)."""
+        raw, self._raw = self._raw, None
+        if raw is not None:
+            try:
+                raw.close()
+            except Exception:
+                pass
+
+
+def _copy_rows(cursor: Any, name: str, cols: list[str], rows: list[dict[str, Any]]) -> None:
+    """Insert rows with PostgreSQL's COPY on a psycopg cursor, in its transaction:
+    a quarter of the client's work of executemany, which binds and executes
+    each row on its own (the writer inserts every ingested event)."""
+    values = operator.itemgetter(*cols)
+    with cursor.copy(f"COPY {name} ({', '.join(cols)}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(values(row))
 
 
 def _insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
@@ -870,21 +1030,17 @@ def _copy(conn: Connection, name: str, cols: list[str], rows: list[dict[str, Any
     and the transaction are the same; a driver error is raised as SQLAlchemy's
     (a lost connection is invalidated), as from an executed statement.
     """
-    sql = f"COPY {name} ({', '.join(cols)}) FROM STDIN"
-    values = operator.itemgetter(*cols)
     dialect = conn.dialect
     dbapi_conn = conn.connection.dbapi_connection
     assert dbapi_conn is not None
     cursor = dbapi_conn.cursor()
     try:
-        with cursor.copy(sql) as copy:
-            for row in rows:
-                copy.write_row(values(row))
+        _copy_rows(cursor, name, cols, rows)
     except dialect.loaded_dbapi.Error as exc:
         lost = dialect.is_disconnect(exc, dbapi_conn, cursor)
         if lost:
             conn.invalidate(exc)
-        raise DBAPIError.instance(sql, None, exc, dialect.loaded_dbapi.Error,
+        raise DBAPIError.instance(f"COPY {name}", None, exc, dialect.loaded_dbapi.Error,
                                   hide_parameters=True, dialect=dialect,
                                   connection_invalidated=lost) from exc
     finally:
