@@ -298,3 +298,35 @@ async def test_peer_close_codes_make_a_bounded_label_set(make_server):
     series = {dict(labels)["code"]: v for (name, labels), v in parse(text).items()
               if name == "wsgate_disconnects_total"}
     assert series == {"1002": len(invalid), "3000-4999": len(private), "4003": 1}, series
+
+
+def test_the_loop_histogram_is_exposed_as_prometheus_client_exposes_its_own() -> None:
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from wsgate.metrics import LATENCY_BUCKETS, LoopHistogram
+
+    theirs, ours = CollectorRegistry(), CollectorRegistry()
+    reference = Histogram("wsgate_x_seconds", "Some latency.", buckets=LATENCY_BUCKETS,
+                          registry=theirs)
+    mine = LoopHistogram("wsgate_x_seconds", "Some latency.", buckets=LATENCY_BUCKETS,
+                         registry=ours)
+    # On every bound, between bounds, below the first, past the last, zero.
+    values = [*LATENCY_BUCKETS, *(b * 0.999 for b in LATENCY_BUCKETS),
+              *(b * 1.001 for b in LATENCY_BUCKETS), 0.0, 1e-9, 11.0, 1e6]
+    for v in values:
+        reference.observe(v)
+        mine.observe(v)
+
+    def lines(registry: CollectorRegistry) -> list[str]:
+        return [line for line in generate_latest(registry).decode().splitlines()
+                if "_created" not in line]
+
+    assert lines(ours) == lines(theirs)
+
+    def created(registry: CollectorRegistry) -> list[str]:
+        return [line.rsplit(" ", 1)[0] for line in generate_latest(registry).decode().splitlines()
+                if "_created" in line]
+
+    assert created(ours) == created(theirs)
+    with pytest.raises(ValueError):
+        LoopHistogram("wsgate_y_seconds", "y", buckets=(1.0, 0.5), registry=ours)

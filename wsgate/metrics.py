@@ -18,14 +18,22 @@ Two kinds of numbers:
 from __future__ import annotations
 
 import logging
+import math
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.utils import floatToGoString
 
 from wsgate import errors
 
@@ -61,6 +69,51 @@ def close_label(code: int) -> str:
     return "other"
 
 
+class LoopHistogram:
+    """A histogram for one thread's observations (the event loop's), without a lock.
+
+    Exposed exactly as ``prometheus_client.Histogram`` exposes one without
+    labels (``_bucket`` with ``le``, ``_count``, ``_sum``, ``_created``), at a
+    seventh of its cost per observation (0.25 us against 1.8: it takes a lock
+    per bucket, the count and the sum), which the ingest path pays per request
+    and per event. Observations from another thread would race: every caller
+    of GatewayMetrics runs on the event loop, as do scrapes.
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float],
+                 registry: CollectorRegistry) -> None:
+        bounds = tuple(float(b) for b in buckets)
+        if list(bounds) != sorted(set(bounds)) or math.inf in bounds:
+            raise ValueError("buckets must be finite, increasing and distinct")
+        self.name = name
+        self.documentation = documentation
+        self._bounds = bounds
+        self._labels = [floatToGoString(b) for b in (*bounds, math.inf)]
+        self._counts = [0] * (len(bounds) + 1)
+        self._sum = 0.0
+        self._created = time.time()
+        registry.register(self)
+
+    def observe(self, value: float) -> None:
+        """Count one observation, in the first bucket whose bound is >= value."""
+        self._counts[bisect_left(self._bounds, value)] += 1
+        self._sum += value
+
+    def describe(self) -> list[Metric]:
+        return [HistogramMetricFamily(self.name, self.documentation)]
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation)
+        running = 0
+        buckets = []
+        for label, count in zip(self._labels, self._counts, strict=True):
+            running += count
+            buckets.append((label, running))
+        family.add_metric([], buckets, self._sum)
+        family.add_sample(f"{self.name}_created", {}, self._created)
+        yield family
+
+
 class GatewayMetrics:
     """The instruments of one gateway and the registry that serves them.
 
@@ -80,10 +133,10 @@ class GatewayMetrics:
             "wsgate_disconnects", "Closed WebSocket connections, by close code "
             "(1006: the peer went away without a close code; 3000-4999: a client's "
             "private code other than 4001, 4003, 4008).", ["code"], registry=r)
-        self.audit_write_seconds = Histogram(
+        self.audit_write_seconds = LoopHistogram(
             "wsgate_audit_write_seconds", "Time a subscribe waited for its audit rows "
             "to be committed (or refused).", buckets=LATENCY_BUCKETS, registry=r)
-        self.ingest_seconds = Histogram(
+        self.ingest_seconds = LoopHistogram(
             "wsgate_ingest_seconds", "Time to answer POST /v1.0/events, any status.",
             buckets=LATENCY_BUCKETS, registry=r)
         self.ingest_requests = Counter(
@@ -92,7 +145,7 @@ class GatewayMetrics:
         self.ingest_events = Counter(
             "wsgate_ingest_events_accepted", "Events accepted by POST /v1.0/events.",
             registry=r)
-        self.delivery_seconds = Histogram(
+        self.delivery_seconds = LoopHistogram(
             "wsgate_delivery_seconds", "From an event's published_at to when this node "
             "had written it to its matching connections; one observation per event "
             "per node (published_at has millisecond resolution).",
