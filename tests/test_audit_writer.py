@@ -514,3 +514,30 @@ async def test_rows_that_keep_arriving_share_one_commit(backend: Backend) -> Non
         await w.close()
     assert len(rows(backend)) == 6
     assert commits == 1, commits
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_callers_that_wait_for_their_answer_are_committed_once_all_are_in(
+        backend: Backend) -> None:
+    # Four callers each send, wait for the commit, send again (a backend with
+    # four POSTs in flight). Window 8 s, quiet slice 2 s: the first group waits
+    # a quiet slice; later groups are committed as soon as the four are queued
+    # (the size of the last group), not a slice or a window later.
+    w = AuditWriter(backend.config(group_commit_ms=8000.0, signing_key=None), "node-a")
+    await w.start()
+    try:
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+
+        async def caller(i: int) -> None:
+            for n in range(3):
+                await w.write_subscribes([rec(topic("call", f"{i}-{n}"))])
+
+        await asyncio.gather(*(caller(i) for i in range(4)))
+        took = loop.time() - began
+        commits, largest = w.commits, w.largest_group
+    finally:
+        await w.close()
+    assert len(rows(backend)) == 12
+    assert (commits, largest) == (3, 4)
+    assert 1.9 <= took < 4.5, took

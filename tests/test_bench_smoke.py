@@ -81,3 +81,71 @@ def test_stamped_client_reads_one_frame_at_a_time():
     assert frames == 3 and dupes == 0
     # Header, then the rest, for each frame: each frame's stamp is its own.
     assert len(reads) == 6 and reads[0] == 2
+
+
+def test_txn_cost_runs_at_toy_scale(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from bench import txn_cost
+
+    monkeypatch.setattr(sys, "argv", ["txn_cost", "--n", "3", "--dir", str(tmp_path)])
+    txn_cost.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["engine_begin", "kept_connection",
+                                                   "dbapi"] * 2
+
+
+def test_the_floor_server_routes_a_posted_event_to_its_subscriber():
+    # bench/peers_floor.py speaks the peers harness's protocol (b); check it end to end.
+    import http.client
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "bench.peers_floor", "--port", str(port),
+                               "--loop", "asyncio"])
+    try:
+        def up() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return True
+            except OSError:
+                return False
+
+        wait_for(up, timeout=20)
+        ws = socket.create_connection(("127.0.0.1", port), timeout=10)
+        with ws:
+            ws.sendall(b"GET /v1.0/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                       b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                       b"Sec-WebSocket-Version: 13\r\n\r\n")
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += ws.recv(1)
+            assert head.startswith(b"HTTP/1.1 101")
+            assert b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head  # RFC 6455's worked example
+
+            def frame() -> dict:
+                first = ws.recv(2)
+                assert first[0] == 0x81 and first[1] < 126
+                payload = b""
+                while len(payload) < first[1]:
+                    payload += ws.recv(first[1] - len(payload))
+                return json.loads(payload)
+
+            ws.sendall(loadgen.mask_frame(b'{"type":"subscribe","topics":["a:b"]}'))
+            assert frame() == {"type": "subscribed", "topics": ["a:b"]}
+            post = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            post.request("POST", "/v1.0/events", json.dumps(
+                {"events": [{"type": "x_y", "topics": ["a:b", "c:d"], "data": {"n": 1}}]}),
+                {"Content-Type": "application/json"})
+            answer = post.getresponse()
+            assert answer.status == 202
+            assert json.loads(answer.read()) == {"accepted": 1, "delivered": 1}
+            assert frame() == {"type": "x_y", "topic": "a:b", "data": {"n": 1}}
+    finally:
+        server.terminate()
+        server.wait(10)

@@ -4,9 +4,9 @@ All database work runs on one dedicated thread with a synchronous engine, so
 the event loop never blocks on the store. The thread group-commits: it takes
 the first queued write, waits up to ``group_commit_ms`` for more (at most
 ``group_commit_max_rows`` rows; it stops early once a quarter of that passes
-with no new row), chains them in order, inserts them in one
-transaction, commits, then settles every caller's future through
-``loop.call_soon_threadsafe``.
+with no new row, or once as many rows are queued as the last group took),
+chains them in order, inserts them in one transaction, commits, then settles
+every caller's future through ``loop.call_soon_threadsafe``.
 
 Failure rules:
 
@@ -257,6 +257,10 @@ class AuditWriter:
         self._cond = threading.Condition()
         self._queue: deque[_Job] = deque()
         self._queued_rows = 0
+        #: Rows the last group commit took (0 before the first).
+        self._last_group = 0
+        #: Queued rows at which _enqueue wakes the writer (see _gather).
+        self._enough = config.group_commit_max_rows
         self._stopping = False
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -416,9 +420,9 @@ class AuditWriter:
             was_idle = not self._queue
             self._queue.append(job)
             self._queued_rows += len(items)
-            # Wake the writer only when it may be idle or a full group is ready;
-            # otherwise it wakes at its group deadline anyway (fewer context switches).
-            if was_idle or self._queued_rows >= self.config.group_commit_max_rows:
+            # Wake the writer only when it may be idle or the group it gathers is
+            # ready; otherwise it wakes at its next slice anyway (fewer context switches).
+            if was_idle or self._queued_rows >= self._enough:
                 self._cond.notify()
 
     # --- writer thread ----------------------------------------------------------------
@@ -518,7 +522,7 @@ class AuditWriter:
                     self._cond.wait(wait)
                 if self._queue:
                     if window > 0 and not self._stopping:
-                        self._gather(window, max_rows)
+                        self._gather(window, min(max_rows, self._last_group or max_rows))
                     taken = 0
                     while self._queue and (not jobs or taken + len(self._queue[0].items)
                                            <= max_rows):
@@ -526,6 +530,7 @@ class AuditWriter:
                         jobs.append(job)
                         taken += len(job.items)
                     self._queued_rows -= taken
+                    self._last_group = taken
                 elif self._stopping:
                     return
             if jobs:
@@ -541,29 +546,36 @@ class AuditWriter:
                 except Exception as exc:  # retried once the store is back
                     log.error("audit: the interval checkpoint could not be written: %s", exc)
 
-    def _gather(self, window: float, max_rows: int) -> None:
+    def _gather(self, window: float, enough: int) -> None:
         """Wait (holding ``_cond``) for more rows to share this commit: up to
-        ``window`` seconds after the first, but no longer than a quiet slice
-        (a quarter of the window) in which no row arrived.
+        ``window`` seconds after the first, until ``enough`` rows are queued
+        (as many as the last group took), or until a quiet slice (a quarter
+        of the window) passes with no new row.
 
-        Rows that keep arriving (a subscribe storm) fill the whole window, so a
-        commit still carries a burst; a lone write, or the last of a few
-        concurrent ones, is committed a slice after it came instead of waiting
-        out the window (a backend posting one event at a time waits for its
-        202 on this). ``_enqueue`` does not notify while rows are queued, so
-        each slice is one timed wait, not a wake-up per row.
+        Rows that keep arriving (a subscribe storm) fill the window, so a
+        commit still carries a burst, and a group is never cut below the size
+        of the one before. Clients that each wait for their answer before
+        sending again (a backend with a few POSTs in flight, each waiting for
+        its 202) are all in once the last group's number is queued, and are
+        committed then instead of after the window; a lone write is committed
+        a slice after it came. ``_enqueue`` does not notify while rows are
+        queued, so each slice is one timed wait, not a wake-up per row.
         """
         deadline = time.monotonic() + window
         quiet = window / QUIET_SLICES
         seen = self._queued_rows
-        while self._queued_rows < max_rows and not self._stopping:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            self._cond.wait(min(remaining, quiet))
-            if self._queued_rows == seen:
-                return
-            seen = self._queued_rows
+        self._enough = enough  # _enqueue wakes the writer when it is reached
+        try:
+            while seen < enough and not self._stopping:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._cond.wait(min(remaining, quiet))
+                if self._queued_rows == seen:
+                    return
+                seen = self._queued_rows
+        finally:
+            self._enough = self.config.group_commit_max_rows
 
     def _probe(self) -> None:
         """Try the store while it is marked unhealthy and nothing is queued, so
