@@ -36,7 +36,7 @@ from typing import Any
 
 import msgspec
 
-_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC11B85"
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _decode = msgspec.json.decode
 _encode = msgspec.json.encode
 subscriptions: dict[str, set[Connection]] = {}

@@ -109,14 +109,16 @@ def test_the_floor_server_routes_a_posted_event_to_its_subscriber():
     server = subprocess.Popen([sys.executable, "-m", "bench.peers_floor", "--port", str(port),
                                "--loop", "asyncio"])
     try:
-        def up() -> bool:
+        import time
+
+        deadline = time.monotonic() + 20
+        while True:
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return True
+                break
             except OSError:
-                return False
-
-        wait_for(up, timeout=20)
+                assert time.monotonic() < deadline, "bench.peers_floor did not start"
+                time.sleep(0.05)
         ws = socket.create_connection(("127.0.0.1", port), timeout=10)
         with ws:
             ws.sendall(b"GET /v1.0/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
@@ -145,6 +147,7 @@ def test_the_floor_server_routes_a_posted_event_to_its_subscriber():
             answer = post.getresponse()
             assert answer.status == 202
             assert json.loads(answer.read()) == {"accepted": 1, "delivered": 1}
+            post.close()
             assert frame() == {"type": "x_y", "topic": "a:b", "data": {"n": 1}}
     finally:
         server.terminate()
