@@ -541,3 +541,30 @@ async def test_callers_that_wait_for_their_answer_are_committed_once_all_are_in(
     assert len(rows(backend)) == 12
     assert (commits, largest) == (3, 4)
     assert 1.9 <= took < 4.5, took
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_connection_the_database_closed_while_idle_costs_no_refused_subscribe(
+        backend: Backend) -> None:
+    # PostgreSQL restarted or failed over: the writer's kept connection is dead,
+    # and the next group comes sooner than the idle ping (1 s). Its first
+    # statement fails; the group is written on a fresh connection instead of
+    # refusing its subscribes.
+    if backend.name == "sqlite":
+        pytest.skip("SQLite has no server to close a connection")
+    from sqlalchemy import text
+
+    w = AuditWriter(backend.config(signing_key=None), "node-a")
+    await w.start()
+    try:
+        await w.write_subscribes([rec(topic("a"))])
+        kept = w._group._raw if w._group is not None else None  # the writer's own connection
+        assert kept is not None
+        pid = kept.dbapi_connection.info.backend_pid
+        with backend.engine().connect() as conn:
+            assert conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar()
+        await w.write_subscribes([rec(topic("b"))])
+        assert w.healthy()
+    finally:
+        await w.close()
+    assert [r["topic"] for r in rows(backend)] == [topic("a"), topic("b")]

@@ -927,32 +927,46 @@ class GroupConnection:
         self.largest = max(self.largest, sum(len(r) for _, r in inserts))
 
     def _write_raw(self, inserts: list[tuple[Table, list[dict[str, Any]]]]) -> None:
-        raw = self._connection()
-        try:
-            cursor = raw.cursor()
+        # A kept connection the server closed while it sat idle (a PostgreSQL
+        # restart or failover less than PING_AFTER ago) fails at its first
+        # statement: the transaction is tried once more on a fresh connection.
+        # Never once COMMIT was sent: whether that one took is unknown.
+        for retry in (True, False):
+            raw = self._connection()
+            committing = False
             try:
-                if self._sqlite:
-                    # The engine's "begin" hook is not called here: say it ourselves.
-                    cursor.execute("BEGIN IMMEDIATE")
-                for table, rows in inserts:
-                    cols = [c.name for c in table.c if c.name != "id"]
-                    if table is EVENTS and self._copy:
-                        _copy_rows(cursor, table.name, cols, rows)
-                        continue
-                    values = operator.itemgetter(*cols)
-                    cursor.executemany(self._statement(table.name, cols),
-                                       [values(r) for r in rows])
-                raw.commit()
-            finally:
-                cursor.close()
-        except BaseException as exc:
-            self.discard()
-            if isinstance(exc, self._error):
-                raise DBAPIError.instance(None, None, exc, self._error, hide_parameters=True,
-                                          dialect=self._dialect,
-                                          connection_invalidated=True) from exc
-            raise
-        self._used = time.monotonic()
+                cursor = raw.cursor()
+                try:
+                    if self._sqlite:
+                        # The engine's "begin" hook is not called here: say it ourselves.
+                        cursor.execute("BEGIN IMMEDIATE")
+                    for table, rows in inserts:
+                        cols = [c.name for c in table.c if c.name != "id"]
+                        if table is EVENTS and self._copy:
+                            _copy_rows(cursor, table.name, cols, rows)
+                            continue
+                        values = operator.itemgetter(*cols)
+                        cursor.executemany(self._statement(table.name, cols),
+                                           [values(r) for r in rows])
+                    committing = True
+                    raw.commit()
+                finally:
+                    cursor.close()
+            except BaseException as exc:
+                lost = (isinstance(exc, self._error) and not self._sqlite
+                        and self._dialect.is_disconnect(cast(Any, exc), raw.dbapi_connection, None))
+                self.discard()
+                if lost and retry and not committing:
+                    log.info("audit: the store closed the writer's connection; retrying on a "
+                             "new one")
+                    continue
+                if isinstance(exc, self._error):
+                    raise DBAPIError.instance(None, None, exc, self._error, hide_parameters=True,
+                                              dialect=self._dialect,
+                                              connection_invalidated=True) from exc
+                raise
+            self._used = time.monotonic()
+            return
 
     def _statement(self, table: str, cols: list[str]) -> str:
         key = (table, tuple(cols))
