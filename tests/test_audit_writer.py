@@ -543,6 +543,8 @@ async def test_callers_that_wait_for_their_answer_are_committed_once_all_are_in(
     assert 1.9 <= took < 4.5, took
 
 
+@pytest.mark.parametrize("backend", [pytest.param("postgres", marks=pytest.mark.postgres)],
+                         indirect=True)  # SQLite has no server to close a connection
 @pytest.mark.gen_test(timeout=60)
 async def test_a_connection_the_database_closed_while_idle_costs_no_refused_subscribe(
         backend: Backend) -> None:
@@ -550,8 +552,6 @@ async def test_a_connection_the_database_closed_while_idle_costs_no_refused_subs
     # and the next group comes sooner than the idle ping (1 s). Its first
     # statement fails; the group is written on a fresh connection instead of
     # refusing its subscribes.
-    if backend.name == "sqlite":
-        pytest.skip("SQLite has no server to close a connection")
     from sqlalchemy import text
 
     w = AuditWriter(backend.config(signing_key=None), "node-a")
