@@ -158,6 +158,27 @@ level = "INFO"
 """
 
 
+def wait_gone(marker: str, timeout: float = 60.0) -> None:
+    """Wait until no process has ``marker`` in its command line (Linux /proc)."""
+    needle = marker.encode()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = False
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if needle in (entry / "cmdline").read_bytes():
+                    alive = True
+                    break
+            except OSError:
+                continue
+        if not alive:
+            return
+        time.sleep(0.1)
+    raise PeersError(f"a server started with {marker} still runs after {timeout:g} s")
+
+
 def run_once(build: Path, system: str, scenario: str, args: argparse.Namespace,
              log: Path) -> dict[str, Any]:
     """One run.sh run; its JSON report, or PeersError."""
@@ -191,6 +212,11 @@ def run_once(build: Path, system: str, scenario: str, args: argparse.Namespace,
             err.flush()
             proc = subprocess.run(["bash", str(build / "run.sh"), *argv], cwd=build, env=env,
                                   stdout=subprocess.PIPE, stderr=err, timeout=900)
+        if system == "wsgate":
+            # run.sh sends SIGTERM and returns; a wsgate closing thousands of
+            # connections (and writing their disconnect rows into tmp) would
+            # still be using core 0 during the next run.
+            wait_gone(str(cfg))
     lines = [ln for ln in proc.stdout.decode(errors="replace").splitlines() if ln.startswith("{")]
     tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
     if proc.returncode != 0 or not lines:
