@@ -33,6 +33,17 @@ def test_kernel_receive_timestamp_is_the_arrival_not_the_read():
         server, _ = listener.accept()
         with client, server:
             loadgen.rx_timestamps(client)
+            # The kernel switches receive stamps on for the host a moment after
+            # the first socket asks (deferred work): until then a segment comes
+            # unstamped (0). Wait for a stamped warm-up byte before measuring.
+            for _ in range(500):
+                server.sendall(b"w")
+                assert select.select([client], [], [], 30)[0]
+                if loadgen.recv_stamped(client)[1]:
+                    break
+                time.sleep(0.01)
+            else:
+                raise AssertionError("the kernel never stamped a received segment")
             before = time.time_ns()
             server.sendall(b"x" * 200)
             assert select.select([client], [], [], 30)[0]
