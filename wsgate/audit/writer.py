@@ -23,6 +23,7 @@ subscribes are refused at once instead of each waiting on a dead server.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import operator
 import threading
@@ -895,11 +896,9 @@ class GroupConnection:
         self._sqlite = dialect.name == "sqlite"
         self._ping = not self._sqlite
         self._copy = dialect.driver == "psycopg"
-        style = dialect.paramstyle
-        self._mark = "?" if style == "qmark" else "%s" if style in ("format", "pyformat") else None
+        self._mark = _mark(dialect.paramstyle)
         self._raw: Any = None
         self._used = 0.0
-        self._statements: dict[tuple[str, tuple[str, ...]], str] = {}
         #: Set from any thread: the next write takes a fresh connection.
         self.stale = False
         #: Transactions committed through this connection (for tests and benchmarks).
@@ -931,6 +930,8 @@ class GroupConnection:
         # restart or failover less than PING_AFTER ago) fails at its first
         # statement: the transaction is tried once more on a fresh connection.
         # Never once COMMIT was sent: whether that one took is unknown.
+        mark = self._mark
+        assert mark is not None  # write() takes Engine.begin() for the others
         for retry in (True, False):
             raw = self._connection()
             committing = False
@@ -941,13 +942,12 @@ class GroupConnection:
                         # The engine's "begin" hook is not called here: say it ourselves.
                         cursor.execute("BEGIN IMMEDIATE")
                     for table, rows in inserts:
-                        cols = [c.name for c in table.c if c.name != "id"]
                         if table is EVENTS and self._copy:
-                            _copy_rows(cursor, table.name, cols, rows)
+                            _copy_rows(cursor, table.name,
+                                       [c.name for c in table.c if c.name != "id"], rows)
                             continue
-                        values = operator.itemgetter(*cols)
-                        cursor.executemany(self._statement(table.name, cols),
-                                           [values(r) for r in rows])
+                        sql, values = _insert_sql(table, mark)
+                        cursor.executemany(sql, [values(r) for r in rows])
                     committing = True
                     raw.commit()
                 finally:
@@ -967,15 +967,6 @@ class GroupConnection:
                 raise
             self._used = time.monotonic()
             return
-
-    def _statement(self, table: str, cols: list[str]) -> str:
-        key = (table, tuple(cols))
-        sql = self._statements.get(key)
-        if sql is None:
-            sql = self._statements[key] = (
-                f"INSERT INTO {table} ({', '.join(cols)}) "
-                f"VALUES ({', '.join(self._mark or '?' for _ in cols)})")
-        return sql
 
     def _connection(self) -> Any:
         if self.stale:
@@ -1026,6 +1017,20 @@ def _copy_rows(cursor: Any, name: str, cols: list[str], rows: list[dict[str, Any
             copy.write_row(values(row))
 
 
+def _mark(paramstyle: str) -> str | None:
+    """The positional parameter mark of a DB-API paramstyle, or None for named styles."""
+    return "?" if paramstyle == "qmark" else "%s" if paramstyle in ("format", "pyformat") else None
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_sql(table: Table, mark: str) -> tuple[str, Callable[[dict[str, Any]], Any]]:
+    """The positional INSERT of every column but ``id``, and the getter of a row's values."""
+    cols = [c.name for c in table.c if c.name != "id"]
+    sql = (f"INSERT INTO {table.name} ({', '.join(cols)}) "
+           f"VALUES ({', '.join(mark for _ in cols)})")
+    return sql, operator.itemgetter(*cols)
+
+
 def _insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
     """Insert rows with the driver's executemany.
 
@@ -1033,18 +1038,14 @@ def _insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
     thousands of rows per second that doubles the writer's work. Drivers with
     positional parameters (sqlite3, psycopg) take a prepared text statement.
     """
-    cols = [c.name for c in table.c if c.name != "id"]
     if table is EVENTS and conn.dialect.driver == "psycopg":
-        _copy(conn, table.name, cols, rows)
+        _copy(conn, table.name, [c.name for c in table.c if c.name != "id"], rows)
         return
-    style = conn.dialect.paramstyle
-    mark = "?" if style == "qmark" else "%s" if style in ("format", "pyformat") else None
+    mark = _mark(conn.dialect.paramstyle)
     if mark is None:
         conn.execute(insert(table), rows)
         return
-    sql = (f"INSERT INTO {table.name} ({', '.join(cols)}) "
-           f"VALUES ({', '.join(mark for _ in cols)})")
-    values = operator.itemgetter(*cols)
+    sql, values = _insert_sql(table, mark)
     conn.exec_driver_sql(sql, [values(r) for r in rows])
 
 
