@@ -263,11 +263,11 @@ async def _serve_locked(config: Config, sockets: list[socket.socket],
     gc.collect()
     gc.freeze()
     # A young collection every GC_YOUNG_THRESHOLD allocations instead of 700:
-    # at 10,000 events/s the default ran ~300 young collections a second, each
+    # at 10,000 events/s the default ran ~100 young collections a second, each
     # promoting whatever was in flight (requests, queued audit records), and
-    # every ~2 s the promoted objects set off a full collection of the whole
-    # connection heap (60-90 ms, the loop stalled). Cyclic garbage waits a
-    # little longer; nothing on the hot path makes any (docs/performance.md).
+    # every 1-2 s the promoted objects set off a full collection of the whole
+    # connection heap (up to ~150 ms, the loop stalled). Cyclic garbage waits
+    # a little longer; nothing on the hot path makes any (docs/performance.md).
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     where = ", ".join("{}:{}".format(*s.getsockname()[:2]) for s in sockets)
     log.info("wsgate serving on %s (node %s, auth %s, permissions %s, audit %s, broker %s, "
