@@ -873,7 +873,7 @@ class AuditWriter:
 class GroupConnection:
     """The writer's own DB-API connection, kept for its group commits.
 
-    ``Engine.begin()`` costs ~120 us of CPU per transaction beyond the driver's
+    ``Engine.begin()`` costs ~80-110 us of CPU per transaction beyond the driver's
     own (pool checkout and return with its rollback, events, PostgreSQL's
     pre-ping): at one event per POST a group holds a few rows, and that was
     most of the writer's work (bench/txn_cost.py). This connection is taken
@@ -943,8 +943,7 @@ class GroupConnection:
                         cursor.execute("BEGIN IMMEDIATE")
                     for table, rows in inserts:
                         if table is EVENTS and self._copy:
-                            _copy_rows(cursor, table.name,
-                                       [c.name for c in table.c if c.name != "id"], rows)
+                            _copy_rows(cursor, table, rows)
                             continue
                         sql, values = _insert_sql(table, mark)
                         cursor.executemany(sql, [values(r) for r in rows])
@@ -1007,12 +1006,19 @@ class GroupConnection:
                 pass
 
 
-def _copy_rows(cursor: Any, name: str, cols: list[str], rows: list[dict[str, Any]]) -> None:
+@functools.lru_cache(maxsize=16)
+def _columns(table: Table) -> tuple[str, ...]:
+    """The columns the writer fills: all but the database's own ``id``."""
+    return tuple(c.name for c in table.c if c.name != "id")
+
+
+def _copy_rows(cursor: Any, table: Table, rows: list[dict[str, Any]]) -> None:
     """Insert rows with PostgreSQL's COPY on a psycopg cursor, in its transaction:
     a quarter of the client's work of executemany, which binds and executes
     each row on its own (the writer inserts every ingested event)."""
+    cols = _columns(table)
     values = operator.itemgetter(*cols)
-    with cursor.copy(f"COPY {name} ({', '.join(cols)}) FROM STDIN") as copy:
+    with cursor.copy(f"COPY {table.name} ({', '.join(cols)}) FROM STDIN") as copy:
         for row in rows:
             copy.write_row(values(row))
 
@@ -1025,7 +1031,7 @@ def _mark(paramstyle: str) -> str | None:
 @functools.lru_cache(maxsize=64)
 def _insert_sql(table: Table, mark: str) -> tuple[str, Callable[[dict[str, Any]], Any]]:
     """The positional INSERT of every column but ``id``, and the getter of a row's values."""
-    cols = [c.name for c in table.c if c.name != "id"]
+    cols = _columns(table)
     sql = (f"INSERT INTO {table.name} ({', '.join(cols)}) "
            f"VALUES ({', '.join(mark for _ in cols)})")
     return sql, operator.itemgetter(*cols)
@@ -1039,7 +1045,7 @@ def _insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
     positional parameters (sqlite3, psycopg) take a prepared text statement.
     """
     if table is EVENTS and conn.dialect.driver == "psycopg":
-        _copy(conn, table.name, [c.name for c in table.c if c.name != "id"], rows)
+        _copy(conn, table, rows)
         return
     mark = _mark(conn.dialect.paramstyle)
     if mark is None:
@@ -1049,7 +1055,7 @@ def _insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
     conn.exec_driver_sql(sql, [values(r) for r in rows])
 
 
-def _copy(conn: Connection, name: str, cols: list[str], rows: list[dict[str, Any]]) -> None:
+def _copy(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
     """Insert rows with PostgreSQL's COPY, in conn's transaction (psycopg).
 
     A quarter of the client's work of executemany, which binds and executes
@@ -1062,12 +1068,12 @@ def _copy(conn: Connection, name: str, cols: list[str], rows: list[dict[str, Any
     assert dbapi_conn is not None
     cursor = dbapi_conn.cursor()
     try:
-        _copy_rows(cursor, name, cols, rows)
+        _copy_rows(cursor, table, rows)
     except dialect.loaded_dbapi.Error as exc:
         lost = dialect.is_disconnect(exc, dbapi_conn, cursor)
         if lost:
             conn.invalidate(exc)
-        raise DBAPIError.instance(f"COPY {name}", None, exc, dialect.loaded_dbapi.Error,
+        raise DBAPIError.instance(f"COPY {table.name}", None, exc, dialect.loaded_dbapi.Error,
                                   hide_parameters=True, dialect=dialect,
                                   connection_invalidated=lost) from exc
     finally:
